@@ -1,0 +1,303 @@
+"""The extraction itself: images folder -> catalog; (model, images) -> warehouse partitions.
+
+One forward pass per batch gives every method's maps for that model (Grad-CAM: one forward, one
+backward). Only one batch's attentions are alive at a time; rows are streamed into each partition's
+replacement file and swapped in atomically at the end, so a failed or killed run leaves the previous
+data whole. Images already extracted with the same weights are carried over, not recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from ssl_attention.images import (
+    DEFAULT_MAX_PIXELS,
+    Catalog,
+    ImageIssue,
+    ImageLoadError,
+    ImageRecord,
+    load_image,
+    scan_images,
+)
+from ssl_attention.models.adapters import ModelAdapter
+from ssl_attention.warehouse import schema
+from ssl_attention.warehouse.atomic import PartitionWriter, write_table_atomic
+from ssl_attention.warehouse.paths import DATA_FILE, partition_dir, partition_file
+from ssl_attention.warehouse.tables import (
+    catalog_table,
+    copy_rows_except,
+    errors_table,
+    input_rows,
+    map_rows,
+    now_utc,
+    partition_keys,
+    provenance_columns,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 8
+
+
+# --- the images catalog ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CatalogReport:
+    catalog: Catalog
+    images_path: Path
+    errors_path: Path
+    rows_total: int  # images in the merged catalog (this folder and earlier runs)
+
+
+def catalog_images(folder: Path, warehouse: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> CatalogReport:
+    """Scan ``folder`` and write the ``images`` table (merged with earlier catalogues) and the catalog's
+    ``errors`` partition (replaced: it describes this folder as it is now)."""
+    catalog = scan_images(folder, max_pixels=max_pixels)
+    stamp = now_utc()
+    new = catalog_table(catalog, stamp)
+    images_dir = partition_dir(warehouse, "images")
+    old_path = images_dir / DATA_FILE
+    if old_path.is_file():
+        old = pq.read_table(old_path, schema=schema.IMAGES)
+        keep = pc.invert(pc.is_in(old["image_id"], value_set=new["image_id"]))
+        merged = pa.concat_tables([old.filter(keep), new])
+    else:
+        merged = new
+    images_stats = write_table_atomic(images_dir, merged, schema.IMAGES)
+    errors_stats = write_table_atomic(
+        partition_dir(warehouse, "errors", source="catalog"), errors_table(catalog.issues, stamp), schema.ERRORS
+    )
+    return CatalogReport(
+        catalog=catalog, images_path=images_stats.path, errors_path=errors_stats.path, rows_total=merged.num_rows
+    )
+
+
+def read_catalog_records(warehouse: Path, folder: Path | None = None) -> list[ImageRecord]:
+    """Image records of the catalog table, resolved against ``folder`` (files since removed are skipped)."""
+    path = partition_file(warehouse, "images")
+    if not path.is_file():
+        return []
+    table = pq.read_table(
+        path, columns=["image_id", "file_name", "width", "height", "format", "mode", "num_bytes"]
+    ).to_pylist()
+    records = []
+    for row in table:
+        file_path = (folder / row["file_name"]) if folder is not None else Path(row["file_name"])
+        if folder is not None and not file_path.exists():
+            continue
+        records.append(ImageRecord(path=file_path.resolve(), **row))
+    return records
+
+
+# --- one model ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRunReport:
+    model: str
+    weights: str  # provenance, human-readable
+    weights_id: str
+    is_random: bool
+    images_requested: int = 0
+    images_extracted: int = 0
+    images_up_to_date: int = 0
+    issues: list[ImageIssue] = field(default_factory=list)
+    rows_written: dict[str, int] = field(default_factory=dict)  # per partition, rows in the new file
+    bytes_written: dict[str, int] = field(default_factory=dict)
+    rows_extracted: int = 0  # rows computed in this run
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+    weights_changed: bool = False
+    preview: dict[str, np.ndarray] | None = None  # a sample image's maps, for previews
+    preview_image_id: str | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_extracted / self.seconds if self.seconds > 0 else 0.0
+
+
+def model_partitions(warehouse: Path, adapter: ModelAdapter) -> dict[str, Path]:
+    """Partition directories written for one model: one per method, and its inputs."""
+    slug = adapter.spec.slug
+    dirs = {m: partition_dir(warehouse, "attention_maps", model=slug, method=m) for m in adapter.spec.methods}
+    dirs["inputs"] = partition_dir(warehouse, "inputs", model=slug)
+    return dirs
+
+
+def plan_work(
+    records: Sequence[ImageRecord], partitions: dict[str, Path], weights_id: str, recompute: bool
+) -> tuple[list[ImageRecord], bool]:
+    """(images to compute, whether old rows were made with other weights and must all go)."""
+    states = [partition_keys(d / DATA_FILE) for d in partitions.values()]
+    other_weights = any(set(state) - {weights_id} for state in states)
+    if recompute or other_weights:
+        return list(records), other_weights
+    done = set.intersection(*(state.get(weights_id, set()) for state in states)) if states else set()
+    return [r for r in records if r.image_id not in done], False
+
+
+def _batches(items: Sequence[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def extract_model(
+    adapter: ModelAdapter,
+    records: Sequence[ImageRecord],
+    warehouse: Path,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    recompute: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Callable[[int], None] | None = None,
+) -> ModelRunReport:
+    """Extract every method's maps of ``adapter`` for ``records`` into the warehouse."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    spec, provenance = adapter.spec, adapter.provenance
+    start = time.perf_counter()
+    report = ModelRunReport(
+        model=spec.slug,
+        weights=provenance.describe(),
+        weights_id=provenance.weights_id,
+        is_random=provenance.is_random,
+        images_requested=len(records),
+    )
+    partitions = model_partitions(warehouse, adapter)
+    todo, weights_changed = plan_work(records, partitions, provenance.weights_id, recompute)
+    report.weights_changed = weights_changed
+    report.images_up_to_date = len(records) - len(todo)
+    if weights_changed:
+        log.warning(
+            "%s: the warehouse holds maps from other weights; its partitions are rebuilt with %s",
+            spec.slug,
+            provenance.describe(),
+        )
+    if not todo and (partition_file(warehouse, "models", model=spec.slug)).is_file():
+        log.info("%s: all %d images are up to date", spec.slug, len(records))
+        report.seconds = time.perf_counter() - start
+        return report
+
+    writers = {name: PartitionWriter(d, _schema_for(name)) for name, d in partitions.items()}
+    input_size: tuple[int, int] | None = None
+    try:
+        recompute_ids = {r.image_id for r in todo}
+        for name, directory in partitions.items():
+            if not weights_changed:  # keep what is still valid, streamed row group by row group
+                copy_rows_except(directory / DATA_FILE, recompute_ids, writers[name].write)
+        for batch in _batches(todo, batch_size):
+            images, ids = [], []
+            for record in batch:
+                try:
+                    image, image_id = load_image(record.path, max_pixels)
+                except ImageLoadError as exc:
+                    report.issues.append(ImageIssue(record.file_name, str(exc)))
+                    log.warning("%s: skipping %s: %s", spec.slug, record.file_name, exc)
+                    continue
+                if image_id != record.image_id:
+                    log.info("%s changed since it was catalogued; extracting its current content", record.file_name)
+                images.append(image)
+                ids.append(image_id)
+            if images:
+                forward_start = time.perf_counter()
+                pixel_values = adapter.pixel_values(images)
+                blocks = adapter.run(pixel_values)  # the one forward (and, for Grad-CAM, backward) pass
+                report.forward_seconds += time.perf_counter() - forward_start
+                input_size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+                _write_batch(adapter, blocks, ids, pixel_values, writers, report)
+                if report.preview is None:
+                    report.preview, report.preview_image_id = _preview(adapter, blocks), ids[0]
+                del blocks, pixel_values
+                report.images_extracted += len(images)
+            if progress is not None:
+                progress(len(batch))
+        for name, writer in writers.items():
+            stats = writer.commit()
+            report.rows_written[name] = stats.rows
+            report.bytes_written[name] = stats.bytes
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    if input_size is not None:
+        _write_model_row(adapter, warehouse, input_size)
+    write_table_atomic(
+        partition_dir(warehouse, "errors", source=spec.slug),
+        errors_table(report.issues, now_utc()),
+        schema.ERRORS,
+    )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _schema_for(name: str) -> pa.Schema:
+    return schema.INPUTS if name == "inputs" else schema.ATTENTION_MAPS
+
+
+def _write_batch(
+    adapter: ModelAdapter,
+    blocks: dict[str, list],
+    ids: list[str],
+    pixel_values: torch.Tensor,
+    writers: dict[str, PartitionWriter],
+    report: ModelRunReport,
+) -> None:
+    stamp = now_utc()
+    for method, method_blocks in blocks.items():
+        for index, image_id in enumerate(ids):
+            table = map_rows(
+                method_blocks,
+                index,
+                image_id,
+                num_heads=adapter.num_heads,
+                num_layers=adapter.num_layers,
+                provenance=adapter.provenance,
+                extracted_at=stamp,
+            )
+            writers[method].write(table)  # one row group per image: image_id statistics prune perfectly
+            report.rows_extracted += table.num_rows
+    display = adapter.display_images(pixel_values)
+    writers["inputs"].write(input_rows(ids, display, adapter.provenance.weights_id))
+
+
+def _preview(adapter: ModelAdapter, blocks: dict[str, list]) -> dict[str, np.ndarray]:
+    """The first image's maps at the last layer of each method: (K, grid_h, grid_w), fused first."""
+    preview = {}
+    for method, method_blocks in blocks.items():
+        block = method_blocks[-1]
+        values = block.values[0, -1].detach().float().cpu().numpy()  # (K, N)
+        preview[method] = values.reshape(values.shape[0], block.grid_h, block.grid_w)
+    return preview
+
+
+def _write_model_row(adapter: ModelAdapter, warehouse: Path, input_size: tuple[int, int]) -> None:
+    spec, provenance = adapter.spec, adapter.provenance
+    row = {
+        "label": pa.array([spec.label]),
+        "family": pa.array([spec.family]),
+        "num_layers": pa.array([adapter.num_layers], pa.int16()),
+        "num_heads": pa.array([adapter.num_heads], pa.int16()),
+        "num_registers": pa.array([adapter.num_registers], pa.int16()),
+        "has_cls": pa.array([spec.has_cls]),
+        "patch_size": pa.array([adapter.patch_size], pa.int16()),
+        "input_h": pa.array([input_size[0]], pa.int16()),
+        "input_w": pa.array([input_size[1]], pa.int16()),
+        "methods": pa.array([list(spec.methods)], pa.list_(pa.string())),
+        "per_head_methods": pa.array([list(spec.per_head_methods)], pa.list_(pa.string())),
+        "layer_names": pa.array([adapter.layer_names], pa.list_(pa.string())),
+        **provenance_columns(provenance, 1),
+        "extracted_at": pa.array([now_utc()], schema.TIMESTAMP),
+    }
+    write_table_atomic(
+        partition_dir(warehouse, "models", model=spec.slug), pa.table(row, schema=schema.MODELS), schema.MODELS
+    )

@@ -1,0 +1,239 @@
+"""Per-architecture forward adapters: one call per batch yields every method's maps.
+
+``ViTAdapter`` runs one eager forward pass with ``output_attentions=True`` (plus SigLIP's pooling-head
+weights, captured by hooks during the same pass); ``CNNAdapter`` runs Grad-CAM (one forward, one
+backward). Heads, layers, patch size and registers are read from the loaded model's config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ssl_attention.attention_maps import MapBlock, TokenLayout, check_attentions, vit_map_blocks
+from ssl_attention.gradcam import grad_cam
+from ssl_attention.models.registry import ModelSpec
+from ssl_attention.models.weights import Provenance
+
+CNN_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+@dataclass
+class ModelAdapter:
+    spec: ModelSpec
+    module: nn.Module
+    preprocess: Any  # a transformers image processor or a timm transform
+    provenance: Provenance
+    device: torch.device
+    image_mean: tuple[float, ...] = field(init=False)
+    image_std: tuple[float, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        mean, std = _normalisation(self.preprocess)
+        self.image_mean, self.image_std = tuple(mean), tuple(std)
+
+    # --- shape facts, all from the model's own config ---
+    @property
+    def num_layers(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_heads(self) -> int:
+        return 0
+
+    @property
+    def num_registers(self) -> int:
+        return 0
+
+    @property
+    def patch_size(self) -> int | None:
+        return None
+
+    @property
+    def layer_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> (B, 3, H, W) float32 on the model's device, by the model's own preprocessing."""
+        if hasattr(self.preprocess, "image_mean"):  # transformers image processor
+            batch = self.preprocess(images=images, return_tensors="pt")["pixel_values"]
+        else:  # timm transform, one image at a time
+            batch = torch.stack([self.preprocess(img) for img in images])
+        return batch.to(self.device, torch.float32)
+
+    def display_images(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) normalised input -> (B, H, W, 3) uint8: exactly what the model saw (crop included)."""
+        mean = torch.tensor(self.image_mean, device=pixel_values.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=pixel_values.device).view(1, 3, 1, 1)
+        rgb = (pixel_values.detach() * std + mean).clamp(0, 1)
+        return (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def run(self, pixel_values: torch.Tensor) -> dict[str, list[MapBlock]]:
+        raise NotImplementedError
+
+
+def _normalisation(preprocess: Any) -> tuple[list[float], list[float]]:
+    if hasattr(preprocess, "image_mean"):
+        mean, std = preprocess.image_mean, preprocess.image_std
+        if isinstance(mean, float):
+            mean, std = [mean] * 3, [std] * 3
+        return list(mean), list(std)
+    for transform in getattr(preprocess, "transforms", []):
+        if hasattr(transform, "mean") and hasattr(transform, "std"):
+            return [float(v) for v in transform.mean], [float(v) for v in transform.std]
+    raise ValueError(f"cannot find the normalisation of preprocessing {preprocess!r}")
+
+
+@dataclass
+class ViTAdapter(ModelAdapter):
+    @property
+    def config(self) -> Any:
+        return self.module.config
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def num_registers(self) -> int:
+        return int(getattr(self.config, "num_register_tokens", 0) or 0)
+
+    @property
+    def patch_size(self) -> int:
+        size = self.config.patch_size
+        return int(size[0] if isinstance(size, list | tuple) else size)
+
+    @property
+    def layer_names(self) -> list[str]:
+        names = [f"block {i}" for i in range(self.num_layers)]
+        if "probe" in self.spec.methods:
+            names.append("pooling head")
+        return names
+
+    @property
+    def probe_layer(self) -> int:
+        """SigLIP's pooling head sits after the last encoder block: it gets layer index L."""
+        return self.num_layers
+
+    def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
+        height, width = pixel_values.shape[-2:]
+        return TokenLayout(
+            has_cls=self.spec.has_cls,
+            num_registers=self.num_registers,
+            grid_h=height // self.patch_size,
+            grid_w=width // self.patch_size,
+        )
+
+    def _call_kwargs(self, pixel_values: torch.Tensor, layout: TokenLayout) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        batch = pixel_values.shape[0]
+        if self.spec.slug == "mae":
+            # ViTMAE shuffles patches by argsort(noise) and keeps the first (1 - mask_ratio) of them.
+            # noise = arange(N) makes the shuffle the identity, so token i is raster patch i.
+            kwargs["noise"] = (
+                torch.arange(layout.num_patches, device=pixel_values.device, dtype=torch.float32)
+                .unsqueeze(0)
+                .expand(batch, -1)
+            )
+        if self.spec.slug in ("mae", "clip", "siglip"):
+            image_size = self.config.image_size
+            expected = image_size if isinstance(image_size, list | tuple) else (image_size, image_size)
+            if tuple(pixel_values.shape[-2:]) != tuple(expected):
+                kwargs["interpolate_pos_encoding"] = True
+        return kwargs
+
+    def run(self, pixel_values: torch.Tensor) -> dict[str, list[MapBlock]]:
+        layout = self.layout(pixel_values)
+        captured: dict[str, torch.Tensor] = {}
+        hooks = []
+        if "probe" in self.spec.methods:
+            head = getattr(self.module, "head", None)
+            if head is None or not hasattr(head, "attention"):
+                raise ValueError(f"{self.spec.slug}: the probe method needs the pooling head (vision_use_head)")
+            hooks = _capture_probe(head.attention, captured)
+        try:
+            with torch.inference_mode():
+                out = self.module(
+                    pixel_values=pixel_values, output_attentions=True, **self._call_kwargs(pixel_values, layout)
+                )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        attentions = out.attentions
+        check_attentions(attentions, layout, self.num_layers, self.num_heads, pixel_values.shape[0])
+        blocks = vit_map_blocks(
+            attentions,
+            layout,
+            self.spec.methods,
+            probe_attention=captured.get("probe"),
+            probe_layer=self.probe_layer,
+        )
+        for name, block in blocks.items():
+            block.layer_names = [self.layer_names[i] for i in block.layers]
+            del name
+        return {name: [block] for name, block in blocks.items()}
+
+
+def _capture_probe(attention: nn.MultiheadAttention, captured: dict[str, torch.Tensor]) -> list[Any]:
+    """Hooks that make SigLIP's pooling MultiheadAttention return per-head weights and record them.
+
+    The head calls ``attention(probe, x, x)`` and keeps only the output; asking the same call for
+    unaveraged weights changes nothing else, so the pass stays a single forward.
+    """
+
+    def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = {**kwargs, "need_weights": True, "average_attn_weights": False}
+        return args, kwargs
+
+    def post_hook(_module: nn.Module, _args: tuple, _kwargs: dict, output: tuple) -> None:
+        weights = output[1]  # (B, H, 1, N): the probe query over the N patch tokens
+        if weights is None:
+            raise RuntimeError("SigLIP pooling head returned no attention weights")
+        captured["probe"] = weights
+
+    return [
+        attention.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        attention.register_forward_hook(post_hook, with_kwargs=True),
+    ]
+
+
+@dataclass
+class CNNAdapter(ModelAdapter):
+    @property
+    def num_layers(self) -> int:
+        return len(CNN_STAGES)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(CNN_STAGES)
+
+    def run(self, pixel_values: torch.Tensor) -> dict[str, list[MapBlock]]:
+        result = grad_cam(self.module, pixel_values, CNN_STAGES)
+        blocks = []
+        for index, cam in enumerate(result.maps):
+            batch, grid_h, grid_w = cam.shape
+            zeros = torch.zeros(batch, 1, 1, device=cam.device)
+            blocks.append(
+                MapBlock(
+                    values=cam.reshape(batch, 1, 1, grid_h * grid_w),
+                    prefix_mass=zeros,
+                    register_mass=zeros,
+                    layers=[index],
+                    per_head=False,
+                    grid_h=grid_h,
+                    grid_w=grid_w,
+                    layer_names=[CNN_STAGES[index]],
+                    raw_scale=result.raw_scale[:, index].reshape(batch, 1, 1),
+                    target_class=result.target_class,
+                )
+            )
+        return {"gradcam": blocks}

@@ -1,0 +1,1 @@
+"""The Parquet warehouse: layout, schemas, atomic partition writes (see docs/warehouse.md)."""

@@ -1,0 +1,74 @@
+"""Where the warehouse lives and how its hive-partitioned tables are laid out.
+
+    <root>/attention_maps/model=<slug>/method=<name>/data.parquet
+    <root>/head_stats/model=<slug>/method=<name>/data.parquet
+    <root>/inputs/model=<slug>/data.parquet        the model's input image (after its preprocessing)
+    <root>/models/model=<slug>/data.parquet        model metadata, one row
+    <root>/images/data.parquet                     catalog of input images
+    <root>/errors/source=<catalog|slug>/data.parquet
+    <root>/attention.duckdb                        DuckDB catalog of views (rebuilt, never authoritative)
+
+Each partition is exactly one ``data.parquet``, replaced atomically (see ``atomic.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+ENV_VAR = "SSL_ATTENTION_WAREHOUSE"
+DEFAULT_WAREHOUSE = Path("data") / "warehouse"
+DATA_FILE = "data.parquet"
+CATALOG_FILE = "attention.duckdb"
+
+TABLES = ("attention_maps", "head_stats", "inputs", "models", "images", "errors")
+
+
+class WarehouseLocationError(ValueError):
+    pass
+
+
+def resolve_warehouse(location: str | os.PathLike[str] | None = None) -> Path:
+    """``--warehouse`` if given, else ``$SSL_ATTENTION_WAREHOUSE``, else ``data/warehouse``; an absolute path.
+
+    Accepts plain paths and ``file://`` URLs. Object stores (``s3://`` ...) need a commit protocol that
+    plain renames cannot give; docs/scaling.md describes how to run there.
+    """
+    raw = os.fspath(location) if location is not None else os.environ.get(ENV_VAR) or str(DEFAULT_WAREHOUSE)
+    raw = raw.strip()
+    if "://" in raw:
+        url = urlparse(raw)
+        if url.scheme != "file":
+            raise WarehouseLocationError(
+                f"warehouse {raw!r}: only local paths and file:// URLs are supported here "
+                f"(got scheme {url.scheme!r}); see docs/scaling.md for object storage"
+            )
+        if url.netloc not in ("", "localhost"):
+            raise WarehouseLocationError(f"warehouse {raw!r}: file:// URLs must name a local path")
+        raw = unquote(url.path)
+    return Path(raw).expanduser().resolve()
+
+
+def partition_dir(root: Path, table: str, **keys: str) -> Path:
+    """``root/table/k1=v1/k2=v2`` with keys in the given order."""
+    path = Path(root) / table
+    for key, value in keys.items():
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError(f"invalid partition value {key}={value!r}")
+        path = path / f"{key}={value}"
+    return path
+
+
+def partition_file(root: Path, table: str, **keys: str) -> Path:
+    return partition_dir(root, table, **keys) / DATA_FILE
+
+
+def table_glob(root: Path, table: str, depth: int) -> str:
+    """Glob of a table's data files, ``depth`` partition levels deep."""
+    return (
+        str(Path(root) / table / Path(*(["*"] * depth)) / DATA_FILE) if depth else str(Path(root) / table / DATA_FILE)
+    )
+
+
+PARTITION_DEPTH = {"attention_maps": 2, "head_stats": 2, "inputs": 1, "models": 1, "images": 0, "errors": 1}

@@ -1,0 +1,99 @@
+"""Arrow schemas of the warehouse tables (documented column by column in docs/warehouse.md).
+
+Partition columns (``model``, ``method``, ``source``) live in the directory names, not in the files.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+PROVENANCE_FIELDS = [
+    pa.field("weights_mode", pa.string(), nullable=False),  # pretrained | local | random
+    pa.field("weights_source", pa.string(), nullable=False),  # hub id, checkpoint dir, or the hub id mimicked
+    pa.field("weights_revision", pa.string()),  # hub commit, when known
+    pa.field("weights_seed", pa.int32()),  # random mode only
+    pa.field("weights_id", pa.string(), nullable=False),  # identity used for incremental runs
+]
+
+ATTENTION_MAPS = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("layer_name", pa.string()),
+        pa.field("head", pa.int16()),  # NULL = the fused map (mean over heads, or a fused-only method)
+        pa.field("grid_h", pa.int16(), nullable=False),
+        pa.field("grid_w", pa.int16(), nullable=False),
+        pa.field("map_values", pa.list_(pa.float32()), nullable=False),  # grid_h * grid_w, row-major
+        pa.field("prefix_mass", pa.float32(), nullable=False),  # mass on CLS + register tokens
+        pa.field("register_mass", pa.float32(), nullable=False),  # mass on register tokens alone
+        pa.field("raw_scale", pa.float32()),  # Grad-CAM: sum of the raw cam (raw = map * raw_scale)
+        pa.field("target_class", pa.int32()),  # Grad-CAM: top-1 class explained
+        pa.field("num_heads", pa.int16(), nullable=False),  # heads of the model (0 for a CNN)
+        pa.field("num_layers", pa.int16(), nullable=False),
+        *PROVENANCE_FIELDS,
+        pa.field("extracted_at", TIMESTAMP, nullable=False),
+    ]
+)
+
+INPUTS = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("input_h", pa.int16(), nullable=False),
+        pa.field("input_w", pa.int16(), nullable=False),
+        pa.field("jpeg", pa.binary(), nullable=False),  # the preprocessed input, de-normalised, as JPEG
+        pa.field("weights_id", pa.string(), nullable=False),
+    ]
+)
+
+MODELS = pa.schema(
+    [
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("family", pa.string(), nullable=False),  # vit | cnn
+        pa.field("num_layers", pa.int16(), nullable=False),
+        pa.field("num_heads", pa.int16(), nullable=False),  # 0 for the CNN
+        pa.field("num_registers", pa.int16(), nullable=False),
+        pa.field("has_cls", pa.bool_(), nullable=False),
+        pa.field("patch_size", pa.int16()),  # NULL for the CNN
+        pa.field("input_h", pa.int16(), nullable=False),
+        pa.field("input_w", pa.int16(), nullable=False),
+        pa.field("methods", pa.list_(pa.string()), nullable=False),
+        pa.field("per_head_methods", pa.list_(pa.string()), nullable=False),
+        pa.field("layer_names", pa.list_(pa.string()), nullable=False),
+        *PROVENANCE_FIELDS,
+        pa.field("extracted_at", TIMESTAMP, nullable=False),
+    ]
+)
+
+IMAGES = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),  # first 128 bits of SHA-256 of the file bytes, hex
+        pa.field("file_name", pa.string(), nullable=False),  # relative to the images folder
+        pa.field("width", pa.int32(), nullable=False),  # after EXIF orientation
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),  # PIL mode before conversion to RGB
+        pa.field("num_bytes", pa.int64(), nullable=False),
+        pa.field("duplicate_files", pa.list_(pa.string())),  # other files with identical content
+        pa.field("thumbnail", pa.binary()),  # JPEG, longest side 128 px
+        pa.field("catalogued_at", TIMESTAMP, nullable=False),
+    ]
+)
+
+ERRORS = pa.schema(
+    [
+        pa.field("file_name", pa.string(), nullable=False),
+        pa.field("image_id", pa.string()),  # known when the file was readable
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("recorded_at", TIMESTAMP, nullable=False),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "attention_maps": ATTENTION_MAPS,
+    "inputs": INPUTS,
+    "models": MODELS,
+    "images": IMAGES,
+    "errors": ERRORS,
+}
