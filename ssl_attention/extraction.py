@@ -70,7 +70,12 @@ def catalog_images(folder: Path, warehouse: Path, max_pixels: int = DEFAULT_MAX_
     old_path = images_dir / DATA_FILE
     if old_path.is_file():
         old = pq.read_table(old_path, schema=schema.IMAGES)
-        keep = pc.invert(pc.is_in(old["image_id"], value_set=new["image_id"]))
+        # Replace rows of re-catalogued images, and of files whose content (hence id) has changed.
+        stale = pc.or_(
+            pc.is_in(old["image_id"], value_set=new["image_id"]),
+            pc.is_in(old["file_name"], value_set=new["file_name"]),
+        )
+        keep = pc.invert(stale)
         merged = pa.concat_tables([old.filter(keep), new])
     else:
         merged = new
@@ -121,6 +126,7 @@ class ModelRunReport:
     weights_changed: bool = False
     preview: dict[str, np.ndarray] | None = None  # a sample image's maps, for previews
     preview_image_id: str | None = None
+    preview_input: np.ndarray | None = None  # (H, W, 3) uint8, what the model saw
 
     @property
     def images_per_second(self) -> float:
@@ -173,6 +179,7 @@ def extract_model(
         is_random=provenance.is_random,
         images_requested=len(records),
     )
+    records = list({r.image_id: r for r in records}.values())  # one entry per content id
     partitions = model_partitions(warehouse, adapter)
     todo, weights_changed = plan_work(records, partitions, provenance.weights_id, recompute)
     report.weights_changed = weights_changed
@@ -204,8 +211,11 @@ def extract_model(
                     report.issues.append(ImageIssue(record.file_name, str(exc)))
                     log.warning("%s: skipping %s: %s", spec.slug, record.file_name, exc)
                     continue
-                if image_id != record.image_id:
-                    log.info("%s changed since it was catalogued; extracting its current content", record.file_name)
+                if image_id != record.image_id:  # the catalog is the run's source of truth
+                    reason = "file changed since it was catalogued; materialize `images` again to include it"
+                    report.issues.append(ImageIssue(record.file_name, reason))
+                    log.warning("%s: skipping %s: %s", spec.slug, record.file_name, reason)
+                    continue
                 images.append(image)
                 ids.append(image_id)
             if images:
@@ -217,6 +227,7 @@ def extract_model(
                 _write_batch(adapter, blocks, ids, pixel_values, writers, report)
                 if report.preview is None:
                     report.preview, report.preview_image_id = _preview(adapter, blocks), ids[0]
+                    report.preview_input = adapter.display_images(pixel_values[:1])[0]
                 del blocks, pixel_values
                 report.images_extracted += len(images)
             if progress is not None:

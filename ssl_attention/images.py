@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -129,8 +130,16 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Ima
 
 def read_file(path: Path) -> bytes:
     """The file's bytes, or ImageLoadError with the OS's reason (permissions, a directory, vanished)."""
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except PermissionError:
+        raise ImageLoadError("permission denied: the file cannot be read") from None
+    except OSError as exc:
+        raise ImageLoadError(f"cannot read file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
         raise ImageLoadError("is a directory, not an image file")
+    if not stat.S_ISREG(mode):  # FIFOs, sockets, devices: reading could block forever
+        raise ImageLoadError("not a regular file (FIFO, socket or device)")
     try:
         return path.read_bytes()
     except PermissionError:

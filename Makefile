@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine (see README):
+#   make demo   install, then extract attention from the bundled samples (offline, random weights)
+#   make test   install, then lint and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WAREHOUSE ?= data/warehouse
+
+.PHONY: install demo test lint ui dashboard bench
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/ssl-attention run --images data/samples --models all \
+		--weights random --warehouse $(WAREHOUSE)
+	@echo
+	@echo "Dagster UI:  DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dagster dev -w workspace.yaml   (http://127.0.0.1:3000)"
+	@echo "Dashboard:   $(BIN)/ssl-attention serve --warehouse $(WAREHOUSE)                       (http://127.0.0.1:5006/app)"
+	@echo "SQL:         $(BIN)/ssl-attention sql --warehouse $(WAREHOUSE) \"SELECT * FROM models\""
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/dagster definitions validate -w workspace.yaml
+	$(BIN)/pytest
+
+ui: install
+	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dagster dev -w workspace.yaml
+
+dashboard: install
+	$(BIN)/ssl-attention serve --warehouse $(WAREHOUSE)

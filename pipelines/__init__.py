@@ -1,0 +1,1 @@
+"""Dagster definitions of the extraction: assets, partitions, resources, checks, sensors; and the CLI."""

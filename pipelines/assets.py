@@ -1,0 +1,127 @@
+"""The extraction as Dagster assets: images -> attention_maps (per model) -> head_stats -> warehouse_catalog."""
+
+import sys
+
+import dagster as dg
+from tqdm import tqdm
+
+from pipelines.metadata import check_result, extraction_metadata, issues_markdown
+from pipelines.partitions import MODEL_PARTITIONS
+from pipelines.resources import ExtractionSettings
+from ssl_attention.extraction import catalog_images, extract_model, read_catalog_records
+from ssl_attention.models.loading import load_model
+from ssl_attention.models.weights import CheckpointError, WeightsUnavailableError
+from ssl_attention.validation import CHECK_NAMES, check_model, merge_outcomes
+
+GPU_POOL = "gpu"  # one step at a time may hold the accelerator (dagster.yaml sets the limit)
+
+
+@dg.asset(
+    kinds={"python", "parquet"},
+    group_name="extraction",
+    description="Catalog of the images folder (content hash, file name, size, thumbnail) and the errors "
+    "table of files that cannot be used.",
+)
+def images(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
+    folder, warehouse = extraction.images_path(), extraction.warehouse_path()
+    if not folder.is_dir():
+        raise dg.Failure(description=f"images folder {folder} does not exist (set images_dir or $SSL_ATTENTION_IMAGES)")
+    report = catalog_images(folder, warehouse, max_pixels=extraction.max_pixels)
+    for issue in report.catalog.issues:
+        context.log.warning(f"skipped {issue.file_name}: {issue.reason}")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": dg.MetadataValue.int(report.rows_total),
+            "images_found": dg.MetadataValue.int(len(report.catalog.records)),
+            "images_skipped": dg.MetadataValue.int(len(report.catalog.issues)),
+            "skipped_files": dg.MetadataValue.md(issues_markdown(report.catalog.issues)),
+            "duplicates": dg.MetadataValue.int(sum(len(v) for v in report.catalog.duplicates.values())),
+            "images_folder": dg.MetadataValue.path(str(folder)),
+            "table": dg.MetadataValue.path(str(report.images_path)),
+        }
+    )
+
+
+@dg.asset(
+    deps=[images],
+    partitions_def=MODEL_PARTITIONS,
+    pool=GPU_POOL,
+    kinds={"pytorch", "parquet"},
+    group_name="extraction",
+    check_specs=[
+        dg.AssetCheckSpec(name, asset="attention_maps", description=text) for name, text in CHECK_NAMES.items()
+    ],
+    description="Per-head and fused attention maps (Grad-CAM for ResNet-50) of one model: "
+    "attention_maps/model=<slug>/method=*/ Parquet partitions, from one forward pass per image batch.",
+)
+def attention_maps(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
+    model = context.partition_key
+    folder, warehouse = extraction.images_path(), extraction.warehouse_path()
+    records = read_catalog_records(warehouse, folder)
+    if not records:
+        context.log.warning(f"no catalogued images from {folder}: materialize `images` first")
+    try:
+        adapter = load_model(model, extraction.load_request(model))
+    except (WeightsUnavailableError, CheckpointError, ValueError) as exc:
+        raise dg.Failure(description=f"{model}: {exc}") from exc
+    context.log.info(f"{model}: {adapter.provenance.describe()} on {adapter.device}")
+    if adapter.provenance.is_random:
+        context.log.warning(f"{model}: RANDOM weights - maps show the machinery, not a model's behaviour")
+
+    bar = tqdm(total=len(records), desc=model, unit="img", disable=not sys.stderr.isatty(), leave=False)
+    try:
+        report = extract_model(
+            adapter,
+            records,
+            warehouse,
+            batch_size=extraction.batch_size,
+            recompute=extraction.recompute,
+            max_pixels=extraction.max_pixels,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+    for issue in report.issues:
+        context.log.warning(f"{model}: skipped {issue.file_name}: {issue.reason}")
+    outcomes = merge_outcomes(check_model(warehouse, model))
+    return dg.MaterializeResult(
+        metadata=extraction_metadata(report, str(warehouse)),
+        check_results=[check_result(o) for o in outcomes],
+    )
+
+
+@dg.asset(
+    deps=[attention_maps],
+    partitions_def=MODEL_PARTITIONS,
+    kinds={"numpy", "parquet"},
+    group_name="analysis",
+    description="Per-head statistics (entropy, distance, concentration, agreement with the fused map) of "
+    "every map of one model; formulas in docs/sql.md.",
+)
+def head_stats(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
+    from ssl_attention.stats import write_head_stats
+
+    model = context.partition_key
+    written = write_head_stats(extraction.warehouse_path(), model)
+    rows = sum(s.rows for s in written.values())
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": dg.MetadataValue.int(rows),
+            "bytes_written": dg.MetadataValue.int(sum(s.bytes for s in written.values())),
+            "methods": dg.MetadataValue.json({m: s.rows for m, s in written.items()}),
+        }
+    )
+
+
+@dg.asset(
+    deps=[images, head_stats],
+    kinds={"duckdb"},
+    group_name="analysis",
+    description="attention.duckdb in the warehouse: DuckDB views over every Parquet table, for any client.",
+)
+def warehouse_catalog(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
+    from ssl_attention.query.catalog import write_catalog
+
+    path = write_catalog(extraction.warehouse_path())
+    context.log.info(f"catalog written to {path}")
+    return dg.MaterializeResult(metadata={"catalog": dg.MetadataValue.path(str(path))})

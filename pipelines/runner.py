@@ -1,0 +1,126 @@
+"""Headless runs of the Dagster definitions (the CLI's `run`): the same assets, in-process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
+from pipelines.resources import ExtractionSettings
+
+ALL_ASSETS = [images, attention_maps, head_stats, warehouse_catalog]
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+@dataclass
+class ModelOutcome:
+    model: str
+    success: bool
+    error: str | None = None
+    metadata: dict[str, object] = field(default_factory=dict)
+    checks_failed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunOutcome:
+    images: dict[str, object]  # metadata of the images asset
+    models: list[ModelOutcome]
+    images_error: str | None = None
+    duckdb_catalog_error: str | None = None
+
+    @property
+    def success(self) -> bool:
+        return (
+            self.images_error is None
+            and self.duckdb_catalog_error is None
+            and all(m.success and not m.checks_failed for m in self.models)
+        )
+
+
+def instance_for_cli() -> dg.DagsterInstance:
+    """The persistent instance when $DAGSTER_HOME is set (runs then show in `dagster dev`), else ephemeral."""
+    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+
+
+def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, object]:
+    events = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(asset)]
+    if not events:
+        return {}
+    return {k: v.value for k, v in events[-1].materialization.metadata.items()}
+
+
+def _failure(result: dg.ExecuteInProcessResult) -> str | None:
+    if result.success:
+        return None
+    for event in result.get_step_failure_events():
+        error = event.step_failure_data.error
+        if error is not None:
+            # dg.Failure carries the user-facing description; other errors their message
+            return (
+                event.step_failure_data.user_failure_data.description
+                if event.step_failure_data.user_failure_data and event.step_failure_data.user_failure_data.description
+                else error.message.strip().splitlines()[-1]
+                if error.message
+                else "step failed"
+            )
+    return "run failed"
+
+
+def run_extraction(
+    settings: ExtractionSettings,
+    models: list[str],
+    instance: dg.DagsterInstance | None = None,
+    quiet: bool = True,
+    on_model_done: Callable[[ModelOutcome], None] | None = None,
+) -> RunOutcome:
+    """Catalog, then each model's partition (a failing model does not stop the others), then the catalog."""
+    instance = instance or instance_for_cli()
+    resources = {"extraction": settings}
+    run_config = QUIET if quiet else None
+    catalog = dg.materialize(
+        ALL_ASSETS,
+        selection=[images],
+        resources=resources,
+        instance=instance,
+        run_config=run_config,
+        raise_on_error=False,
+        tags={"trigger": "ssl-attention run"},
+    )
+    if not catalog.success:
+        return RunOutcome(images={}, models=[], images_error=_failure(catalog))
+    outcomes = []
+    for model in models:
+        result = dg.materialize(
+            ALL_ASSETS,
+            selection=[attention_maps, head_stats],
+            partition_key=model,
+            resources=resources,
+            instance=instance,
+            run_config=run_config,
+            raise_on_error=False,
+            tags={"trigger": "ssl-attention run"},
+        )
+        failed_checks = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
+        outcome = ModelOutcome(
+            model=model,
+            success=result.success,
+            error=_failure(result),
+            metadata=_metadata(result, "attention_maps"),
+            checks_failed=failed_checks,
+        )
+        outcomes.append(outcome)
+        if on_model_done is not None:
+            on_model_done(outcome)
+    final = dg.materialize(
+        ALL_ASSETS,
+        selection=[warehouse_catalog],
+        resources=resources,
+        instance=instance,
+        run_config=run_config,
+        raise_on_error=False,
+        tags={"trigger": "ssl-attention run"},
+    )
+    return RunOutcome(catalog=_metadata(catalog, "images"), models=outcomes, catalog_error=_failure(final))

@@ -1,0 +1,45 @@
+"""Watch the images folder and extract new images (off by default: turn it on in the UI)."""
+
+import hashlib
+import json
+import os
+
+import dagster as dg
+
+from pipelines.jobs import extraction_job
+from pipelines.resources import ExtractionSettings
+from ssl_attention.images import SUPPORTED_EXTENSIONS, iter_candidate_files
+from ssl_attention.models.registry import MODELS
+
+
+def folder_fingerprint(settings: ExtractionSettings) -> tuple[str, int]:
+    """Digest of (name, size, mtime) of the image files, and how many there are; cheap, no decoding."""
+    folder = settings.images_path()
+    digest = hashlib.sha256()
+    count = 0
+    if folder.is_dir():
+        for path in iter_candidate_files(folder):
+            if path.is_file() and path.name.lower().endswith(SUPPORTED_EXTENSIONS):
+                stat = path.stat()
+                digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+                count += 1
+    return digest.hexdigest()[:20], count
+
+
+@dg.sensor(
+    job=extraction_job,
+    minimum_interval_seconds=int(os.environ.get("SSL_ATTENTION_SENSOR_INTERVAL", "60")),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="When files in the images folder change, run the extraction for every model; "
+    "only images not yet extracted with the same weights are computed.",
+)
+def new_images_sensor(context: dg.SensorEvaluationContext, extraction: ExtractionSettings) -> dg.SensorResult:
+    fingerprint, count = folder_fingerprint(extraction)
+    previous = json.loads(context.cursor) if context.cursor else {}
+    if previous.get("fingerprint") == fingerprint:
+        return dg.SensorResult(skip_reason=f"no change in {count} image files")
+    runs = [
+        dg.RunRequest(run_key=f"{fingerprint}:{model}", partition_key=model, tags={"trigger": "new_images_sensor"})
+        for model in MODELS
+    ]
+    return dg.SensorResult(run_requests=runs, cursor=json.dumps({"fingerprint": fingerprint, "files": count}))
