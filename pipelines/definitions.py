@@ -26,3 +26,8 @@ defs = dg.Definitions(
     sensors=[new_images_sensor],
     resources={"extraction": extraction_settings},
 )
+
+
+def extraction_job_def() -> dg.JobDefinition:
+    """The resolved extraction job, for `reconstructable` (multiprocess runs in tests and scripts)."""
+    return defs.resolve_job_def("extract_model")

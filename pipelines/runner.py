@@ -123,4 +123,4 @@ def run_extraction(
         raise_on_error=False,
         tags={"trigger": "ssl-attention run"},
     )
-    return RunOutcome(catalog=_metadata(catalog, "images"), models=outcomes, catalog_error=_failure(final))
+    return RunOutcome(images=_metadata(catalog, "images"), models=outcomes, duckdb_catalog_error=_failure(final))

@@ -8,9 +8,11 @@ data whole. Images already extracted with the same weights are carried over, not
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
+from ssl_attention.attention_maps import MapBlock
 from ssl_attention.images import (
     DEFAULT_MAX_PIXELS,
     Catalog,
@@ -195,43 +199,40 @@ def extract_model(
         report.seconds = time.perf_counter() - start
         return report
 
-    writers = {name: PartitionWriter(d, _schema_for(name)) for name, d in partitions.items()}
+    # clustered by image: sorted, ~1 MiB row groups, so a query for one image reads one row group
+    writers = {name: PartitionWriter(d, _schema_for(name), cluster_by="image_id") for name, d in partitions.items()}
     input_size: tuple[int, int] | None = None
     try:
         recompute_ids = {r.image_id for r in todo}
         for name, directory in partitions.items():
             if not weights_changed:  # keep what is still valid, streamed row group by row group
                 copy_rows_except(directory / DATA_FILE, recompute_ids, writers[name].write)
-        for batch in _batches(todo, batch_size):
-            images, ids = [], []
-            for record in batch:
-                try:
-                    image, image_id = load_image(record.path, max_pixels)
-                except ImageLoadError as exc:
-                    report.issues.append(ImageIssue(record.file_name, str(exc)))
-                    log.warning("%s: skipping %s: %s", spec.slug, record.file_name, exc)
-                    continue
-                if image_id != record.image_id:  # the catalog is the run's source of truth
-                    reason = "file changed since it was catalogued; materialize `images` again to include it"
-                    report.issues.append(ImageIssue(record.file_name, reason))
-                    log.warning("%s: skipping %s: %s", spec.slug, record.file_name, reason)
-                    continue
-                images.append(image)
-                ids.append(image_id)
-            if images:
-                forward_start = time.perf_counter()
-                pixel_values = adapter.pixel_values(images)
-                blocks = adapter.run(pixel_values)  # the one forward (and, for Grad-CAM, backward) pass
-                report.forward_seconds += time.perf_counter() - forward_start
-                input_size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
-                _write_batch(adapter, blocks, ids, pixel_values, writers, report)
-                if report.preview is None:
-                    report.preview, report.preview_image_id = _preview(adapter, blocks), ids[0]
-                    report.preview_input = adapter.display_images(pixel_values[:1])[0]
-                del blocks, pixel_values
-                report.images_extracted += len(images)
-            if progress is not None:
-                progress(len(batch))
+        # Rows are converted and written by one background thread while the next batch runs forward;
+        # at most one batch waits to be written, so memory stays at two batches whatever the image count.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssl-attention-writer") as pool:
+            pending: Future[None] | None = None
+            for batch in _batches(todo, batch_size):
+                images, loaded = _load_batch(spec.slug, batch, max_pixels, report)
+                pixel_values, loaded = _preprocess(adapter, images, loaded, report)
+                if pixel_values is not None:
+                    forward_start = time.perf_counter()
+                    blocks = _to_cpu(adapter.run(pixel_values))  # the one forward (Grad-CAM: + backward) pass
+                    report.forward_seconds += time.perf_counter() - forward_start
+                    input_size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+                    display = adapter.display_images(pixel_values)
+                    ids = [r.image_id for r in loaded]
+                    if report.preview is None:
+                        report.preview, report.preview_image_id = _preview(blocks), ids[0]
+                        report.preview_input = display[0]
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(_write_batch, adapter, blocks, ids, display, writers, report)
+                    report.images_extracted += len(loaded)
+                    del pixel_values
+                if progress is not None:
+                    progress(len(batch))
+            if pending is not None:
+                pending.result()
         for name, writer in writers.items():
             stats = writer.commit()
             report.rows_written[name] = stats.rows
@@ -255,11 +256,76 @@ def _schema_for(name: str) -> pa.Schema:
     return schema.INPUTS if name == "inputs" else schema.ATTENTION_MAPS
 
 
+def _load_batch(
+    slug: str, batch: list[ImageRecord], max_pixels: int, report: ModelRunReport
+) -> tuple[list[Image.Image], list[ImageRecord]]:
+    """Decode a batch; a file that cannot be used is recorded in the report and left out."""
+    images, loaded = [], []
+    for record in batch:
+        try:
+            image, image_id = load_image(record.path, max_pixels)
+        except ImageLoadError as exc:
+            report.issues.append(ImageIssue(record.file_name, str(exc)))
+            log.warning("%s: skipping %s: %s", slug, record.file_name, exc)
+            continue
+        if image_id != record.image_id:  # the catalog is the run's source of truth
+            reason = "file changed since it was catalogued; materialize `images` again to include it"
+            report.issues.append(ImageIssue(record.file_name, reason))
+            log.warning("%s: skipping %s: %s", slug, record.file_name, reason)
+            continue
+        images.append(image)
+        loaded.append(record)
+    return images, loaded
+
+
+def _preprocess(
+    adapter: ModelAdapter, images: list[Image.Image], loaded: list[ImageRecord], report: ModelRunReport
+) -> tuple[torch.Tensor | None, list[ImageRecord]]:
+    """The batch's pixel values; if the processor fails, retry image by image and skip the ones that fail."""
+    if not images:
+        return None, []
+    try:
+        return adapter.pixel_values(images), loaded
+    except Exception:
+        kept_images, kept = [], []
+        for image, record in zip(images, loaded, strict=True):
+            try:
+                adapter.pixel_values([image])
+            except Exception as exc:
+                report.issues.append(ImageIssue(record.file_name, f"preprocessing failed: {exc}"))
+                continue
+            kept_images.append(image)
+            kept.append(record)
+        return (adapter.pixel_values(kept_images), kept) if kept else (None, [])
+
+
+def _to_cpu(blocks: dict[str, list[MapBlock]]) -> dict[str, list[MapBlock]]:
+    """Map blocks with every tensor on the CPU as float32 (one transfer per tensor, not per image)."""
+
+    def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.detach().float().cpu()
+
+    return {
+        method: [
+            dataclasses.replace(
+                block,
+                values=move(block.values),
+                prefix_mass=move(block.prefix_mass),
+                register_mass=move(block.register_mass),
+                raw_scale=move(block.raw_scale),
+                target_class=None if block.target_class is None else block.target_class.detach().cpu(),
+            )
+            for block in method_blocks
+        ]
+        for method, method_blocks in blocks.items()
+    }
+
+
 def _write_batch(
     adapter: ModelAdapter,
-    blocks: dict[str, list],
+    blocks: dict[str, list[MapBlock]],
     ids: list[str],
-    pixel_values: torch.Tensor,
+    display: np.ndarray,
     writers: dict[str, PartitionWriter],
     report: ModelRunReport,
 ) -> None:
@@ -275,18 +341,17 @@ def _write_batch(
                 provenance=adapter.provenance,
                 extracted_at=stamp,
             )
-            writers[method].write(table)  # one row group per image: image_id statistics prune perfectly
+            writers[method].write(table)  # one image per call; the writer clusters by image_id on commit
             report.rows_extracted += table.num_rows
-    display = adapter.display_images(pixel_values)
     writers["inputs"].write(input_rows(ids, display, adapter.provenance.weights_id))
 
 
-def _preview(adapter: ModelAdapter, blocks: dict[str, list]) -> dict[str, np.ndarray]:
+def _preview(blocks: dict[str, list[MapBlock]]) -> dict[str, np.ndarray]:
     """The first image's maps at the last layer of each method: (K, grid_h, grid_w), fused first."""
     preview = {}
     for method, method_blocks in blocks.items():
         block = method_blocks[-1]
-        values = block.values[0, -1].detach().float().cpu().numpy()  # (K, N)
+        values = block.values[0, -1].numpy()  # (K, N)
         preview[method] = values.reshape(values.shape[0], block.grid_h, block.grid_w)
     return preview
 

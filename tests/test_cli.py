@@ -1,0 +1,113 @@
+"""`ssl-attention`: clear errors for bad input, and the main command end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import main
+from ssl_attention.models.registry import METHODS, MODELS
+from tests.pipeline_helpers import checkpoint_args
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "ssl_attention" / "models" / "configs"
+
+
+def test_unknown_model_lists_the_valid_ones(capsys):
+    assert main(["run", "--models", "dinov2,vgg", "--weights", "random"]) == 2
+    err = capsys.readouterr().err
+    assert "vgg" in err
+    for slug in MODELS:
+        assert slug in err
+
+
+def test_unknown_weights_mode_and_flag_are_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--weights", "bogus"])
+    assert exc.value.code == 2
+    assert "random" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--no-such-flag"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["run", "--checkpoint", "clip"], "MODEL=DIR"),
+        (["run", "--checkpoint", "vit=/tmp"], "unknown model"),
+        (["run", "--images", "/no/such/folder"], "not a directory"),
+        (["run", "--device", "tpu"], "valid devices"),
+        (["run", "--warehouse", "s3://bucket/wh"], "file://"),
+        (["run", "--batch-size", "0"], "batch-size"),
+    ],
+)
+def test_bad_arguments_get_a_clear_error(capsys, argv, needle):
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_run_with_tiny_checkpoints_prints_a_summary(tmp_path, tiny_checkpoints, images_copy, capsys):
+    warehouse = tmp_path / "wh"
+    argv = ["run", "--images", str(images_copy(2)), "--models", "all", "--weights", "pretrained"]
+    argv += ["--warehouse", str(warehouse), "--device", "cpu"]
+    for item in checkpoint_args(tiny_checkpoints):
+        argv += ["--checkpoint", item]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for slug in MODELS:
+        assert f"  {slug}" in out and "2 extracted" in out
+    assert "images: 2 usable, 0 skipped" in out
+    for slug, spec in MODELS.items():
+        for method in spec.methods:
+            assert (warehouse / "attention_maps" / f"model={slug}" / f"method={method}" / "data.parquet").is_file()
+    assert (warehouse / "attention.duckdb").is_file()
+    # a second run extracts nothing new
+    assert main(argv) == 0
+    assert "0 extracted, 2 up to date" in capsys.readouterr().out
+
+
+def _expected_shape(slug: str) -> tuple[int, int, int]:
+    """(layers, heads, grid side) of the shipped hub config, read independently of the library."""
+    import json
+
+    config = json.loads((CONFIGS / slug / "config.json").read_text())
+    processor = json.loads((CONFIGS / slug / "preprocessor_config.json").read_text())
+    side = (processor.get("crop_size") or processor["size"])["height"]
+    return config["num_hidden_layers"], config["num_attention_heads"], side // config["patch_size"]
+
+
+@pytest.mark.slow
+def test_readme_main_command_fills_every_partition(tmp_path):
+    """The README's main job: every model, random weights, offline, into a fresh warehouse."""
+    warehouse = tmp_path / "wh"
+    command = [sys.executable, "-m", "pipelines.cli", "run", "--images", "data/samples", "--models", "all"]
+    command += ["--weights", "random", "--warehouse", str(warehouse)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "RANDOM" in result.stdout
+    images = pq.read_table(warehouse / "images" / "data.parquet").num_rows
+    assert images == len(list((REPO / "data" / "samples").glob("*.jpg")))
+    for slug, spec in MODELS.items():
+        for method in spec.methods:
+            table = pq.read_table(
+                warehouse / "attention_maps" / f"model={slug}" / f"method={method}" / "data.parquet",
+                columns=["image_id", "layer", "head", "grid_h", "grid_w", "weights_mode", "num_heads"],
+            ).to_pylist()
+            assert {r["weights_mode"] for r in table} == {"random"}
+            if slug == "resnet50":
+                assert {r["layer"] for r in table} == {0, 1, 2, 3} and {r["head"] for r in table} == {None}
+                assert {(r["grid_h"], r["grid_w"]) for r in table} == {(56, 56), (28, 28), (14, 14), (7, 7)}
+                continue
+            layers, heads, side = _expected_shape(slug)
+            expected_layers = {layers} if method == "probe" else set(range(layers))
+            expected_heads = {None, *range(heads)} if METHODS[method].per_head else {None}
+            assert {r["layer"] for r in table} == expected_layers, (slug, method)
+            assert {r["head"] for r in table} == expected_heads, (slug, method)
+            assert {(r["grid_h"], r["grid_w"]) for r in table} == {(side, side)}
+            assert {r["num_heads"] for r in table} == {heads}
+            assert len(table) == images * len(expected_layers) * len(expected_heads)

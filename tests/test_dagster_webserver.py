@@ -1,0 +1,106 @@
+"""`dagster dev` is known to load: the webserver serves this workspace's asset graph over GraphQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ssl_attention.models.registry import MODELS
+from ssl_attention.validation import CHECK_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+QUERY = """
+{
+  workspaceOrError { __typename ... on Workspace { locationEntries { name loadStatus
+      locationOrLoadError { __typename ... on PythonError { message } } } } }
+  assetNodes {
+    assetKey { path }
+    isPartitioned
+    partitionKeysByDimension { name partitionKeys }
+    pools
+    assetChecksOrError { __typename ... on AssetChecks { checks { name } } }
+  }
+}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _graphql(port: int, query: str) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def webserver(tmp_path_factory):
+    home = tmp_path_factory.mktemp("dagster_home")
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    port = _free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dagster_webserver", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"webserver exited: {process.stderr.read()[-2000:]}")
+            try:
+                data = _graphql(port, QUERY)
+                entries = data["data"]["workspaceOrError"]["locationEntries"]
+                if entries and entries[0]["loadStatus"] == "LOADED":
+                    break
+            except (urllib.error.URLError, ConnectionError, KeyError, TypeError):
+                pass
+            if time.time() > deadline:
+                pytest.fail("webserver did not load the workspace within 120 s")
+            time.sleep(0.5)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_workspace_loads_without_errors(webserver):
+    (entry,) = _graphql(webserver, QUERY)["data"]["workspaceOrError"]["locationEntries"]
+    assert entry["name"] == "ssl_attention"
+    assert entry["locationOrLoadError"]["__typename"] == "RepositoryLocation"
+
+
+def test_asset_graph_partitions_and_checks_are_served(webserver):
+    nodes = {tuple(n["assetKey"]["path"]): n for n in _graphql(webserver, QUERY)["data"]["assetNodes"]}
+    assert set(nodes) == {("images",), ("attention_maps",), ("head_stats",), ("warehouse_catalog",)}
+    for key in (("attention_maps",), ("head_stats",)):
+        assert nodes[key]["isPartitioned"]
+        (dimension,) = nodes[key]["partitionKeysByDimension"]
+        assert dimension["partitionKeys"] == list(MODELS)
+    assert nodes[("attention_maps",)]["pools"] == ["gpu"]
+    checks = {c["name"] for c in nodes[("attention_maps",)]["assetChecksOrError"]["checks"]}
+    assert checks == set(CHECK_NAMES)
+    assert not nodes[("images",)]["isPartitioned"]

@@ -1,0 +1,175 @@
+"""The Dagster assets materialized with tiny checkpoints: Parquet contents, metadata, asset checks."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
+from pipelines.definitions import defs
+from ssl_attention.models.registry import METHODS, MODELS
+from ssl_attention.validation import CHECK_NAMES
+from tests.pipeline_helpers import read_partition, tiny_settings
+
+ALL_ASSETS = [images, attention_maps, head_stats, warehouse_catalog]
+REPO = Path(__file__).resolve().parents[1]
+TINY_LAYERS, TINY_HEADS = 2, 4
+
+
+def test_definitions_are_loadable_and_complete():
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert keys == {"images", "attention_maps", "head_stats", "warehouse_catalog"}
+    assert attention_maps.partitions_def.get_partition_keys() == list(MODELS)
+    assert head_stats.partitions_def.get_partition_keys() == list(MODELS)
+    checks = {spec.name for spec in attention_maps.check_specs}
+    assert checks == set(CHECK_NAMES)
+    assert attention_maps.op.pool == "gpu"
+
+
+def test_dagster_cli_validates_the_workspace():
+    result = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def materialized(tmp_path_factory, tiny_checkpoints, sample_dir):
+    """images, then three model partitions (a CLS ViT, SigLIP, the CNN), then the catalog."""
+    warehouse = tmp_path_factory.mktemp("pipeline") / "warehouse"
+    settings = tiny_settings(sample_dir, warehouse, tiny_checkpoints)
+    resources = {"extraction": settings}
+    results = {"images": dg.materialize(ALL_ASSETS, selection=[images], resources=resources)}
+    for model in ("dinov2", "siglip", "resnet50"):
+        results[model] = dg.materialize(
+            ALL_ASSETS, selection=[attention_maps, head_stats], partition_key=model, resources=resources
+        )
+    results["catalog"] = dg.materialize(ALL_ASSETS, selection=[warehouse_catalog], resources=resources)
+    return warehouse, results
+
+
+def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    (materialization,) = result.asset_materializations_for_node(asset)
+    return {key: value.value for key, value in materialization.metadata.items()}
+
+
+def expected_rows(model: str, method: str, images: int) -> int:
+    if model == "resnet50":
+        return images * 4  # four stages, fused only
+    if method == "probe":
+        return images * (TINY_HEADS + 1)  # one pooling head "layer"
+    return images * TINY_LAYERS * ((TINY_HEADS + 1) if METHODS[method].per_head else 1)
+
+
+def test_every_run_succeeded(materialized):
+    _, results = materialized
+    assert all(result.success for result in results.values())
+
+
+def test_images_asset_catalogues_the_folder(materialized, sample_dir):
+    warehouse, results = materialized
+    metadata = _metadata(results["images"], "images")
+    files = sorted(p.name for p in sample_dir.iterdir() if p.suffix == ".jpg")
+    table = pq.read_table(warehouse / "images" / "data.parquet")
+    assert sorted(table["file_name"].to_pylist()) == files
+    assert metadata["images_found"] == len(files) == metadata["dagster/row_count"]
+    assert metadata["images_skipped"] == 0
+
+
+@pytest.mark.parametrize("model", ["dinov2", "siglip", "resnet50"])
+def test_attention_maps_partitions_and_metadata(materialized, model, sample_dir, tiny_checkpoints):
+    warehouse, results = materialized
+    n_images = len(list(sample_dir.glob("*.jpg")))
+    metadata = _metadata(results[model], "attention_maps")
+    total = 0
+    for method in MODELS[model].methods:
+        rows = read_partition(warehouse, model, method)
+        assert len(rows) == expected_rows(model, method, n_images), method
+        assert {r["weights_source"] for r in rows} == {str(tiny_checkpoints[model])}
+        assert {r["weights_mode"] for r in rows} == {"local"}
+        total += len(rows)
+    assert metadata["rows_written"] == total == metadata["dagster/row_count"]
+    assert metadata["images_extracted"] == n_images
+    assert metadata["images_skipped"] == 0
+    assert metadata["random_weights"] is False
+    assert str(tiny_checkpoints[model]) in metadata["weights"]
+    written = [
+        *warehouse.glob(f"attention_maps/model={model}/*/data.parquet"),
+        *warehouse.glob(f"inputs/model={model}/data.parquet"),
+    ]
+    assert metadata["bytes_written"] == sum(p.stat().st_size for p in written)
+    # the preview is a PNG embedded in markdown: fused first, then one tile per head
+    match = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", metadata["preview"])
+    assert match, metadata["preview"][:200]
+    picture = Image.open(io.BytesIO(base64.b64decode(match.group(1))))
+    assert picture.format == "PNG"
+    tiles = 1 + (TINY_HEADS if MODELS[model].per_head_methods else 0)
+    assert picture.width == 96 * min(tiles, 7)
+
+
+@pytest.mark.parametrize("model", ["dinov2", "siglip", "resnet50"])
+def test_asset_checks_ran_and_passed(materialized, model):
+    _, results = materialized
+    evaluations = results[model].get_asset_check_evaluations()
+    assert {e.check_name for e in evaluations} == set(CHECK_NAMES)
+    assert all(e.passed for e in evaluations), [(e.check_name, e.metadata) for e in evaluations if not e.passed]
+
+
+def test_head_stats_and_catalog(materialized):
+    warehouse, results = materialized
+    for model in ("dinov2", "siglip", "resnet50"):
+        stats_rows = _metadata(results[model], "head_stats")["dagster/row_count"]
+        maps_rows = sum(len(read_partition(warehouse, model, m)) for m in MODELS[model].methods)
+        assert stats_rows == maps_rows
+    catalog = Path(_metadata(results["catalog"], "warehouse_catalog")["catalog"])
+    with duckdb.connect(str(catalog), read_only=True) as con:
+        count = con.execute("SELECT count(*) FROM attention_maps WHERE model = 'dinov2'").fetchone()[0]
+        assert count == sum(len(read_partition(warehouse, "dinov2", m)) for m in MODELS["dinov2"].methods)
+
+
+def test_failing_data_fails_the_checks_in_the_ui(tmp_path, tiny_checkpoints, sample_dir, monkeypatch):
+    """Corrupt the partition right after extraction: the asset's checks must report it."""
+    import pipelines.assets as assets_module
+
+    real = assets_module.extract_model
+
+    def corrupting(adapter, records, warehouse, **kwargs):
+        report = real(adapter, records, warehouse, **kwargs)
+        path = warehouse / "attention_maps" / "model=clip" / "method=cls" / "data.parquet"
+        table = pq.read_table(path)
+        # scale the prefix mass: mass no longer sums to 1; and drop one head row: incomplete
+        table = table.set_column(
+            table.schema.get_field_index("prefix_mass"), "prefix_mass", pc.multiply(table["prefix_mass"], 0.5)
+        )
+        table = table.slice(1)
+        pq.write_table(table, path)
+        return report
+
+    monkeypatch.setattr(assets_module, "extract_model", corrupting)
+    settings = tiny_settings(sample_dir, tmp_path / "wh", tiny_checkpoints)
+    result = dg.materialize(
+        ALL_ASSETS, selection=[images, attention_maps], partition_key="clip", resources={"extraction": settings}
+    )
+    outcomes = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not outcomes["mass_sums_to_one"].passed
+    assert not outcomes["complete"].passed
+    assert outcomes["mass_sums_to_one"].metadata["failures"].value > 0
+    assert "cls" in outcomes["complete"].metadata["examples"].value
+    assert outcomes["single_weights"].passed and outcomes["values_in_range"].passed

@@ -1,0 +1,49 @@
+"""The new-images sensor: off by default, one run per model when the folder changes, quiet otherwise."""
+
+from __future__ import annotations
+
+import shutil
+
+import dagster as dg
+
+from pipelines.definitions import defs
+from pipelines.resources import ExtractionSettings
+from pipelines.sensors import new_images_sensor
+from ssl_attention.models.registry import MODELS
+
+
+def _tick(settings: ExtractionSettings, cursor: str | None) -> dg.SensorResult:
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"extraction": settings})
+        return new_images_sensor(context)
+
+
+def test_sensor_is_off_by_default_and_targets_the_extraction_job():
+    sensor = defs.resolve_sensor_def("new_images_sensor")
+    assert sensor.default_status == dg.DefaultSensorStatus.STOPPED
+    assert sensor.job_name == "extract_model"
+
+
+def test_new_images_trigger_one_run_per_model(tmp_path, images_copy, sample_dir):
+    folder = images_copy(2)
+    settings = ExtractionSettings(images_dir=str(folder), warehouse=str(tmp_path / "wh"))
+    first = _tick(settings, None)
+    assert sorted(r.partition_key for r in first.run_requests) == sorted(MODELS)
+    assert len({r.run_key for r in first.run_requests}) == len(MODELS)
+
+    unchanged = _tick(settings, first.cursor)
+    assert not unchanged.run_requests and unchanged.skip_reason
+
+    shutil.copy(sample_dir / "rocket.jpg", folder / "new.jpg")
+    added = _tick(settings, first.cursor)
+    assert sorted(r.partition_key for r in added.run_requests) == sorted(MODELS)
+    assert not {r.run_key for r in added.run_requests} & {r.run_key for r in first.run_requests}
+    assert added.cursor != first.cursor
+
+
+def test_non_image_files_do_not_trigger_runs(tmp_path, images_copy):
+    folder = images_copy(1)
+    settings = ExtractionSettings(images_dir=str(folder), warehouse=str(tmp_path / "wh"))
+    first = _tick(settings, None)
+    (folder / "notes.txt").write_text("not an image")
+    assert not _tick(settings, first.cursor).run_requests
