@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -133,6 +134,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.success else 1
 
 
+def _free_port(address: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         warehouse = resolve_warehouse(args.warehouse)
@@ -142,17 +149,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if spec is None or not spec.submodule_search_locations:
         return _fail("the dashboards package is not installed")
     app = Path(next(iter(spec.submodule_search_locations))) / "app.py"
-    command = [sys.executable, "-m", "panel", "serve", str(app), "--port", str(args.port), "--address", args.address]
-    command += [
-        "--allow-websocket-origin",
-        f"{args.address}:{args.port}",
-        "--allow-websocket-origin",
-        f"localhost:{args.port}",
-    ]
+    port = args.port or _free_port(args.address)
+    command = [sys.executable, "-m", "panel", "serve", str(app), "--port", str(port), "--address", args.address]
+    command.append("--liveness")  # /liveness?endpoint=/app answers once the app builds
+    for host in sorted({args.address, "localhost", "127.0.0.1"}):
+        command += ["--allow-websocket-origin", f"{host}:{port}"]
     if args.show:
         command.append("--show")
     env = {**os.environ, ENV_VAR: str(warehouse)}
-    print(f"serving the dashboard over {warehouse} at http://{args.address}:{args.port}/app")
+    print(f"serving the dashboard over {warehouse} at http://{args.address}:{port}/app")
     try:
         return subprocess.call(command, env=env)
     except KeyboardInterrupt:
