@@ -8,7 +8,8 @@
     <root>/errors/source=<catalog|slug>/data.parquet
     <root>/attention.duckdb                        DuckDB catalog of views (rebuilt, never authoritative)
 
-Each partition is exactly one ``data.parquet``, replaced atomically (see ``atomic.py``).
+Each partition is exactly one ``data.parquet``, replaced atomically (see ``atomic.py``). The map tables
+(attention_maps, head_stats, inputs) are sorted by ``image_id`` in row groups of ~1 MiB that never split an image.
 """
 
 from __future__ import annotations

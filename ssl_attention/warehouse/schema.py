@@ -90,8 +90,41 @@ ERRORS = pa.schema(
     ]
 )
 
+HEAD_STATS = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("layer_name", pa.string()),
+        pa.field("head", pa.int16()),  # NULL = the fused map
+        pa.field("grid_h", pa.int16(), nullable=False),
+        pa.field("grid_w", pa.int16(), nullable=False),
+        pa.field("num_cells", pa.int32(), nullable=False),  # N = grid_h * grid_w
+        pa.field("input_h", pa.int16(), nullable=False),  # the model's input size, for the pixel geometry
+        pa.field("input_w", pa.int16(), nullable=False),
+        # formulas: docs/sql.md; NULL where undefined (a map with no mass, a constant map for Pearson)
+        pa.field("total_mass", pa.float64()),  # sum of the stored map values
+        pa.field("entropy", pa.float64()),  # -sum p log p, natural log, p = map / sum(map)
+        pa.field("entropy_norm", pa.float64()),  # entropy / log N
+        pa.field("mean_dist_px", pa.float64()),  # mass-weighted mean distance from the centre of mass
+        pa.field("mean_dist_frac", pa.float64()),  # mean_dist_px / input diagonal
+        pa.field("centroid_x_px", pa.float64()),  # centre of mass, input pixels from the left edge
+        pa.field("centroid_y_px", pa.float64()),  # ... from the top edge
+        pa.field("top1_mass", pa.float64()),  # max p
+        pa.field("top1pct_mass", pa.float64()),  # sum of the ceil(N/100) largest p
+        pa.field("area60_frac", pa.float64()),  # fewest cells holding 60% of the mass, / N
+        pa.field("prefix_mass", pa.float64()),  # copied from the map row
+        pa.field("register_mass", pa.float64()),
+        pa.field("pearson_fused", pa.float64()),  # correlation with the fused map of the same image and layer
+        pa.field("jsd_fused", pa.float64()),  # Jensen-Shannon divergence from it, natural log
+        pa.field("weights_mode", pa.string(), nullable=False),
+        pa.field("weights_id", pa.string(), nullable=False),
+        pa.field("computed_at", TIMESTAMP, nullable=False),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "attention_maps": ATTENTION_MAPS,
+    "head_stats": HEAD_STATS,
     "inputs": INPUTS,
     "models": MODELS,
     "images": IMAGES,

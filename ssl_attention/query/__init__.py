@@ -1,0 +1,50 @@
+"""DuckDB query layer over the Parquet warehouse (the dashboard reads only through this package).
+
+    from ssl_attention.query import open_warehouse
+    wh = open_warehouse("data/warehouse")
+    grid = wh.head_grid(image_id, "dinov2", "cls", layer=11)   # grid.maps: (13, 16, 16) float32, fused first
+
+SQL users get the same tables as views: ``ssl-attention sql`` or the ``attention.duckdb`` catalog file
+(``write_catalog``); see docs/sql.md.
+"""
+
+from ssl_attention.query.api import Warehouse, open_warehouse
+from ssl_attention.query.catalog import write_catalog
+from ssl_attention.query.connection import connection, cursor
+from ssl_attention.query.errors import EmptyWarehouseError, MissingDataError, QueryError, UnknownNameError
+from ssl_attention.query.maps import layer_at_depth
+from ssl_attention.query.results import (
+    AttentionMap,
+    ComparedMap,
+    Comparison,
+    HeadGrid,
+    ImageInfo,
+    LayerHeadMaps,
+    ModelInfo,
+    Provenance,
+    StatGrid,
+)
+from ssl_attention.query.statistics import STATISTICS
+
+__all__ = [
+    "STATISTICS",
+    "AttentionMap",
+    "ComparedMap",
+    "Comparison",
+    "EmptyWarehouseError",
+    "HeadGrid",
+    "ImageInfo",
+    "LayerHeadMaps",
+    "MissingDataError",
+    "ModelInfo",
+    "Provenance",
+    "QueryError",
+    "StatGrid",
+    "UnknownNameError",
+    "Warehouse",
+    "connection",
+    "cursor",
+    "layer_at_depth",
+    "open_warehouse",
+    "write_catalog",
+]

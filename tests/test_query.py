@@ -1,0 +1,432 @@
+"""The query layer against a warehouse built from tiny checkpoints: results equal the Parquet rows,
+validation names valid values, views and catalog work, and readers survive concurrent rewrites."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from ssl_attention.models import registry
+from ssl_attention.query import (
+    EmptyWarehouseError,
+    MissingDataError,
+    QueryError,
+    UnknownNameError,
+    connection,
+    cursor,
+    layer_at_depth,
+    open_warehouse,
+    write_catalog,
+)
+from ssl_attention.query.views import TABLES, create_views
+from ssl_attention.warehouse import schema
+from ssl_attention.warehouse.atomic import PartitionWriter
+from tests.sql_helpers import build_sql_warehouse, fused_first, grid_of, read_partition, select
+
+VIEWS = (*TABLES, "methods", "attention_cells")
+
+
+@pytest.fixture(scope="module")
+def warehouse(tiny_warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_sql_warehouse(tiny_warehouse, tmp_path_factory.mktemp("query") / "wh")
+
+
+@pytest.fixture(scope="module")
+def wh(warehouse: Path):
+    return open_warehouse(warehouse)
+
+
+@pytest.fixture(scope="module")
+def image_ids(wh) -> list[str]:
+    return [image.image_id for image in wh.images()]
+
+
+# --- listing ---------------------------------------------------------------------------------------------
+
+
+def test_models_carry_heads_layers_grid_and_methods(wh):
+    models = {m.slug: m for m in wh.models()}
+    assert list(models) == list(registry.MODELS)  # registry order
+    dino = models["dinov2"]
+    assert (dino.num_heads, dino.num_layers, dino.grid, dino.num_registers) == (4, 2, (4, 4), 4)
+    assert dino.methods == ("cls", "mean", "rollout") and dino.per_head_methods == ("cls", "mean")
+    assert dino.has_heads("cls") and not dino.has_heads("rollout")
+    assert models["siglip"].methods == ("mean", "probe", "rollout") and models["siglip"].default_method == "probe"
+    cnn = models["resnet50"]
+    assert (cnn.num_heads, cnn.num_layers, cnn.grid, cnn.per_head_methods) == (0, 4, None, ())
+    assert cnn.default_method == "gradcam" and not cnn.has_heads("gradcam")
+    assert dino.provenance.mode == "local" and not dino.provenance.is_random
+    assert wh.methods("mae") == ("cls", "mean", "rollout")
+    assert wh.layers("siglip", "probe") == (2,)  # the pooling head sits after the last block
+    assert wh.layers("resnet50", "gradcam") == (0, 1, 2, 3)
+    assert wh.heads("clip", "mean") == (0, 1, 2, 3)
+    assert wh.heads("clip", "rollout") == () and wh.heads("resnet50", "gradcam") == ()
+
+
+def test_images_have_names_and_thumbnails(wh, sample_dir: Path):
+    images = wh.images()
+    assert sorted(i.file_name for i in images) == sorted(p.name for p in sample_dir.glob("*.jpg"))
+    assert all(i.thumbnail and i.thumbnail[:2] == b"\xff\xd8" for i in images)  # JPEG
+    assert wh.input_image(images[0].image_id, "clip")[:2] == b"\xff\xd8"
+
+
+# --- maps equal the Parquet rows -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "method"), [("dinov2", "cls"), ("siglip", "probe"), ("mae", "mean")])
+def test_head_grid_equals_the_parquet_rows_and_fused_is_the_head_mean(wh, warehouse, image_ids, model, method):
+    table = read_partition(warehouse, "attention_maps", model, method)
+    for image_id in image_ids:
+        for layer in wh.layers(model, method):
+            grid = wh.head_grid(image_id, model, method, layer)
+            rows = select(table, image_id=image_id, layer=layer)
+            rows = fused_first(rows)
+            assert grid.heads == (None, 0, 1, 2, 3) == tuple(rows["head"].to_pylist())
+            assert grid.maps.dtype == np.float32 and grid.maps.shape == (5, 4, 4)
+            np.testing.assert_array_equal(grid.maps, grid_of(rows))
+            np.testing.assert_allclose(grid.maps[0], grid.maps[1:].mean(axis=0), atol=1e-6)
+            np.testing.assert_array_equal(grid.prefix_mass, rows["prefix_mass"].to_numpy())
+            one = wh.map(image_id, model, method, layer, 2)
+            np.testing.assert_array_equal(one.values, grid.maps[3])
+            assert one.head == 2 and one.provenance == grid.provenance
+
+
+def test_fused_only_methods_and_grad_cam(wh, warehouse, image_ids):
+    image_id = image_ids[0]
+    rollout = wh.head_grid(image_id, "clip", "rollout", 1)
+    assert rollout.heads == (None,) and rollout.maps.shape == (1, 4, 4)
+    table = read_partition(warehouse, "attention_maps", "resnet50", "gradcam")
+    stages = wh.layer_head_maps(image_id, "resnet50", "gradcam")
+    assert stages.layers == (0, 1, 2, 3) and stages.heads == (None,)
+    assert [m.shape for m in stages.per_layer] == [(1, 16, 16), (1, 8, 8), (1, 4, 4), (1, 2, 2)]
+    for layer, maps in zip(stages.layers, stages.per_layer, strict=True):
+        np.testing.assert_array_equal(maps, grid_of(select(table, image_id=image_id, layer=layer)))
+    with pytest.raises(QueryError, match="different grid per layer"):
+        _ = stages.maps
+    cam = wh.map(image_id, "resnet50", "gradcam", 3)
+    assert cam.target_class is not None and cam.raw_scale is not None and cam.layer_name == "layer4"
+
+
+def test_layers_by_heads_stacks_the_head_grids(wh, image_ids):
+    image_id = image_ids[1]
+    everything = wh.layer_head_maps(image_id, "dinov3", "cls")
+    assert everything.maps.shape == (2, 5, 4, 4) and everything.heads == (None, 0, 1, 2, 3)
+    for index, layer in enumerate(everything.layers):
+        np.testing.assert_array_equal(everything.maps[index], wh.head_grid(image_id, "dinov3", "cls", layer).maps)
+    assert everything.layer_names == ("block 0", "block 1")
+
+
+def test_compare_models_picks_layer_by_relative_depth_and_default_method(wh, image_ids):
+    assert [layer_at_depth((0, 1, 2, 3), d) for d in (0.0, 0.3, 0.5, 0.9, 1.0)] == [0, 1, 2, 3, 3]
+    comparison = wh.compare_models(image_ids[0], depth=0.0)
+    picked = {e.model: (e.method, e.layer) for e in comparison.entries}
+    assert picked == {
+        "dinov2": ("cls", 0),
+        "dinov3": ("cls", 0),
+        "mae": ("cls", 0),
+        "clip": ("cls", 0),
+        "siglip": ("probe", 2),
+        "resnet50": ("gradcam", 0),
+    }
+    assert comparison.missing == {}
+    last = wh.compare_models(image_ids[0], depth=1.0, methods={"dinov2": "rollout"})
+    by_model = {e.model: e for e in last.entries}
+    assert (by_model["dinov2"].method, by_model["dinov2"].layer, by_model["resnet50"].layer) == ("rollout", 1, 3)
+    np.testing.assert_array_equal(by_model["clip"].map.values, wh.map(image_ids[0], "clip", "cls", 1).values)
+    with pytest.raises(QueryError, match="depth"):
+        wh.compare_models(image_ids[0], depth=1.5)
+
+
+# --- statistics ------------------------------------------------------------------------------------------
+
+
+def test_stat_grid_of_one_image_and_over_all_images(wh, warehouse, image_ids):
+    stats = read_partition(warehouse, "head_stats", "dinov2", "cls")
+    one = wh.stat_grid("dinov2", "cls", "entropy", image_ids[2])
+    assert one.layers == (0, 1) and one.heads == (None, 0, 1, 2, 3) and one.values.shape == (2, 5)
+    every = wh.stat_grid("dinov2", "cls", "entropy")
+    for i, layer in enumerate(one.layers):
+        for j, head in enumerate(one.heads):
+            rows = select(stats, layer=layer, head=head)
+            mine = select(rows, image_id=image_ids[2])
+            assert one.values[i, j] == pytest.approx(mine["entropy"][0].as_py())
+            assert every.values[i, j] == pytest.approx(np.mean(rows["entropy"].to_numpy()))
+            assert every.counts[i, j] == len(image_ids)
+    assert wh.stat_grid("clip", "rollout", "pearson_fused").values.tolist() == [[1.0], [1.0]]
+    stats_row = wh.head_statistics(image_ids[2], "dinov2", "cls", 1, 3)
+    assert stats_row["entropy"] == pytest.approx(one.values[1, 4])
+    assert set(stats_row) >= {"entropy_norm", "mean_dist_px", "area60_frac", "pearson_fused", "jsd_fused"}
+
+
+# --- validation --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda wh, i: wh.map(i, "dinov9", "cls", 0), UnknownNameError, "valid models: dinov2, dinov3, mae, clip"),
+        (lambda wh, i: wh.map(i, "dinov2", "probe", 0), UnknownNameError, "valid methods: cls, mean, rollout"),
+        (lambda wh, i: wh.map(i, "resnet50", "cls", 0), UnknownNameError, "valid methods: gradcam"),
+        (lambda wh, i: wh.map(i, "dinov2", "cls", 7), UnknownNameError, "valid layers: 0, 1"),
+        (lambda wh, i: wh.head_grid(i, "siglip", "probe", 0), UnknownNameError, "valid layers: 2"),
+        (lambda wh, i: wh.map(i, "dinov2", "cls", 0, 4), UnknownNameError, "valid heads: 0..3"),
+        (lambda wh, i: wh.map(i, "dinov2", "cls", 0, -1), UnknownNameError, "valid heads: 0..3"),
+        (lambda wh, i: wh.map(i, "dinov2", "rollout", 0, 1), QueryError, "rollout is a fused-only method"),
+        (lambda wh, i: wh.map(i, "resnet50", "gradcam", 0, 0), QueryError, "resnet50 is a CNN without attention"),
+        (lambda wh, i: wh.map("deadbeef", "dinov2", "cls", 0), UnknownNameError, r"valid images: .*\(astronaut.jpg\)"),
+        (lambda wh, i: wh.map(i, "dinov2", "cls", 1.0), QueryError, "layer must be an integer"),
+        (lambda wh, i: wh.map(i, "dinov2", "cls", 0, True), QueryError, "head must be an integer"),
+        (lambda wh, i: wh.stat_grid("dinov2", "cls", "bogus"), UnknownNameError, "valid statistics: entropy,"),
+        (lambda wh, i: wh.heads("clip", "nope"), UnknownNameError, "valid methods"),
+        (lambda wh, i: wh.map(i, None, "cls", 0), QueryError, "model must be a non-empty string"),
+    ],
+)
+def test_invalid_requests_name_the_valid_values(wh, image_ids, call, error, message):
+    with pytest.raises(error, match=message) as info:
+        call(wh, image_ids[0])
+    assert isinstance(info.value, ValueError)
+    if isinstance(info.value, UnknownNameError):
+        assert isinstance(info.value, registry.UnknownNameError)
+
+
+def test_numpy_integers_are_accepted(wh, image_ids):
+    assert wh.map(image_ids[0], "dinov2", "cls", np.int64(1), np.int16(2)).head == 2
+
+
+def test_missing_head_stats_and_unextracted_images(tmp_path, warehouse, image_ids):
+    copy = tmp_path / "partial"
+    shutil.copytree(warehouse, copy)
+    shutil.rmtree(copy / "head_stats" / "model=clip")
+    partial = open_warehouse(copy)
+    with pytest.raises(MissingDataError, match="head_stats"):
+        partial.stat_grid("clip", "cls", "entropy")
+    table = read_partition(copy, "attention_maps", "mae", "cls")
+    keep = pc.invert(pc.equal(table["image_id"], image_ids[0]))
+    pq.write_table(table.filter(keep), copy / "attention_maps" / "model=mae" / "method=cls" / "data.parquet")
+    with pytest.raises(MissingDataError, match="has no mae/cls data yet"):
+        partial.map(image_ids[0], "mae", "cls", 0)
+    comparison = partial.compare_models(image_ids[0], 0.5)
+    assert "mae" in comparison.missing and len(comparison.entries) == 5
+
+
+def test_missing_or_empty_warehouse_gives_empty_answers_and_typed_views(tmp_path):
+    for root in (tmp_path / "does-not-exist", tmp_path / "empty"):
+        if root.name == "empty":
+            (root / "attention_maps").mkdir(parents=True)
+        empty = open_warehouse(root)
+        assert empty.images() == [] and empty.models() == [] and empty.is_empty()
+        with pytest.raises(EmptyWarehouseError, match="ssl-attention run --images DIR --warehouse"):
+            empty.head_grid("x", "dinov2", "cls", 0)
+        for view in VIEWS:
+            assert cursor().execute(f"SELECT count(*) FROM {empty.table(view)}").fetchall() == [
+                (5 if view == "methods" else 0,)
+            ]
+        described = cursor().execute(f"DESCRIBE {empty.table('attention_maps')}").fetchall()
+        columns = {row[0]: row[1] for row in described}
+        assert columns["model"] == "VARCHAR" and columns["map_values"] == "FLOAT[]" and columns["head"] == "SMALLINT"
+
+
+def test_views_pick_up_a_warehouse_filled_after_opening(tmp_path, warehouse):
+    root = tmp_path / "later"
+    late = open_warehouse(root)
+    assert cursor().execute(f"SELECT count(*) FROM {late.table('images')}").fetchall() == [(0,)]
+    shutil.copytree(warehouse, root)
+    assert cursor().execute(f"SELECT count(*) FROM {late.table('images')}").fetchall() == [(5,)]
+    assert [m.slug for m in late.models()][:1] == ["dinov2"]
+
+
+# --- views, pruning, catalog -------------------------------------------------------------------------------
+
+
+def test_views_have_hive_types_and_prune_partitions(wh):
+    described = {r[0]: r[1] for r in cursor().execute(f"DESCRIBE {wh.table('head_stats')}").fetchall()}
+    assert described["model"] == "VARCHAR" and described["method"] == "VARCHAR" and described["entropy"] == "DOUBLE"
+    plan = cursor().execute(
+        f"EXPLAIN ANALYZE SELECT sum(layer) FROM {wh.table('attention_maps')} WHERE model = $m AND method = $x",
+        {"m": "clip", "x": "cls"},
+    )
+    text = plan.fetchall()[0][1]
+    assert "Total Files Read: 1" in text  # 16 partitions on disk, one scanned
+
+
+def test_catalog_file_opens_in_any_duckdb_client(warehouse, image_ids):
+    catalog = write_catalog(warehouse)
+    assert catalog == warehouse / "attention.duckdb"
+    assert not [p for p in warehouse.iterdir() if p.name.startswith(".attention.duckdb")]  # no temp left
+    con = duckdb.connect(str(catalog), read_only=True)
+    try:
+        kinds = dict(con.execute("SELECT table_name, table_type FROM information_schema.tables").fetchall())
+        assert set(kinds) == set(VIEWS) and set(kinds.values()) == {"VIEW"}
+        counts = dict(con.execute("SELECT model, count(*) FROM attention_maps GROUP BY model").fetchall())
+        files = (warehouse / "attention_maps" / "model=dinov2").glob("method=*/data.parquet")
+        assert counts["dinov2"] == sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        cells = con.execute(
+            "SELECT \"row\", col, value FROM map_cells('clip', 'cls', ?, 1, 2)", [image_ids[0]]
+        ).fetchall()
+        expected = open_warehouse(warehouse).map(image_ids[0], "clip", "cls", 1, 2).values
+        assert [(r, c) for r, c, _ in cells] == [(r, c) for r in range(4) for c in range(4)]
+        np.testing.assert_array_equal(np.array([v for _, _, v in cells], np.float32).reshape(4, 4), expected)
+        fused = con.execute("SELECT count(*) FROM map_cells('clip', 'cls', ?, 1)", [image_ids[0]]).fetchall()
+        assert fused == [(16,)]
+        assert con.execute("SELECT count(*) FROM models WHERE num_heads = 0").fetchall() == [(1,)]
+    finally:
+        con.close()
+
+
+# --- the writer's clustered layout -------------------------------------------------------------------------
+
+
+def test_partition_writer_clusters_by_image_without_splitting_one(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = [f"{i:04x}" for i in rng.permutation(60)]
+    rows_per_image = 7
+    with PartitionWriter(tmp_path / "p", schema.INPUTS, cluster_by="image_id", target_group_bytes=4000) as writer:
+        for image_id in ids[:30]:
+            writer.write(_inputs(image_id, rows_per_image))
+        writer.write(pa.concat_tables([_inputs(i, rows_per_image) for i in ids[30:]]))  # several images at once
+    parquet = pq.ParquetFile(tmp_path / "p" / "data.parquet")
+    table = parquet.read()
+    assert table["image_id"].to_pylist() == sorted(table["image_id"].to_pylist())
+    assert table.num_rows == 60 * rows_per_image
+    assert 1 < parquet.num_row_groups < 60
+    seen: set[str] = set()
+    for index in range(parquet.num_row_groups):
+        group = set(parquet.read_row_group(index, columns=["image_id"])["image_id"].to_pylist())
+        assert not group & seen  # an image never spans two row groups
+        seen |= group
+    first = _inputs(ids[0], rows_per_image)
+    mine = table.filter(pc.equal(table["image_id"], ids[0]))
+    assert mine["input_h"].to_pylist() == first["input_h"].to_pylist()  # row order within an image kept
+
+
+def _inputs(image_id: str, rows: int) -> pa.Table:
+    return pa.table(
+        {
+            "image_id": [image_id] * rows,
+            "input_h": pa.array(range(rows), pa.int16()),
+            "input_w": pa.array([1] * rows, pa.int16()),
+            "jpeg": [b"x" * 200] * rows,
+            "weights_id": ["w"] * rows,
+        },
+        schema=schema.INPUTS,
+    )
+
+
+# --- caches and concurrency --------------------------------------------------------------------------------
+
+
+def _scaled(table: pa.Table, factor: float) -> pa.Table:
+    values = table["map_values"].combine_chunks()
+    scaled = pa.ListArray.from_arrays(values.offsets, pc.multiply(values.values, pa.scalar(factor, pa.float32())))
+    return table.set_column(table.schema.get_field_index("map_values"), "map_values", scaled)
+
+
+def test_metadata_cache_sees_a_replaced_file_even_with_the_same_mtime(tmp_path, warehouse, image_ids):
+    root = tmp_path / "replace"
+    shutil.copytree(warehouse, root)
+    path = root / "attention_maps" / "model=dinov2" / "method=cls" / "data.parquet"
+    old = pq.read_table(path)
+    stamp = time.time() - 120  # older than DuckDB's 10 s "recently modified" window
+    os.utime(path, (stamp, stamp))
+    handle = open_warehouse(root)
+    before = handle.head_grid(image_ids[0], "dinov2", "cls", 1).maps  # footer now cached
+    for factor in (0.5, 0.25):
+        with PartitionWriter(path.parent, schema.ATTENTION_MAPS, cluster_by="image_id") as writer:
+            writer.write(_scaled(old, factor))
+        os.utime(path, (stamp, stamp))  # same mtime as the cached footer
+        after = handle.head_grid(image_ids[0], "dinov2", "cls", 1).maps
+        np.testing.assert_array_equal(after, (before * np.float32(factor)).astype(np.float32))
+    setting = connection().execute("SELECT current_setting('parquet_metadata_cache')").fetchall()
+    assert setting == [(True,)]
+
+
+def test_sixteen_threads_read_whole_versions_while_a_partition_is_rewritten(tmp_path, warehouse, image_ids):
+    root = tmp_path / "concurrent"
+    shutil.copytree(warehouse, root)
+    directory = root / "attention_maps" / "model=dinov2" / "method=cls"
+    versions = [pq.read_table(directory / "data.parquet")]
+    versions.append(_scaled(versions[0], 0.5))
+    handle = open_warehouse(root)
+    layers = handle.layers("dinov2", "cls")
+    expected = {}  # (image, layer) -> the grid of each version
+    for image_id in image_ids:
+        for layer in layers:
+            grids = []
+            for version in versions:
+                rows = select(version, image_id=image_id, layer=layer)
+                grids.append(grid_of(fused_first(rows)))
+            expected[(image_id, layer)] = grids
+
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    counts = {"rewrites": 0, "queries": 0, "old": 0, "new": 0}
+    lock = threading.Lock()
+
+    def rewrite() -> None:
+        try:
+            while not stop.is_set():
+                table = versions[(counts["rewrites"] + 1) % 2]
+                with PartitionWriter(directory, schema.ATTENTION_MAPS, cluster_by="image_id") as writer:
+                    for image_id in image_ids:  # one image per write, as the extraction does
+                        writer.write(select(table, image_id=image_id))
+                counts["rewrites"] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    def read(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while not stop.is_set():
+                image_id, layer = rng.choice(image_ids), rng.choice(layers)
+                maps = handle.head_grid(image_id, "dinov2", "cls", layer).maps
+                old, new = expected[(image_id, layer)]
+                which = "old" if np.array_equal(maps, old) else "new" if np.array_equal(maps, new) else None
+                if which is None:
+                    raise AssertionError(f"mixed or partial result for {image_id} layer {layer}")
+                with lock:
+                    counts[which] += 1
+                    counts["queries"] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rewrite)] + [threading.Thread(target=read, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and not errors:
+        time.sleep(0.05)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors, errors[:3]
+    assert counts["rewrites"] >= 3 and counts["queries"] >= 50, counts
+    assert counts["old"] > 0 and counts["new"] > 0, counts  # both versions were really served
+
+
+def test_one_connection_per_process_and_a_cursor_per_thread():
+    first = cursor()
+    assert cursor() is first
+    other: list[object] = []
+    thread = threading.Thread(target=lambda: other.append(cursor()))
+    thread.start()
+    thread.join()
+    assert other[0] is not first
+    assert connection() is connection()
+
+
+def test_views_can_be_created_on_any_connection(warehouse):
+    con = duckdb.connect()
+    present = create_views(con, warehouse)
+    assert all(present.values())
+    assert con.execute("SELECT count(DISTINCT model) FROM head_stats").fetchall() == [(6,)]
