@@ -1,7 +1,7 @@
 """Data-quality checks of one model's warehouse partitions (run by the pipeline's asset checks).
 
-Each check reads the partition files row group by row group (one image per group) and vectorises within
-the group, so memory stays at one image's rows whatever the number of images.
+Each check reads the partition files row group by row group (a few images per group, never a split image)
+and vectorises within each image, so memory stays at one row group whatever the number of images.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ backward). Heads, layers, patch size and registers are read from the loaded mode
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,22 @@ from ssl_attention.models.registry import ModelSpec
 from ssl_attention.models.weights import Provenance
 
 CNN_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+@contextlib.contextmanager
+def full_float32(device: torch.device) -> Iterator[None]:
+    """On CUDA, run float32 matmuls and convolutions without TF32 (10-bit mantissa), which would move
+    softmax outputs by more than the 1e-3 the maps are meant to be accurate to. A no-op on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @dataclass
@@ -161,7 +179,7 @@ class ViTAdapter(ModelAdapter):
                 raise ValueError(f"{self.spec.slug}: the probe method needs the pooling head (vision_use_head)")
             hooks = _capture_probe(head.attention, captured)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), full_float32(self.device):
                 out = self.module(
                     pixel_values=pixel_values, output_attentions=True, **self._call_kwargs(pixel_values, layout)
                 )
@@ -217,7 +235,8 @@ class CNNAdapter(ModelAdapter):
         return list(CNN_STAGES)
 
     def run(self, pixel_values: torch.Tensor) -> dict[str, list[MapBlock]]:
-        result = grad_cam(self.module, pixel_values, CNN_STAGES)
+        with full_float32(self.device):
+            result = grad_cam(self.module, pixel_values, CNN_STAGES)
         blocks = []
         for index, cam in enumerate(result.maps):
             batch, grid_h, grid_w = cam.shape
