@@ -1,0 +1,182 @@
+"""The dashboard's only door to the warehouse: the query layer (``ssl_attention.query``), cached per scalar key.
+
+Each cached function is keyed on the warehouse root and the partition file's version (so a re-extraction is
+picked up without a restart) plus the request's scalars. Results are shared between sessions: treat them as
+read-only.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import panel as pn
+from PIL import Image
+
+from dashboards.state import ImageInfo, ModelInfo, WarehouseIndex
+from ssl_attention.query import (
+    Comparison,
+    HeadGrid,
+    LayerHeadMaps,
+    QueryError,
+    StatGrid,
+    Warehouse,
+    open_warehouse,
+)
+from ssl_attention.query.handle import file_key
+
+THUMB_SIZE = 64  # px, tiles of the thumbnail picker
+INDEX_TTL_S = 30  # how long sessions share the list of models and images
+CACHE_ITEMS = 512  # per cached function; a head grid of a ViT-B is ~13 KB, an input image ~150 KB
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The warehouse index for the selection logic, plus what the views need per model."""
+
+    root: Path
+    index: WarehouseIndex
+    provenance: dict[str, str]  # model -> human description of its weights
+
+
+def warehouse(root: str) -> Warehouse:
+    return open_warehouse(root)
+
+
+def load_index(root: Path) -> Loaded:
+    """Models and images present; raises QueryError (or OSError) when the warehouse cannot be read.
+
+    Shared by the sessions opened within INDEX_TTL_S of each other (a new extraction shows up after that)."""
+    return _load_index(str(root))
+
+
+@pn.cache(max_items=4, ttl=INDEX_TTL_S)
+def _load_index(root: str) -> Loaded:
+    wh = warehouse(root)
+    models: dict[str, ModelInfo] = {}
+    provenance: dict[str, str] = {}
+    for info in wh.model_list():
+        layers = {method: wh.layers(info.slug, method) for method in info.methods}
+        layers = {method: found for method, found in layers.items() if found}
+        if not layers:
+            continue
+        names: dict[int, str] = {}
+        for method in layers:  # layer names as stored with the maps (SigLIP's probe: "pooling head")
+            names.update({k: v for k, v in wh.facts(info.slug, method).layer_names.items() if v})
+        models[info.slug] = ModelInfo(
+            slug=info.slug,
+            label=info.label,
+            num_heads=info.num_heads,
+            methods=tuple(layers),
+            per_head_methods=tuple(m for m in info.per_head_methods if m in layers),
+            layers=layers,
+            layer_names=names,
+            weights_mode=info.provenance.mode,
+        )
+        provenance[info.slug] = info.provenance.describe()
+    images = [ImageInfo(i.image_id, i.file_name) for i in wh.image_list()]
+    return Loaded(Path(root), WarehouseIndex(models, tuple(images)), provenance)
+
+
+def _version(root: str, table: str, **keys: str) -> str:
+    """The partition file's identity (inode, mtime, size) as a cache-key scalar."""
+    return repr(file_key(warehouse(root).path(table, **keys)))
+
+
+# --- cached queries (scalars in, numpy/dataclasses out) ----------------------------------------------------
+
+
+@pn.cache(max_items=CACHE_ITEMS, policy="LRU")
+def _head_grid(root: str, version: str, image: str, model: str, method: str, layer: int) -> HeadGrid:
+    return warehouse(root).head_grid(image, model, method, layer)
+
+
+def head_grid(root: str, image: str, model: str, method: str, layer: int) -> HeadGrid:
+    """Fused + every head of one layer (fused first), cached per (image, model, method, layer)."""
+    version = _version(root, "attention_maps", model=model, method=method)
+    return _head_grid(root, version, image, model, method, int(layer))
+
+
+@pn.cache(max_items=64, policy="LRU")
+def _layer_head_maps(root: str, version: str, image: str, model: str, method: str) -> LayerHeadMaps:
+    return warehouse(root).layer_head_maps(image, model, method)
+
+
+def layer_head_maps(root: str, image: str, model: str, method: str) -> LayerHeadMaps:
+    version = _version(root, "attention_maps", model=model, method=method)
+    return _layer_head_maps(root, version, image, model, method)
+
+
+@pn.cache(max_items=CACHE_ITEMS, policy="LRU")
+def _input_rgb(root: str, version: str, image: str, model: str) -> np.ndarray:
+    jpeg = warehouse(root).input_image(image, model)
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+
+
+def input_rgb(root: str, image: str, model: str) -> np.ndarray:
+    """What the model saw, (H, W, 3) uint8."""
+    return _input_rgb(root, _version(root, "inputs", model=model), image, model)
+
+
+@pn.cache(max_items=CACHE_ITEMS, policy="LRU")
+def _stat_grid(root: str, version: str, model: str, method: str, stat: str, image: str | None) -> StatGrid:
+    return warehouse(root).stat_grid(model, method, stat, image)
+
+
+def stat_grid(root: str, model: str, method: str, stat: str, image: str | None) -> StatGrid:
+    """One statistic over layers x (fused + heads); ``image=None`` averages over all images."""
+    return _stat_grid(root, _version(root, "head_stats", model=model, method=method), model, method, stat, image)
+
+
+@pn.cache(max_items=CACHE_ITEMS, policy="LRU")
+def _head_statistics(
+    root: str, version: str, image: str, model: str, method: str, layer: int, head: int | None
+) -> dict[str, float | None]:
+    return warehouse(root).head_statistics(image, model, method, layer, head)
+
+
+def head_statistics(
+    root: str, image: str, model: str, method: str, layer: int, head: int | None
+) -> dict[str, float | None]:
+    version = _version(root, "head_stats", model=model, method=method)
+    return _head_statistics(root, version, image, model, method, int(layer), head)
+
+
+def compare_models(root: str, image: str, depth: float, methods: dict[str, str]) -> Comparison:
+    """One image in every model at a relative depth (not cached: it reads cached-size single maps)."""
+    return warehouse(root).compare_models(image, depth, methods=methods)
+
+
+@pn.cache(max_items=4096, policy="LRU")
+def _thumbnail(root: str, version: str, image: str) -> np.ndarray:
+    """A (THUMB_SIZE, THUMB_SIZE, 3) tile: the catalog thumbnail letterboxed on white."""
+    tile = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), "white")
+    found = warehouse(root).image_index().get(image)
+    if found is not None and found.thumbnail:
+        try:
+            thumb = Image.open(io.BytesIO(found.thumbnail)).convert("RGB")
+            thumb.thumbnail((THUMB_SIZE, THUMB_SIZE))
+            tile.paste(thumb, ((THUMB_SIZE - thumb.width) // 2, (THUMB_SIZE - thumb.height) // 2))
+        except OSError:
+            pass  # an unreadable thumbnail stays a blank tile
+    return np.asarray(tile)
+
+
+def thumbnail(root: str, image: str) -> np.ndarray:
+    return _thumbnail(root, _version(root, "images"), image)
+
+
+__all__ = [
+    "Loaded",
+    "QueryError",
+    "compare_models",
+    "head_grid",
+    "head_statistics",
+    "input_rgb",
+    "layer_head_maps",
+    "load_index",
+    "stat_grid",
+    "thumbnail",
+]

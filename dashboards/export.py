@@ -1,0 +1,118 @@
+"""Downloads: the current view as PNG (drawn server-side with ``ssl_attention.render``), the maps behind it as
+CSV or Parquet (one row per patch cell, long format)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from ssl_attention.render import head_grid_png, overlay
+
+PANEL_PX = 320  # side of each overlay in the PNG
+CAPTION_PX = 18
+
+
+@dataclass(frozen=True)
+class ViewMaps:
+    """What the heads view shows: the fused map and every head of one (image, model, method, layer)."""
+
+    image_id: str
+    file_name: str
+    model: str
+    method: str
+    layer: int
+    layer_name: str | None
+    heads: tuple[int | None, ...]  # (None, 0, ..., H-1), fused first
+    maps: np.ndarray  # (len(heads), grid_h, grid_w)
+    weights_mode: str
+
+
+def cells_table(view: ViewMaps) -> pa.Table:
+    """One row per (head, row, col) cell; ``head`` is null for the fused map."""
+    count, grid_h, grid_w = view.maps.shape
+    cells = grid_h * grid_w
+    rows, cols = np.divmod(np.arange(cells), grid_w)
+    head_values = [h for h in view.heads for _ in range(cells)]
+    n = count * cells
+    return pa.table(
+        {
+            "image_id": pa.array([view.image_id] * n, pa.string()),
+            "file_name": pa.array([view.file_name] * n, pa.string()),
+            "model": pa.array([view.model] * n, pa.string()),
+            "method": pa.array([view.method] * n, pa.string()),
+            "layer": pa.array(np.full(n, view.layer, dtype=np.int16)),
+            "layer_name": pa.array([view.layer_name] * n, pa.string()),
+            "head": pa.array(head_values, pa.int16()),
+            "row": pa.array(np.tile(rows, count).astype(np.int16)),
+            "col": pa.array(np.tile(cols, count).astype(np.int16)),
+            "value": pa.array(view.maps.reshape(-1).astype(np.float32)),
+            "weights_mode": pa.array([view.weights_mode] * n, pa.string()),
+        }
+    )
+
+
+def csv_bytes(view: ViewMaps) -> io.BytesIO:
+    buffer = io.BytesIO()
+    pacsv.write_csv(cells_table(view), buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def parquet_bytes(view: ViewMaps) -> io.BytesIO:
+    buffer = io.BytesIO()
+    pq.write_table(cells_table(view), buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def _panel(rgb: np.ndarray, values: np.ndarray, alpha: float, vmax: float, cmap: str, caption: str) -> Image.Image:
+    tile = Image.fromarray(overlay(rgb, values, alpha=alpha, vmax=vmax, cmap=cmap))
+    tile = tile.resize((PANEL_PX, round(PANEL_PX * rgb.shape[0] / rgb.shape[1])), Image.Resampling.BILINEAR)
+    framed = Image.new("RGB", (tile.width, tile.height + CAPTION_PX), "white")
+    framed.paste(tile, (0, CAPTION_PX))
+    ImageDraw.Draw(framed).text((4, 3), caption, fill="black")
+    return framed
+
+
+def view_png(
+    view: ViewMaps,
+    rgb: np.ndarray,
+    selected: int | None,
+    alpha: float,
+    cmap: str,
+    vmaxes: tuple[float, float],
+    title: str,
+) -> io.BytesIO:
+    """Fused and selected head over the input image, side by side, above the head grid, with a title."""
+    index = view.heads.index(selected) if selected in view.heads else 0
+    panels = [_panel(rgb, view.maps[0], alpha, vmaxes[0], cmap, "fused")]
+    if selected is not None:
+        panels.append(_panel(rgb, view.maps[index], alpha, vmaxes[1], cmap, f"head {selected}"))
+    labels = ["fused" if h is None else f"h{h}" for h in view.heads]
+    grid = Image.open(io.BytesIO(head_grid_png(list(view.maps), labels, cell=96, columns=13, cmap=cmap, image=rgb)))
+    width = max(sum(p.width for p in panels) + 8 * (len(panels) - 1), grid.width) + 16
+    height = 24 + max(p.height for p in panels) + 8 + grid.height + 8
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 6), title, fill="black")
+    x = 8
+    for panel in panels:
+        canvas.paste(panel, (x, 24))
+        x += panel.width + 8
+    canvas.paste(grid.convert("RGB"), (8, 24 + max(p.height for p in panels) + 8))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    buffer.seek(0)
+    return buffer
+
+
+def file_stem(view: ViewMaps, selected: int | None) -> str:
+    stem = view.file_name.rsplit("/", 1)[-1].rsplit(".", 1)[0] or view.image_id[:12]
+    head = "fused" if selected is None else f"head{selected}"
+    return f"{stem}_{view.model}_{view.method}_layer{view.layer}_{head}"

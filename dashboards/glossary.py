@@ -1,0 +1,86 @@
+"""The glossary tab: what the maps are, in words a first-time user can follow."""
+
+from __future__ import annotations
+
+from ssl_attention.models.registry import METHODS, MODELS
+
+FILL_COMMAND = "ssl-attention run --images data/samples --models all --weights random"
+
+_CONCEPTS = """
+### What is an attention head?
+A ViT layer does not compute one attention pattern but *H* of them in parallel (12 in a ViT-B): each head has
+its own query and key projections, so it can attend to different things, and their outputs are concatenated.
+The map of head *h* in layer *l* is `A[l, h]` restricted to the patch tokens.
+
+### Why heads specialise
+DINO (Caron et al., 2021, *Emerging properties in self-supervised vision transformers*) showed that the CLS
+attention heads of the last layer of a self-supervised ViT segment objects without ever being trained on
+masks, and that **different heads attend to different objects or parts** (one head the head of a person,
+another the body, a third the background). DINOv2 (Oquab et al., 2023) and its registers follow-up keep this
+behaviour. Earlier layers are more local (small mean attention distance); deeper layers more global and
+semantic. Looking at heads one by one is how those findings were made; the average hides them.
+
+### Fused vs. head
+The **fused** map is the mean over heads of the per-head maps of the same layer (for CLS attention: the CLS
+row of the head-averaged matrix). It is what most "attention map" figures show. A single head is often much
+sharper; the fused map blurs heads that disagree. The statistics tab measures that disagreement
+(correlation and Jensen–Shannon divergence of each head with the fused map).
+
+### Register tokens
+DINOv2 with registers (Darcet et al., 2024, *Vision Transformers Need Registers*) and DINOv3 append a few
+learnable tokens that carry no image content. Without them, large ViTs dump attention on a few low-information
+background patches ("artifacts"). The maps here are on the patch grid only; the mass that went to CLS and
+register tokens is kept separately as `prefix_mass` / `register_mass`.
+
+### Attention rollout
+Abnar & Zuidema (2020): attention of one layer says little about what the *output* depends on, because
+information mixes across layers. Rollout multiplies the head-averaged attention matrices (plus the identity,
+for the residual path) from the first layer up: `R_l = norm(mean_h A_l + I) · R_(l-1)`. Layer *l* shows the
+rollout of layers 0..l. It is fused by construction, so it has no heads.
+
+### Grad-CAM
+Selvaraju et al. (2017), for the CNN (ResNet-50): the feature maps of a stage weighted by the spatial mean of
+the gradient of the top-1 class score, summed over channels and clipped at zero. One map per stage
+(`layer1` … `layer4`); a CNN has no attention heads.
+
+### Random weights
+When the warehouse was filled with `--weights random`, every model is the real architecture with seeded
+random initialisation. The pipeline, storage and this dashboard work exactly as with pretrained weights, but
+the maps show **the machinery, not a model's behaviour**: no head has learnt anything. A yellow banner says so
+whenever the shown maps come from random weights. Re-run with pretrained weights (or a local checkpoint) to
+see real attention.
+
+### Colour scale
+Values are raw patch values on the model's grid; display scaling happens only here. *Shared* scales the fused
+map and the head to the same maximum (compare magnitudes); *independent* scales each to its own maximum
+(compare shapes).
+"""
+
+
+def glossary_markdown() -> str:
+    """Methods and models from the registry, then the concepts."""
+    methods = "\n".join(
+        f"| `{spec.name}` | {spec.label} | {'yes' if spec.per_head else 'no (fused only)'} | {spec.description} |"
+        for spec in METHODS.values()
+    )
+    models = "\n".join(
+        f"| `{spec.slug}` | {spec.label} | {', '.join(spec.methods)} | {spec.notes} |" for spec in MODELS.values()
+    )
+    return (
+        "## Glossary\n\n### Methods\n\n| method | name | per head | definition |\n|---|---|---|---|\n"
+        f"{methods}\n\n### Models\n\n| model | name | methods | notes |\n|---|---|---|---|\n{models}\n"
+        f"{_CONCEPTS}"
+    )
+
+
+def empty_warehouse_markdown(warehouse: str, detail: str = "") -> str:
+    """The message shown instead of the dashboard when there is nothing to show."""
+    extra = f"\n\n_Detail: {detail}_" if detail else ""
+    return (
+        "## No attention maps yet\n\n"
+        f"The warehouse at `{warehouse}` is empty or missing. Fill it with the bundled sample images "
+        "(offline, random weights):\n\n"
+        f"```bash\n{FILL_COMMAND} --warehouse {warehouse}\n```\n\n"
+        "then reload this page. Point the dashboard at another warehouse with `$SSL_ATTENTION_WAREHOUSE` or "
+        f"`ssl-attention serve --warehouse DIR`.{extra}"
+    )

@@ -1,0 +1,250 @@
+"""Pure selection logic of the dashboard: which (image, model, method, layer, head) is shown, how a change of
+one control moves the others, which controls are visible, and how a selection round-trips through the URL.
+
+Nothing here imports Panel or touches the warehouse, so every rule is unit-tested on its own
+(tests/test_dashboard_state.py). ``head=None`` is the fused map everywhere in this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+FUSED_LABEL = "All heads (fused)"
+FUSED_VALUE = -1  # the head selector's value for the fused map (widgets cannot hold None)
+FUSED_URL = "fused"
+
+# When the new model lacks the current method, the method that plays the same part there.
+COUNTERPARTS: dict[str, tuple[str, ...]] = {
+    "cls": ("cls", "probe", "gradcam"),
+    "probe": ("probe", "cls", "gradcam"),
+    "mean": ("mean", "gradcam"),
+    "rollout": ("rollout", "gradcam"),
+    "gradcam": ("cls", "probe", "rollout"),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the dashboard needs to know about one model in the warehouse."""
+
+    slug: str
+    label: str
+    num_heads: int  # 0 for a CNN
+    methods: tuple[str, ...]
+    per_head_methods: tuple[str, ...]
+    layers: Mapping[str, tuple[int, ...]]  # per method: the layer indices stored (SigLIP's probe: one)
+    layer_names: Mapping[int, str] = field(default_factory=dict)
+    weights_mode: str = "pretrained"  # pretrained | local | random
+
+    def layers_of(self, method: str) -> tuple[int, ...]:
+        return self.layers[method]
+
+    def layer_label(self, layer: int) -> str:
+        name = self.layer_names.get(layer) or ""
+        plain = name in ("", str(layer), f"block {layer}", f"layer {layer}")
+        return str(layer) if plain else f"{layer} · {name}"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    image_id: str
+    file_name: str
+
+
+@dataclass(frozen=True)
+class WarehouseIndex:
+    """Models (registry order) and images present in the warehouse."""
+
+    models: Mapping[str, ModelInfo]
+    images: Sequence[ImageInfo]
+
+    @property
+    def empty(self) -> bool:
+        return not self.models or not self.images
+
+    def image_by_key(self, key: Any) -> ImageInfo | None:
+        """An image by id or file name (URL values may arrive as numbers when they look like one)."""
+        if key is None:
+            return None
+        text = str(key)
+        for image in self.images:
+            if text in (image.image_id, image.file_name):
+                return image
+        return None
+
+
+@dataclass(frozen=True)
+class Selection:
+    image: str
+    model: str
+    method: str
+    layer: int
+    head: int | None  # None = fused
+
+
+# --- rules ---------------------------------------------------------------------------------------------
+
+
+def has_heads(info: ModelInfo, method: str) -> bool:
+    """Per-head maps exist: a ViT (heads > 0) and a per-head method (cls, mean, probe)."""
+    return info.num_heads > 0 and method in info.per_head_methods
+
+
+def head_options(info: ModelInfo, method: str) -> dict[str, int]:
+    """The head selector's options: fused first, then "Head 0" … "Head H-1" (only fused without heads)."""
+    options = {FUSED_LABEL: FUSED_VALUE}
+    if has_heads(info, method):
+        options.update({f"Head {h}": h for h in range(info.num_heads)})
+    return options
+
+
+def head_label(head: int | None) -> str:
+    return FUSED_LABEL if head is None else f"Head {head}"
+
+
+def default_method(info: ModelInfo) -> str:
+    return info.methods[0]
+
+
+def counterpart_method(info: ModelInfo, method: str) -> str:
+    """``method`` if the model has it, else the method that plays its part there, else the model's first."""
+    for candidate in COUNTERPARTS.get(method, (method,)):
+        if candidate in info.methods:
+            return candidate
+    return default_method(info)
+
+
+def clamp_layer(info: ModelInfo, method: str, layer: Any) -> int:
+    """``layer`` if the method stores it, else the nearest stored layer (the last one for non-numbers)."""
+    layers = info.layers_of(method)
+    try:
+        value = int(layer)
+    except (TypeError, ValueError, OverflowError):
+        return layers[-1]
+    return min(layers, key=lambda candidate: (abs(candidate - value), -candidate))
+
+
+def valid_head(info: ModelInfo, method: str, head: int | None) -> int | None:
+    """``head`` if it exists for this model and method, else fused."""
+    if head is None or not has_heads(info, method):
+        return None
+    return head if 0 <= head < info.num_heads else None
+
+
+def relative_layer(layers: Sequence[int], depth: float) -> int:
+    """The layer at relative depth ``depth`` in [0, 1] (0 = first, 1 = last; halves round up)."""
+    depth = min(max(float(depth), 0.0), 1.0)
+    return layers[math.floor(depth * (len(layers) - 1) + 0.5)]
+
+
+def default_selection(index: WarehouseIndex) -> Selection:
+    """First image, first model, its first method, the last layer (where heads are most distinct), fused."""
+    if index.empty:
+        raise ValueError("the warehouse holds no images or models")
+    info = next(iter(index.models.values()))
+    method = default_method(info)
+    return Selection(index.images[0].image_id, info.slug, method, info.layers_of(method)[-1], None)
+
+
+def with_model(selection: Selection, model: str, index: WarehouseIndex) -> Selection:
+    """Switch model: keep method, layer and head where the new model has them; otherwise take the method's
+    counterpart, clamp the layer into range and fall back to the fused map."""
+    info = index.models[model]
+    method = counterpart_method(info, selection.method)
+    layer = clamp_layer(info, method, selection.layer)
+    return replace(selection, model=model, method=method, layer=layer, head=valid_head(info, method, selection.head))
+
+
+def with_method(selection: Selection, method: str, index: WarehouseIndex) -> Selection:
+    """Switch method (of the current model): a method without heads resets the head to fused; the layer is
+    kept if the method stores it, else clamped to the nearest one it does."""
+    info = index.models[selection.model]
+    if method not in info.methods:
+        method = counterpart_method(info, method)
+    layer = clamp_layer(info, method, selection.layer)
+    return replace(selection, method=method, layer=layer, head=valid_head(info, method, selection.head))
+
+
+def apply_request(
+    selection: Selection,
+    index: WarehouseIndex,
+    *,
+    image: str | None = None,
+    model: str | None = None,
+    method: str | None = None,
+    layer: int | None = None,
+    head: int | str | None = "keep",
+) -> Selection:
+    """Apply what the controls ask for, model first, then method, layer, head and image; every value that
+    is not valid for the result falls back as described in ``with_model``/``with_method``."""
+    current = selection
+    if model is not None and model != current.model and model in index.models:
+        current = with_model(current, model, index)
+    info = index.models[current.model]
+    if method is not None and method != current.method:
+        current = with_method(current, method, index)
+    if layer is not None:
+        current = replace(current, layer=clamp_layer(info, current.method, layer))
+    if head != "keep":
+        requested = None if head is None or head == FUSED_VALUE else head
+        current = replace(current, head=valid_head(info, current.method, requested))  # type: ignore[arg-type]
+    if image is not None and index.image_by_key(image) is not None:
+        current = replace(current, image=index.image_by_key(image).image_id)  # type: ignore[union-attr]
+    return current
+
+
+# --- URL --------------------------------------------------------------------------------------------------
+
+URL_KEYS = ("image", "model", "method", "layer", "head")
+
+
+def to_query(selection: Selection, index: WarehouseIndex) -> dict[str, str]:
+    """URL query values: the image by file name (readable, unique in the catalog), head as ``fused`` or N."""
+    image = index.image_by_key(selection.image)
+    return {
+        "image": image.file_name if image else selection.image,
+        "model": selection.model,
+        "method": selection.method,
+        "layer": str(selection.layer),
+        "head": FUSED_URL if selection.head is None else str(selection.head),
+    }
+
+
+def parse_head(value: Any) -> int | None:
+    """``fused``/missing → None; an integer (or its string) → that head; anything else → None."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower()
+    if text.startswith("head"):
+        text = text[4:].strip()
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def from_query(query: Mapping[str, Any], index: WarehouseIndex) -> Selection:
+    """The selection a URL asks for; each missing or invalid value falls back to its default."""
+    base = default_selection(index)
+    model = query.get("model")
+    model = model if isinstance(model, str) and model in index.models else base.model
+    info = index.models[model]
+    method = query.get("method")
+    method = method if isinstance(method, str) and method in info.methods else default_method(info)
+    layers = info.layers_of(method)
+    layer_value = query.get("layer")
+    layer = layers[-1]
+    if isinstance(layer_value, int | float | str) and not isinstance(layer_value, bool):
+        try:
+            number = float(layer_value)
+        except ValueError:
+            number = math.nan
+        if number.is_integer() and int(number) in layers:
+            layer = int(number)
+    head = valid_head(info, method, parse_head(query.get("head")))
+    image = index.image_by_key(query.get("image"))
+    return Selection(image.image_id if image else base.image, model, method, layer, head)

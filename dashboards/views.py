@@ -1,0 +1,127 @@
+"""HoloViews views of the less frequently changed tabs (layers x heads overview, statistics heatmap), and the
+display scaling shared with the per-click figures. Built from plain numpy arrays: no Panel, no queries here.
+
+The overview is a single mosaic image (one glyph, one data source), never a figure per head. Each element has
+its own key dimensions because ``pn.pane.HoloViews`` links the axes of all panes that share dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import holoviews as hv
+import numpy as np
+
+from dashboards.figures import MARK_COLOR
+from dashboards.state import FUSED_LABEL
+
+
+def _finite_max(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    top = float(finite.max()) if finite.size else 0.0
+    return top if top > 0 else 1.0
+
+
+def display_max(layer_maps: np.ndarray, values: np.ndarray, shared: bool) -> float:
+    """Top of the colour scale of ``values``: shared = the maximum over the fused map and every head of the
+    layer (so that neither the fused map nor a head switch changes the scale), independent = its own."""
+    return _finite_max(layer_maps if shared else values)
+
+
+# --- mosaics -----------------------------------------------------------------------------------------------
+
+
+def resample(values: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Nearest-cell resampling of a (h, w) map to (rows, cols) (Grad-CAM stages have different grids)."""
+    h, w = values.shape
+    if (h, w) == (rows, cols):
+        return values
+    r = np.minimum((np.arange(rows) * h) // rows, h - 1)
+    c = np.minimum((np.arange(cols) * w) // cols, w - 1)
+    return values[np.ix_(r, c)]
+
+
+def normalise_tiles(maps: Sequence[np.ndarray], shared: bool) -> list[np.ndarray]:
+    """Each map scaled to [0, 1]: by its own maximum (independent) or by the maximum of all (shared)."""
+    top = _finite_max(np.concatenate([m.ravel() for m in maps])) if shared else None
+    return [np.asarray(m, dtype=np.float32) / (top if shared else _finite_max(m)) for m in maps]  # type: ignore[operator]
+
+
+def overview_image(
+    per_layer: Sequence[np.ndarray], heads: Sequence[int | None], layer_labels: Sequence[str], cmap: str, shared: bool
+) -> hv.Image:
+    """Layers (rows, first layer on top) x (fused + heads) (columns) of one image, one mosaic image.
+
+    ``per_layer[i]``: (len(heads), h_i, w_i); tiles are resampled to the largest grid. Row i spans
+    y in [L-1-i, L-i), column k spans x in [k, k+1).
+    """
+    rows, cols = len(per_layer), len(heads)
+    tile_h = max(m.shape[1] for m in per_layer)
+    tile_w = max(m.shape[2] for m in per_layer)
+    tiles = [resample(t, tile_h, tile_w) for t in normalise_tiles([m for layer in per_layer for m in layer], shared)]
+    grid_rows = [np.concatenate(tiles[r * cols : (r + 1) * cols], axis=1) for r in range(rows)]
+    mosaic = np.concatenate(grid_rows, axis=0)  # (rows * tile_h, cols * tile_w), first layer at the top
+    cell = max(28, min(72, 900 // max(cols, 1), 640 // max(rows, 1)))
+    return hv.Image(
+        mosaic, bounds=(0, 0, cols, rows), kdims=["ox", "oy"], vdims=[hv.Dimension("scaled", range=(0, 1))]
+    ).opts(
+        cmap=cmap,
+        clim=(0, 1),
+        tools=["tap"],
+        default_tools=[],
+        toolbar=None,
+        xticks=[(k + 0.5, "fused" if h is None else str(h)) for k, h in enumerate(heads)],
+        yticks=[(rows - 1 - i + 0.5, label) for i, label in enumerate(layer_labels)],
+        xlabel="head",
+        ylabel="layer",
+        width=cell * cols + 120,
+        height=cell * rows + 50,
+        framewise=True,
+    )
+
+
+def overview_marks(rows: int, selected: tuple[int, int]) -> hv.Bounds:
+    """Outline of the selected (row, column) of ``overview_image``."""
+    row, col = selected
+    return hv.Bounds((col, rows - 1 - row, col + 1, rows - row)).opts(color=MARK_COLOR, line_width=3)
+
+
+# --- statistics --------------------------------------------------------------------------------------------
+
+
+def stat_heatmap_element(
+    values: np.ndarray,
+    layer_labels: Sequence[str],
+    heads: Sequence[int | None],
+    stat: str,
+    cmap: str,
+    title: str,
+) -> hv.HeatMap:
+    """A statistic over layers (rows, first on top) x (fused + heads), hover shows the value."""
+    head_names = ["fused" if h is None else str(h) for h in heads]
+    records = [
+        (head_names[k], layer_labels[i], float(values[i, k]))
+        for i in range(values.shape[0])
+        for k in range(values.shape[1])
+    ]
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    heat = hv.HeatMap(records, kdims=["head", "layer"], vdims=[hv.Dimension(stat, range=(low, high))], label=title)
+    cell = max(22, min(48, 560 // max(len(heads), 1)))
+    return heat.opts(
+        cmap=cmap,
+        colorbar=True,
+        tools=["hover"],
+        toolbar=None,
+        default_tools=[],
+        invert_yaxis=True,
+        width=max(cell * len(heads) + 200, 480),  # room for the title
+        height=cell * len(layer_labels) + 80,
+        framewise=True,
+        title="{label}",
+        clipping_colors={"NaN": "#eeeeee"},
+    )
+
+
+def head_title(head: int | None, layer_label: str) -> str:
+    return f"{FUSED_LABEL if head is None else f'Head {head}'} · layer {layer_label}"

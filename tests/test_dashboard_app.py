@@ -1,0 +1,185 @@
+"""The dashboard's server side without a browser: the viewer over the tiny warehouse, what its Bokeh models
+hold after each switch, URL restore, exports, the other tabs' views, and the empty-warehouse message."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from tests.dashboard_fixtures import RANDOM_MODEL, dashboard_warehouse, expected_map, image_id_of
+
+if TYPE_CHECKING:
+    from dashboards.app import AttentionExplorer
+    from dashboards.figures import OverlayFigure
+
+
+@pytest.fixture(scope="module")
+def warehouse(tiny_warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return dashboard_warehouse(tiny_warehouse, tmp_path_factory.mktemp("dashboard_app") / "warehouse")
+
+
+@pytest.fixture
+def explorer(warehouse: Path) -> AttentionExplorer:
+    from dashboards.app import AttentionExplorer, create_app
+
+    app = create_app(warehouse)
+    assert isinstance(app, AttentionExplorer)
+    return app
+
+
+def shown(overlay: OverlayFigure) -> np.ndarray:
+    """The map an overlay figure holds, rows back in numpy order."""
+    return np.flipud(overlay.heat.data["image"][0])
+
+
+def test_head_switch_updates_the_head_figure_only(explorer: AttentionExplorer, warehouse: Path) -> None:
+    explorer.apply_query({"image": "chelsea.jpg", "model": "dinov2", "method": "cls", "layer": 1, "head": 0})
+    image = image_id_of(warehouse, "chelsea.jpg")
+    fused_sent = explorer._overlays.fused.heat.data["image"][0]
+    for head in (1, 3):
+        explorer.head = head
+        np.testing.assert_array_equal(
+            shown(explorer._overlays.head), expected_map(warehouse, "dinov2", "cls", image, 1, head)
+        )
+        assert explorer._overlays.head.figure.title.text == f"Head {head} · layer 1"
+    np.testing.assert_array_equal(
+        shown(explorer._overlays.fused), expected_map(warehouse, "dinov2", "cls", image, 1, None)
+    )
+    assert explorer._overlays.fused.heat.data["image"][0] is fused_sent  # the fused map was not re-sent
+    assert explorer._grid_strip.outline.data["left"] == [4]  # tile 4 = head 3 (fused is tile 0)
+
+
+def test_grid_and_thumbnail_clicks_select(explorer: AttentionExplorer) -> None:
+    explorer._on_grid_tile(2)
+    assert explorer.selection.head == 1
+    explorer._on_grid_tile(0)
+    assert explorer.selection.head is None
+    explorer._on_thumb_tile(1)
+    assert explorer.selection.image == explorer._index.images[1].image_id
+
+
+def test_method_and_model_switches_follow_the_rules(explorer: AttentionExplorer) -> None:
+    explorer.apply_query({"model": "clip", "method": "cls", "head": 2})
+    assert explorer.show_heads and explorer.head == 2
+    explorer.method = "rollout"
+    assert (explorer.selection.head, explorer.head, explorer.show_heads) == (None, -1, False)
+    explorer.method = "cls"
+    assert explorer.show_heads and explorer.selection.head is None
+    explorer.head = 3
+    explorer.model = "siglip"  # cls -> probe, which lives at the pooling head only; head 3 kept
+    assert (explorer.selection.method, explorer.selection.layer, explorer.selection.head) == ("probe", 2, 3)
+    assert not explorer.multi_layer
+    explorer.model = "resnet50"
+    assert (explorer.selection.method, explorer.show_heads, explorer.selection.head) == ("gradcam", False, None)
+    assert list(explorer.param.head.objects) == [-1]
+
+
+def test_query_round_trip_and_bad_values(explorer: AttentionExplorer) -> None:
+    explorer.apply_query(
+        {"model": "dinov3", "method": "mean", "layer": 0, "head": 3, "cmap": "magma", "tab": "statistics"}
+    )
+    query = explorer.query()
+    assert query["model"] == "dinov3" and query["head"] == "3" and query["cmap"] == "magma"
+    assert query["tab"] == "statistics"
+    explorer.apply_query({"model": "nope", "head": "x", "cmap": "rainbow", "opacity": 7, "tab": 3})
+    assert (explorer.selection.model, explorer.selection.head) == ("dinov2", None)
+    assert explorer.cmap == "magma" and explorer.opacity == 0.6  # invalid display values keep the current ones
+
+
+def test_random_weights_are_flagged(explorer: AttentionExplorer) -> None:
+    explorer.model = RANDOM_MODEL
+    assert explorer._is_random(explorer.selection)
+    assert "Random weights" in explorer._banner(explorer.selection)
+    explorer.model = "clip"
+    assert not explorer._is_random(explorer.selection)
+
+
+def test_exports(explorer: AttentionExplorer, warehouse: Path) -> None:
+    explorer.apply_query({"image": "rocket.jpg", "model": "dinov2", "method": "mean", "layer": 0, "head": 2})
+    image = image_id_of(warehouse, "rocket.jpg")
+    png = explorer._export_png().getvalue()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert explorer._png_download.filename == "rocket_dinov2_mean_layer0_head2.png"
+    table = pacsv.read_csv(io.BytesIO(explorer._export_csv().getvalue()))
+    assert explorer._csv_download.filename == "rocket_dinov2_mean_layer0_maps.csv"
+    grid = expected_map(warehouse, "dinov2", "mean", image, 0, 2)
+    head_rows = table.filter(table["head"].to_numpy(zero_copy_only=False) == 2)
+    np.testing.assert_allclose(head_rows["value"].to_numpy().reshape(grid.shape), grid, rtol=1e-6)
+    assert table.num_rows == 5 * grid.size  # fused + 4 heads
+    parquet = pq.read_table(explorer._export_parquet())
+    assert parquet.num_rows == table.num_rows and parquet["head"].null_count == grid.size
+
+
+def test_other_tabs_build_their_views(explorer: AttentionExplorer) -> None:
+    import holoviews as hv
+
+    explorer.apply_query({"model": "resnet50"})  # Grad-CAM stages have different grids: resampled tiles
+    assert isinstance(explorer._overview_plot((explorer.selection, "viridis", "shared")), hv.Image)
+    explorer.apply_query({"model": "dinov2", "head": 1})
+    heat = explorer._stat_plot((explorer.selection, "viridis"), "entropy_norm", "all")
+    assert isinstance(heat, hv.HeatMap) and len(heat) == 2 * 5  # 2 layers x (fused + 4 heads)
+    assert "<table" in explorer._stats_table(explorer.selection, "statistics")
+    compare = explorer._compare_view(explorer.selection.image, 0.5, "cls", "viridis", 0.6, "compare")
+    assert len(compare.objects[0].objects) == 6  # one card per model
+
+
+def test_hidden_tabs_do_not_follow_the_selection(explorer: AttentionExplorer) -> None:
+    explorer.tab = "overview"
+    seen = explorer.overview_key
+    assert seen[0] == explorer.selection
+    explorer.tab = "heads"
+    explorer.head = 2
+    assert explorer.overview_key == seen and explorer.stats_key is None  # nothing redrawn behind the scenes
+    explorer.tab = "overview"
+    assert explorer.overview_key[0].head == 2
+
+
+def test_empty_or_missing_warehouse_shows_the_fill_command(tmp_path: Path) -> None:
+    from dashboards.app import EmptyWarehouse, create_app
+
+    (tmp_path / "empty").mkdir()
+    for location in (tmp_path / "missing", tmp_path / "empty", "s3://bucket/warehouse"):
+        app = create_app(location)
+        assert isinstance(app, EmptyWarehouse)
+        text = app.__panel__().objects[1].object
+        assert "ssl-attention run --images data/samples --models all --weights random" in text
+
+
+def test_panel_serve_builds_the_app_at_slash_app(warehouse: Path) -> None:
+    """``panel serve dashboards/app.py`` as a user runs it; the liveness probe of /app builds a session."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = Path(__file__).resolve().parents[1] / "dashboards" / "app.py"
+    command = [sys.executable, "-m", "panel", "serve", str(app), "--port", str(port), "--address", "127.0.0.1"]
+    command += ["--liveness", "--allow-websocket-origin", f"127.0.0.1:{port}"]
+    env = {**os.environ, "SSL_ATTENTION_WAREHOUSE": str(warehouse)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                answer = requests.get(f"http://127.0.0.1:{port}/liveness?endpoint=/app", timeout=30)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "panel serve did not start"
+                time.sleep(0.2)
+        assert answer.status_code == 200 and answer.json() == {"/app": True}
+    finally:
+        process.terminate()
+        process.wait(15)

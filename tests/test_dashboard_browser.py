@@ -1,0 +1,236 @@
+"""The dashboard in a real browser: Playwright driving Debian's Chromium against the app served on a free port,
+over a warehouse built from the tiny checkpoints (tests/conftest.py). What the page plotted is read from
+Bokeh's document and compared with the maps in the Parquet files, not only with widget values.
+
+A screenshot per test goes to tests/artifacts/ (git-ignored; CI keeps it as an artefact).
+Skipped when /usr/bin/chromium is missing, unless SSL_ATTENTION_REQUIRE_BROWSER=1 (then they fail).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pytest
+
+from tests.dashboard_fixtures import (
+    DOC_READY_JS,
+    RANDOM_MODEL,
+    WIDGET_VALUE_JS,
+    browser_missing_reason,
+    browser_required,
+    dashboard_warehouse,
+    expected_map,
+    image_id_of,
+    launch_chromium,
+    plotted_by_title,
+    serve_threaded,
+)
+
+pytestmark = pytest.mark.browser
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+SELECT = "panel.models.widgets.CustomSelect"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _need_browser() -> None:
+    reason = browser_missing_reason()
+    if reason is None:
+        return
+    if browser_required():
+        pytest.fail(f"browser tests required (SSL_ATTENTION_REQUIRE_BROWSER=1) but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def warehouse(tiny_warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return dashboard_warehouse(tiny_warehouse, tmp_path_factory.mktemp("dashboard") / "warehouse")
+
+
+@pytest.fixture(scope="module")
+def server(warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    from dashboards.app import create_app
+
+    missing = tmp_path_factory.mktemp("no_warehouse") / "missing"
+    routes = {"app": lambda: create_app(warehouse), "empty": lambda: create_app(missing)}
+    with serve_threaded(routes) as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    yield page
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    context.close()
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def open_app(page: Any, port: int, query: str = "") -> None:
+    page.goto(f"http://localhost:{port}/app{query}")
+    page.wait_for_function(DOC_READY_JS)
+
+
+def wait_for_title(page: Any, prefix: str) -> dict[str, Any]:
+    page.wait_for_function(
+        "(p) => [...Bokeh.documents[0].all_models].some(m => m.type === 'Plot' && m.title?.text?.startsWith(p))",
+        arg=prefix,
+    )
+    plotted = plotted_by_title(page, prefix)
+    assert plotted is not None, prefix
+    return plotted
+
+
+def plotted_array(plotted: dict[str, Any]) -> np.ndarray:
+    """The numpy map a plotted image shows (Bokeh's rows run bottom-up)."""
+    rows, cols = plotted["shape"]
+    return np.flipud(np.asarray(plotted["values"], dtype=np.float32).reshape(rows, cols))
+
+
+def widget(page: Any, title: str) -> dict[str, Any] | None:
+    return page.evaluate(WIDGET_VALUE_JS, [SELECT, title])
+
+
+def wait_for_widget(page: Any, title: str, value: str | None = None, visible: bool | None = None) -> None:
+    page.wait_for_function(
+        f"""([type, title, value, visible]) => {{
+            const w = ({WIDGET_VALUE_JS})([type, title]);
+            return !!w && (value === null || w.value === value) && (visible === null || w.visible === visible);
+        }}""",
+        arg=[SELECT, title, value, visible],
+    )
+
+
+def wait_for_query(page: Any, **expected: str) -> None:
+    """The page's URL query holds ``expected`` (updated asynchronously, without a navigation)."""
+    page.wait_for_function(
+        "(expected) => { const q = new URLSearchParams(location.search);"
+        " return Object.entries(expected).every(([k, v]) => q.get(k) === v); }",
+        arg=expected,
+    )
+
+
+# --- tests -------------------------------------------------------------------------------------------------------
+
+
+def test_selecting_heads_changes_the_rendered_heatmap(page: Any, server: int, warehouse: Path) -> None:
+    image = image_id_of(warehouse, "chelsea.jpg")
+    open_app(page, server, "?image=chelsea.jpg&model=dinov2&method=cls&layer=1&head=fused")
+    fused = wait_for_title(page, "All heads (fused) · layer 1")
+    np.testing.assert_allclose(plotted_array(fused), expected_map(warehouse, "dinov2", "cls", image, 1, None))
+    assert not page.get_by_text("Random weights").is_visible()  # local tiny checkpoints, not random
+
+    shown = {}
+    for head in (1, 3):
+        page.get_by_label("Head").select_option(f"Head {head}")
+        plotted = plotted_array(wait_for_title(page, f"Head {head} · layer 1"))
+        np.testing.assert_allclose(plotted, expected_map(warehouse, "dinov2", "cls", image, 1, head))
+        shown[head] = plotted
+    assert not np.allclose(shown[1], shown[3]), "different heads must render different maps"
+    wait_for_query(page, head="3")
+
+    # the head grid: one mosaic, fused first; clicking tile k selects head k - 1
+    canvas = page.locator(".bk-Canvas").nth(3)  # thumbnails, fused overlay, head overlay, head grid
+    box = canvas.bounding_box()
+    tiles = 5  # fused + 4 heads of the tiny models
+    page.mouse.click(box["x"] + box["width"] * (2 + 0.5) / tiles, box["y"] + box["height"] / 2)
+    wait_for_widget(page, "Head", value="1")
+    wait_for_query(page, head="1")
+    plotted = plotted_array(wait_for_title(page, "Head 1 · layer 1"))
+    np.testing.assert_allclose(plotted, expected_map(warehouse, "dinov2", "cls", image, 1, 1))
+
+
+def test_head_selector_hidden_for_rollout_and_resnet50(page: Any, server: int, warehouse: Path) -> None:
+    open_app(page, server, "?model=clip&method=cls&head=2")
+    assert widget(page, "Head") == {"value": "2", "visible": True}
+    assert page.get_by_label("Head").is_visible()
+
+    page.get_by_label("Method").select_option("Attention rollout")
+    wait_for_query(page, method="rollout", head="fused")  # reset to fused ...
+    wait_for_widget(page, "Head", value="-1", visible=False)  # ... and hidden
+    assert not page.get_by_label("Head").is_visible()
+    wait_for_title(page, "All heads (fused)")
+
+    page.get_by_label("Method").select_option("CLS attention")
+    wait_for_widget(page, "Head", value="-1", visible=True)  # shown again, still fused
+
+    page.get_by_label("Model").select_option("ResNet-50 (timm, ImageNet)")
+    wait_for_query(page, model="resnet50", method="gradcam", head="fused")
+    wait_for_widget(page, "Head", visible=False)
+    assert not page.get_by_label("Head").is_visible()
+    assert page.get_by_text("is a CNN: no attention heads").is_visible()
+
+
+def test_empty_warehouse_shows_the_fill_command(page: Any, server: int) -> None:
+    page.goto(f"http://localhost:{server}/empty")
+    page.get_by_text("No attention maps yet").wait_for()
+    command = page.get_by_text("ssl-attention run --images data/samples --models all --weights random")
+    assert command.is_visible()
+    assert page.get_by_text("Traceback").count() == 0
+
+
+def test_url_restores_a_view_and_ignores_bad_values(page: Any, server: int, warehouse: Path) -> None:
+    image = image_id_of(warehouse, "coffee.jpg")
+    open_app(page, server, "?image=coffee.jpg&model=siglip&method=probe&layer=2&head=2&cmap=magma&scale=independent")
+    plotted = plotted_array(wait_for_title(page, "Head 2 · layer 2 · pooling head"))
+    np.testing.assert_allclose(plotted, expected_map(warehouse, "siglip", "probe", image, 2, 2))
+    assert widget(page, "Image")["value"] == image
+    assert widget(page, "Model")["value"] == "siglip"
+    assert widget(page, "Colormap")["value"] == "magma"
+
+    open_app(page, server, "?model=nope&method=rollout&layer=99&head=banana&cmap=rainbow&image=gone.jpg")
+    wait_for_title(page, "All heads (fused) · layer 1")
+    assert widget(page, "Model")["value"] == "dinov2"
+    assert widget(page, "Method")["value"] == "rollout"  # valid for the fallback model: kept
+    assert widget(page, "Colormap")["value"] == "viridis"
+    wait_for_query(page, model="dinov2", layer="1", head="fused", cmap="viridis")  # the URL shows what is shown
+
+
+def test_export_downloads(page: Any, server: int, warehouse: Path) -> None:
+    image = image_id_of(warehouse, "rocket.jpg")
+    open_app(page, server, "?image=rocket.jpg&model=dinov3&method=mean&layer=0&head=1")
+    wait_for_title(page, "Head 1 · layer 0")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="CSV").click()
+    assert download.value.suggested_filename == "rocket_dinov3_mean_layer0_maps.csv"
+    table = pacsv.read_csv(io.BytesIO(Path(download.value.path()).read_bytes()))
+    assert set(table.column_names) >= {"image_id", "model", "method", "layer", "head", "row", "col", "value"}
+    rows = table.filter(pc.equal(table["head"], 1)).sort_by([("row", "ascending"), ("col", "ascending")])
+    expected = expected_map(warehouse, "dinov3", "mean", image, 0, 1)
+    np.testing.assert_allclose(rows["value"].to_numpy(), expected.ravel(), rtol=1e-6)
+    assert table.filter(pc.is_null(table["head"])).num_rows == expected.size  # the fused map is there too
+
+    with page.expect_download() as download:
+        page.get_by_role("button", name="PNG").click()
+    assert download.value.suggested_filename == "rocket_dinov3_mean_layer0_head1.png"
+    assert Path(download.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_random_weights_banner_follows_the_model(page: Any, server: int) -> None:
+    open_app(page, server, f"?model={RANDOM_MODEL}")
+    banner = page.get_by_text("Random weights")
+    banner.wait_for(state="visible")
+    assert page.get_by_text("They show the machinery").is_visible()
+    page.get_by_label("Model").select_option("CLIP ViT-B/16 (vision tower)")
+    banner.wait_for(state="hidden")
