@@ -173,3 +173,14 @@ def test_failing_data_fails_the_checks_in_the_ui(tmp_path, tiny_checkpoints, sam
     assert outcomes["mass_sums_to_one"].metadata["failures"].value > 0
     assert "cls" in outcomes["complete"].metadata["examples"].value
     assert outcomes["single_weights"].passed and outcomes["values_in_range"].passed
+
+
+def test_the_shipped_dagster_instance_config_loads(tmp_path):
+    """dagster_home/dagster.yaml (used by `make demo` and `make ui`) is a valid instance config with the
+    gpu pool limited to one step."""
+    import shutil
+
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", tmp_path / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 6
