@@ -137,15 +137,26 @@ def rollout_block(attentions: Sequence[torch.Tensor], layout: TokenLayout) -> Ma
     R_l = norm(Ā_l + I) · R_{l-1}, R_{-1} = I, Ā_l the head mean of A[l] and norm() renormalising rows to
     sum 1. Layer l stores the CLS row of R_l, or the mean row where the model has no CLS token.
     """
+    # The stored row is a vector times a product of matrices, v · Â_l · Â_{l-1} ⋯ Â_0 with v the CLS
+    # indicator (or the uniform mean vector), so it is computed right to left as vector-matrix products:
+    # O(L² T²) per image instead of the O(L T³) of forming every R_l.
+    mixed_layers = []
+    for attn in attentions:
+        mixed = attn.float().mean(dim=1)  # Ā_l, (B, T, T)
+        mixed = mixed + torch.eye(mixed.shape[-1], dtype=mixed.dtype, device=mixed.device)
+        mixed_layers.append(mixed / mixed.sum(dim=-1, keepdim=True))  # Â_l = norm(Ā_l + I)
+    batch, tokens = mixed_layers[0].shape[0], mixed_layers[0].shape[-1]
+    start = torch.zeros(batch, 1, tokens, dtype=torch.float32, device=mixed_layers[0].device)
+    if layout.has_cls:
+        start[:, :, 0] = 1.0
+    else:
+        start += 1.0 / tokens
     rows, layers = [], []
-    rollout: torch.Tensor | None = None
-    for layer, attn in enumerate(attentions):
-        mixed = attn.float().mean(dim=1)  # (B, T, T)
-        eye = torch.eye(mixed.shape[-1], dtype=mixed.dtype, device=mixed.device)
-        mixed = mixed + eye
-        mixed = mixed / mixed.sum(dim=-1, keepdim=True)
-        rollout = mixed if rollout is None else torch.bmm(mixed, rollout)
-        rows.append(rollout[:, 0, :] if layout.has_cls else rollout.mean(dim=1))  # (B, T)
+    for layer in range(len(mixed_layers)):
+        row = start
+        for mixed in reversed(mixed_layers[: layer + 1]):
+            row = torch.bmm(row, mixed)  # (B, 1, T)
+        rows.append(row[:, 0, :])
         layers.append(layer)
     stacked = torch.stack(rows, dim=1)  # (B, L, T)
     patches, prefix, registers = _split_rows(stacked, layout)

@@ -145,16 +145,23 @@ def model_partitions(warehouse: Path, adapter: ModelAdapter) -> dict[str, Path]:
     return dirs
 
 
+@dataclass
+class WorkPlan:
+    todo: list[ImageRecord]  # images to compute now
+    weights_changed: bool  # old rows were made with other weights: they all go
+    existing: dict[str, set[str]]  # partition name -> image ids it holds now
+
+
 def plan_work(
     records: Sequence[ImageRecord], partitions: dict[str, Path], weights_id: str, recompute: bool
-) -> tuple[list[ImageRecord], bool]:
-    """(images to compute, whether old rows were made with other weights and must all go)."""
-    states = [partition_keys(d / DATA_FILE) for d in partitions.values()]
-    other_weights = any(set(state) - {weights_id} for state in states)
+) -> WorkPlan:
+    states = {name: partition_keys(d / DATA_FILE) for name, d in partitions.items()}
+    existing = {name: set().union(*state.values()) for name, state in states.items()}
+    other_weights = any(set(state) - {weights_id} for state in states.values())
     if recompute or other_weights:
-        return list(records), other_weights
-    done = set.intersection(*(state.get(weights_id, set()) for state in states)) if states else set()
-    return [r for r in records if r.image_id not in done], False
+        return WorkPlan(list(records), other_weights, existing)
+    done = set.intersection(*(state.get(weights_id, set()) for state in states.values())) if states else set()
+    return WorkPlan([r for r in records if r.image_id not in done], False, existing)
 
 
 def _batches(items: Sequence[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:
@@ -185,7 +192,8 @@ def extract_model(
     )
     records = list({r.image_id: r for r in records}.values())  # one entry per content id
     partitions = model_partitions(warehouse, adapter)
-    todo, weights_changed = plan_work(records, partitions, provenance.weights_id, recompute)
+    plan = plan_work(records, partitions, provenance.weights_id, recompute)
+    todo, weights_changed = plan.todo, plan.weights_changed
     report.weights_changed = weights_changed
     report.images_up_to_date = len(records) - len(todo)
     if weights_changed:
@@ -205,7 +213,7 @@ def extract_model(
     try:
         recompute_ids = {r.image_id for r in todo}
         for name, directory in partitions.items():
-            if not weights_changed:  # keep what is still valid, streamed row group by row group
+            if not weights_changed and plan.existing[name] - recompute_ids:  # keep what is still valid, streamed
                 copy_rows_except(directory / DATA_FILE, recompute_ids, writers[name].write)
         # Rows are converted and written by one background thread while the next batch runs forward;
         # at most one batch waits to be written, so memory stays at two batches whatever the image count.

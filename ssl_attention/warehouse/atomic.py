@@ -126,7 +126,9 @@ class PartitionWriter:
         self._options = parquet_options(schema, compression)
         self.target = self.directory / DATA_FILE
         self.temp = _temp_path(self.directory)
-        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self.temp, schema, **self._options)
+        # A clustered writer's temporary file is rewritten at commit: write it uncompressed, compress once.
+        first_pass = parquet_options(schema, "none") if cluster_by is not None else self._options
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self.temp, schema, **first_pass)
         self.rows = 0
         self.closed = False
 
