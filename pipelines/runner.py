@@ -53,19 +53,15 @@ def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, object
 
 
 def _failure(result: dg.ExecuteInProcessResult) -> str | None:
+    """The user-facing reason a run failed: a dg.Failure's description, else the error's last line."""
     if result.success:
         return None
     for event in result.get_step_failure_events():
-        error = event.step_failure_data.error
-        if error is not None:
-            # dg.Failure carries the user-facing description; other errors their message
-            return (
-                event.step_failure_data.user_failure_data.description
-                if event.step_failure_data.user_failure_data and event.step_failure_data.user_failure_data.description
-                else error.message.strip().splitlines()[-1]
-                if error.message
-                else "step failed"
-            )
+        data = event.step_failure_data
+        if data.user_failure_data is not None and data.user_failure_data.description:
+            return data.user_failure_data.description
+        if data.error is not None and data.error.message.strip():
+            return data.error.message.strip().splitlines()[-1]
     return "run failed"
 
 
@@ -78,49 +74,36 @@ def run_extraction(
 ) -> RunOutcome:
     """Catalog, then each model's partition (a failing model does not stop the others), then the catalog."""
     instance = instance or instance_for_cli()
-    resources = {"extraction": settings}
-    run_config = QUIET if quiet else None
-    catalog = dg.materialize(
-        ALL_ASSETS,
-        selection=[images],
-        resources=resources,
-        instance=instance,
-        run_config=run_config,
-        raise_on_error=False,
-        tags={"trigger": "ssl-attention run"},
-    )
+
+    def materialize(
+        selection: list[dg.AssetsDefinition], partition_key: str | None = None
+    ) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            ALL_ASSETS,
+            selection=selection,
+            partition_key=partition_key,
+            resources={"extraction": settings},
+            instance=instance,
+            run_config=QUIET if quiet else None,
+            raise_on_error=False,
+            tags={"trigger": "ssl-attention run"},
+        )
+
+    catalog = materialize([images])
     if not catalog.success:
         return RunOutcome(images={}, models=[], images_error=_failure(catalog))
     outcomes = []
     for model in models:
-        result = dg.materialize(
-            ALL_ASSETS,
-            selection=[attention_maps, head_stats],
-            partition_key=model,
-            resources=resources,
-            instance=instance,
-            run_config=run_config,
-            raise_on_error=False,
-            tags={"trigger": "ssl-attention run"},
-        )
-        failed_checks = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
+        result = materialize([attention_maps, head_stats], partition_key=model)
         outcome = ModelOutcome(
             model=model,
             success=result.success,
             error=_failure(result),
             metadata=_metadata(result, "attention_maps"),
-            checks_failed=failed_checks,
+            checks_failed=[e.check_name for e in result.get_asset_check_evaluations() if not e.passed],
         )
         outcomes.append(outcome)
         if on_model_done is not None:
             on_model_done(outcome)
-    final = dg.materialize(
-        ALL_ASSETS,
-        selection=[warehouse_catalog],
-        resources=resources,
-        instance=instance,
-        run_config=run_config,
-        raise_on_error=False,
-        tags={"trigger": "ssl-attention run"},
-    )
+    final = materialize([warehouse_catalog])
     return RunOutcome(images=_metadata(catalog, "images"), models=outcomes, duckdb_catalog_error=_failure(final))
