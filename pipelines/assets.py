@@ -1,8 +1,10 @@
 """The extraction as Dagster assets: images -> attention_maps (per model) -> head_stats -> warehouse_catalog."""
 
+import os
 import sys
 
 import dagster as dg
+import torch
 from tqdm import tqdm
 
 from pipelines.metadata import check_result, extraction_metadata, issues_markdown
@@ -13,7 +15,18 @@ from ssl_attention.models.loading import load_model
 from ssl_attention.models.weights import CheckpointError, WeightsUnavailableError
 from ssl_attention.validation import CHECK_NAMES, check_model, merge_outcomes
 
-GPU_POOL = "gpu"  # one step at a time may hold the accelerator (dagster.yaml sets the limit)
+GPU_POOL = "gpu"  # one step at a time may hold the accelerator (dagster_home/dagster.yaml sets the limit)
+POOL_ENV = "SSL_ATTENTION_POOL"
+
+
+def extraction_pool() -> str | None:
+    """The concurrency pool of extraction steps: `gpu` where CUDA is available, so one step at a time holds
+    the accelerator; none on a CPU-only machine, so partitions extract in parallel. $SSL_ATTENTION_POOL
+    overrides it (a pool name, or `none`)."""
+    override = os.environ.get(POOL_ENV)
+    if override is not None:
+        return None if override.strip().lower() in ("", "none") else override.strip()
+    return GPU_POOL if torch.cuda.is_available() else None
 
 
 @dg.asset(
@@ -45,7 +58,7 @@ def images(context: dg.AssetExecutionContext, extraction: ExtractionSettings) ->
 @dg.asset(
     deps=[images],
     partitions_def=MODEL_PARTITIONS,
-    pool=GPU_POOL,
+    pool=extraction_pool(),
     kinds={"pytorch", "parquet"},
     group_name="extraction",
     check_specs=[

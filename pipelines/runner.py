@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,7 +13,10 @@ from pipelines.assets import attention_maps, head_stats, images, warehouse_catal
 from pipelines.resources import ExtractionSettings
 
 ALL_ASSETS = [images, attention_maps, head_stats, warehouse_catalog]
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# The CLI prints its own summary; Dagster's console logger would add stack traces for failed steps.
+QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+PID_TAG, HOST_TAG = "ssl_attention/pid", "ssl_attention/host"
+UNFINISHED = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 
 
 @dataclass
@@ -45,6 +49,31 @@ def instance_for_cli() -> dg.DagsterInstance:
     return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_cli_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark runs of `ssl-attention run` whose process died (SIGKILL, power loss) as failed and free the
+    concurrency-pool slots they held; otherwise a dead run keeps the `gpu` slot and the next run waits forever.
+    Only runs started on this host by a process that no longer exists are touched."""
+    host = socket.gethostname()
+    reaped = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: host})):
+        pid = int(run.tags.get(PID_TAG, "0") or 0)
+        if pid and pid != os.getpid() and not _pid_alive(pid):
+            instance.report_run_failed(run, f"the process running it (pid {pid}) is gone")
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            reaped.append(run.run_id)
+    return reaped
+
+
 def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, object]:
     events = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(asset)]
     if not events:
@@ -74,6 +103,8 @@ def run_extraction(
 ) -> RunOutcome:
     """Catalog, then each model's partition (a failing model does not stop the others), then the catalog."""
     instance = instance or instance_for_cli()
+    if instance.is_persistent:
+        reap_dead_cli_runs(instance)
 
     def materialize(
         selection: list[dg.AssetsDefinition], partition_key: str | None = None
@@ -86,7 +117,7 @@ def run_extraction(
             instance=instance,
             run_config=QUIET if quiet else None,
             raise_on_error=False,
-            tags={"trigger": "ssl-attention run"},
+            tags={"trigger": "ssl-attention run", PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()},
         )
 
     catalog = materialize([images])

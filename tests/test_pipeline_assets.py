@@ -14,9 +14,10 @@ import duckdb
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
-from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
+from pipelines.assets import POOL_ENV, attention_maps, extraction_pool, head_stats, images, warehouse_catalog
 from pipelines.definitions import defs
 from ssl_attention.models.registry import METHODS, MODELS
 from ssl_attention.validation import CHECK_NAMES
@@ -36,7 +37,19 @@ def test_definitions_are_loadable_and_complete():
     assert head_stats.partitions_def.get_partition_keys() == list(MODELS)
     checks = {spec.name for spec in attention_maps.check_specs}
     assert checks == set(CHECK_NAMES)
-    assert attention_maps.op.pool == "gpu"
+    assert attention_maps.op.pool == extraction_pool()
+
+
+def test_the_extraction_pool_follows_the_device(monkeypatch):
+    monkeypatch.delenv(POOL_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert extraction_pool() == "gpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert extraction_pool() is None
+    monkeypatch.setenv(POOL_ENV, "none")
+    assert extraction_pool() is None
+    monkeypatch.setenv(POOL_ENV, "accelerators")
+    assert extraction_pool() == "accelerators"
 
 
 def test_dagster_cli_validates_the_workspace():

@@ -196,3 +196,39 @@ def test_two_partitions_in_parallel_with_the_multiprocess_executor(tmp_path, tin
     for model in ("dinov2", "clip"):
         for method in MODELS[model].methods:
             assert len({r["image_id"] for r in read_partition(warehouse, model, method)}) == 3
+
+
+def test_a_killed_cli_run_does_not_block_the_next_one(tmp_path, tiny_checkpoints):
+    """With the shipped instance config (gpu pool, limit 1), a SIGKILLed `ssl-attention run` must not keep
+    the pool's only slot: the next run marks it failed, frees the slot and completes."""
+    import shutil
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "SSL_ATTENTION_POOL": "gpu"}  # as on a CUDA machine
+    folder = _noise_images(tmp_path / "images", 300)
+    warehouse = tmp_path / "wh"
+    command = [sys.executable, "-m", "pipelines.cli", "run", "--images", str(folder), "--models", "mae"]
+    command += ["--weights", "pretrained", "--checkpoint", f"mae={tiny_checkpoints['mae']}"]
+    command += ["--warehouse", str(warehouse), "--batch-size", "1", "--device", "cpu"]
+
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partition = warehouse / "attention_maps" / "model=mae" / "method=cls"
+    deadline = time.time() + 120
+    while time.time() < deadline and child.poll() is None and not list(partition.glob(".*.parquet.tmp")):
+        time.sleep(0.01)
+    assert child.poll() is None, "the run ended before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(10)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        held = instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
+        assert held, "the killed run should still hold the gpu slot"  # the situation under test
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "mae       300 extracted" in second.stdout
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
+        failed = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
+        assert any(r.tags.get("ssl_attention/pid") == str(child.pid) for r in failed)
