@@ -10,7 +10,7 @@ from tqdm import tqdm
 from pipelines.metadata import check_result, extraction_metadata, issues_markdown
 from pipelines.partitions import MODEL_PARTITIONS
 from pipelines.resources import ExtractionSettings
-from ssl_attention.extraction import catalog_images, extract_model, read_catalog_records
+from ssl_attention.extraction import WeightsDowngradeError, catalog_images, extract_model, read_catalog_records
 from ssl_attention.models.loading import load_model
 from ssl_attention.models.weights import CheckpointError, WeightsUnavailableError
 from ssl_attention.validation import CHECK_NAMES, check_model, merge_outcomes
@@ -27,6 +27,12 @@ def extraction_pool() -> str | None:
     if override is not None:
         return None if override.strip().lower() in ("", "none") else override.strip()
     return GPU_POOL if torch.cuda.is_available() else None
+
+
+def _with_model(model: str, exc: Exception) -> str:
+    """The error message, prefixed with the model unless it already names it first."""
+    text = str(exc)
+    return text if text.startswith(model) else f"{model}: {text}"
 
 
 @dg.asset(
@@ -72,11 +78,13 @@ def attention_maps(context: dg.AssetExecutionContext, extraction: ExtractionSett
     folder, warehouse = extraction.images_path(), extraction.warehouse_path()
     records = read_catalog_records(warehouse, folder)
     if not records:
-        context.log.warning(f"no catalogued images from {folder}: materialize `images` first")
+        raise dg.Failure(
+            description=f"{model}: no catalogued images from {folder}; add images there and materialize `images`"
+        )
     try:
         adapter = load_model(model, extraction.load_request(model))
     except (WeightsUnavailableError, CheckpointError, ValueError) as exc:
-        raise dg.Failure(description=f"{model}: {exc}") from exc
+        raise dg.Failure(description=_with_model(model, exc)) from exc
     context.log.info(f"{model}: {adapter.provenance.describe()} on {adapter.device}")
     if adapter.provenance.is_random:
         context.log.warning(f"{model}: RANDOM weights - maps show the machinery, not a model's behaviour")
@@ -92,6 +100,8 @@ def attention_maps(context: dg.AssetExecutionContext, extraction: ExtractionSett
             max_pixels=extraction.max_pixels,
             progress=bar.update,
         )
+    except WeightsDowngradeError as exc:
+        raise dg.Failure(description=str(exc)) from exc
     finally:
         bar.close()
     for issue in report.issues:

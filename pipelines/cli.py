@@ -63,6 +63,19 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def _print_skipped(warehouse: Path, limit: int = 5) -> None:
+    """Skipped files from the errors table, grouped by reason (the catalog's and each model's)."""
+    from ssl_attention.extraction import read_errors
+
+    groups: dict[tuple[str, str], list[str]] = {}
+    for row in read_errors(warehouse):
+        groups.setdefault((row["source"], row["reason"]), []).append(row["file_name"])
+    for (source, reason), files in sorted(groups.items()):
+        shown = ", ".join(files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit else "")
+        where = "" if source == "catalog" else f" ({source})"
+        print(f"  skipped{where}: {reason}: {shown}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         models = parse_model_list(args.models)
@@ -70,13 +83,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         warehouse = resolve_warehouse(args.warehouse)
     except (UnknownNameError, CheckpointError, WarehouseLocationError) as exc:
         return _fail(str(exc))
-    images = Path(args.images).expanduser().resolve()
-    if not images.is_dir():
-        return _fail(f"--images {args.images}: not a directory")
     if args.batch_size < 1:
         return _fail("--batch-size must be at least 1")
     if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
         return _fail(f"--device {args.device!r}; valid devices: auto, cpu, cuda, cuda:N")
+    if args.max_pixels < 1:
+        return _fail("--max-pixels must be at least 1")
+    images = Path(args.images).expanduser().resolve()
+    if not images.is_dir():
+        return _fail(f"--images {args.images}: not a directory")
 
     # Imported here: Dagster and torch take a few seconds to import, and `sql` does not need them.
     from pipelines.resources import ExtractionSettings
@@ -112,11 +127,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = run_extraction(settings, models, quiet=not args.verbose, on_model_done=report)
     if result.images_error:
-        return _fail(f"cataloguing {images} failed: {result.images_error}")
-    print(
-        f"images: {result.images.get('images_found', 0)} usable, {result.images.get('images_skipped', 0)} skipped"
-        " (reasons in the errors table)"
-    )
+        _print_skipped(warehouse)
+        print(f"ssl-attention: error: {result.images_error}", file=sys.stderr)
+        return 1
+    print(f"images: {result.images.get('images_found', 0)} usable, {result.images.get('images_skipped', 0)} skipped")
+    _print_skipped(warehouse)
     failed = [m.model for m in result.models if not m.success]
     maps = sum(int(m.metadata.get("rows_extracted_this_run", 0)) for m in result.models)
     print(f"maps written this run: {maps}; time {time.perf_counter() - started:.1f}s")

@@ -123,6 +123,11 @@ def run_extraction(
     catalog = materialize([images])
     if not catalog.success:
         return RunOutcome(images={}, models=[], images_error=_failure(catalog))
+    found = _metadata(catalog, "images")
+    if not found.get("images_found"):
+        folder = settings.images_path()
+        skipped = found.get("images_skipped", 0)
+        return RunOutcome(images=found, models=[], images_error=f"no usable images in {folder} ({skipped} skipped)")
     outcomes = []
     for model in models:
         result = materialize([attention_maps, head_stats], partition_key=model)

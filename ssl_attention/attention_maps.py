@@ -138,8 +138,8 @@ def rollout_block(attentions: Sequence[torch.Tensor], layout: TokenLayout) -> Ma
     sum 1. Layer l stores the CLS row of R_l, or the mean row where the model has no CLS token.
     """
     # The stored row is a vector times a product of matrices, v · Â_l · Â_{l-1} ⋯ Â_0 with v the CLS
-    # indicator (or the uniform mean vector), so it is computed right to left as vector-matrix products:
-    # O(L² T²) per image instead of the O(L T³) of forming every R_l.
+    # indicator (or the uniform mean vector), so it is evaluated from the vector's side as vector-matrix
+    # products: O(L² T²) per image instead of the O(L T³) of forming every R_l.
     mixed_layers = []
     for attn in attentions:
         mixed = attn.float().mean(dim=1)  # Ā_l, (B, T, T)

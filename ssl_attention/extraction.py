@@ -92,6 +92,17 @@ def catalog_images(folder: Path, warehouse: Path, max_pixels: int = DEFAULT_MAX_
     )
 
 
+def read_errors(warehouse: Path) -> list[dict[str, str]]:
+    """Every recorded skip: source (``catalog`` or a model), file name and reason."""
+    root = Path(warehouse) / "errors"
+    rows = []
+    for path in sorted(root.glob(f"source=*/{DATA_FILE}")):
+        source = path.parent.name.split("=", 1)[1]
+        for row in pq.read_table(path, columns=["file_name", "reason"]).to_pylist():
+            rows.append({"source": source, **row})
+    return rows
+
+
 def read_catalog_records(warehouse: Path, folder: Path | None = None) -> list[ImageRecord]:
     """Image records of the catalog table, resolved against ``folder`` (files since removed are skipped)."""
     path = partition_file(warehouse, "images")
@@ -145,11 +156,16 @@ def model_partitions(warehouse: Path, adapter: ModelAdapter) -> dict[str, Path]:
     return dirs
 
 
+class WeightsDowngradeError(RuntimeError):
+    """`auto` fell back to random weights, but the warehouse holds maps from real weights."""
+
+
 @dataclass
 class WorkPlan:
     todo: list[ImageRecord]  # images to compute now
     weights_changed: bool  # old rows were made with other weights: they all go
     existing: dict[str, set[str]]  # partition name -> image ids it holds now
+    existing_weights: set[str]  # weights ids found in the partitions
 
 
 def plan_work(
@@ -157,11 +173,20 @@ def plan_work(
 ) -> WorkPlan:
     states = {name: partition_keys(d / DATA_FILE) for name, d in partitions.items()}
     existing = {name: set().union(*state.values()) for name, state in states.items()}
-    other_weights = any(set(state) - {weights_id} for state in states.values())
+    weights = set().union(*(set(state) for state in states.values()))
+    other_weights = bool(weights - {weights_id})
     if recompute or other_weights:
-        return WorkPlan(list(records), other_weights, existing)
+        return WorkPlan(list(records), other_weights, existing, weights)
     done = set.intersection(*(state.get(weights_id, set()) for state in states.values())) if states else set()
-    return WorkPlan([r for r in records if r.image_id not in done], False, existing)
+    return WorkPlan([r for r in records if r.image_id not in done], False, existing, weights)
+
+
+def catalogued_ids(warehouse: Path) -> set[str] | None:
+    """Image ids of the catalog table, or None when there is no catalog (library use without one)."""
+    path = partition_file(warehouse, "images")
+    if not path.is_file():
+        return None
+    return set(pq.read_table(path, columns=["image_id"])["image_id"].to_pylist())
 
 
 def _batches(items: Sequence[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:
@@ -192,8 +217,23 @@ def extract_model(
     )
     records = list({r.image_id: r for r in records}.values())  # one entry per content id
     partitions = model_partitions(warehouse, adapter)
+    if not records and not any((d / DATA_FILE).is_file() for d in partitions.values()):
+        log.info("%s: no images to extract", spec.slug)
+        report.seconds = time.perf_counter() - start
+        return report
     plan = plan_work(records, partitions, provenance.weights_id, recompute)
     todo, weights_changed = plan.todo, plan.weights_changed
+    if provenance.fallback and weights_changed:
+        real = sorted(w for w in plan.existing_weights if not w.startswith("random:"))
+        if real:
+            raise WeightsDowngradeError(
+                f"{spec.slug}: pretrained weights could not be obtained and --weights auto fell back to random "
+                f"ones, but the warehouse holds maps from {real[0]}; they are kept. Restore access to the "
+                "weights (network, login, --checkpoint), or pass --weights random to replace them on purpose."
+            )
+    # Rows of images the catalog no longer knows (a file whose content changed) are dropped, not carried.
+    catalog = catalogued_ids(warehouse)
+    superseded = {name: ids - catalog for name, ids in plan.existing.items()} if catalog is not None else {}
     report.weights_changed = weights_changed
     report.images_up_to_date = len(records) - len(todo)
     if weights_changed:
@@ -202,7 +242,8 @@ def extract_model(
             spec.slug,
             provenance.describe(),
         )
-    if not todo and (partition_file(warehouse, "models", model=spec.slug)).is_file():
+    stale = any(superseded.values())
+    if not todo and not stale and partition_file(warehouse, "models", model=spec.slug).is_file():
         log.info("%s: all %d images are up to date", spec.slug, len(records))
         report.seconds = time.perf_counter() - start
         return report
@@ -213,8 +254,9 @@ def extract_model(
     try:
         recompute_ids = {r.image_id for r in todo}
         for name, directory in partitions.items():
-            if not weights_changed and plan.existing[name] - recompute_ids:  # keep what is still valid, streamed
-                copy_rows_except(directory / DATA_FILE, recompute_ids, writers[name].write)
+            drop = recompute_ids | superseded.get(name, set())
+            if not weights_changed and plan.existing[name] - drop:  # keep what is still valid, streamed
+                copy_rows_except(directory / DATA_FILE, drop, writers[name].write)
         # Rows are converted and written by one background thread while the next batch runs forward;
         # at most one batch waits to be written, so memory stays at two batches whatever the image count.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssl-attention-writer") as pool:

@@ -254,8 +254,10 @@ def write_head_stats(warehouse: Path, model: str) -> dict[str, WriteStats]:
     Streams the maps row group by row group (a few images at a time); memory does not grow with images.
     """
     warehouse = Path(warehouse)
-    input_h, input_w = read_input_size(warehouse, model)
     model_dir = partition_dir(warehouse, "attention_maps", model=model)
+    if not any(model_dir.glob(f"method=*/{DATA_FILE}")):
+        return {}  # nothing extracted for this model yet
+    input_h, input_w = read_input_size(warehouse, model)
     results: dict[str, WriteStats] = {}
     computed_at = dt.datetime.now(dt.UTC)
     method_dirs = sorted(model_dir.glob("method=*")) if model_dir.is_dir() else []

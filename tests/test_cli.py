@@ -111,3 +111,37 @@ def test_readme_main_command_fills_every_partition(tmp_path):
             assert {(r["grid_h"], r["grid_w"]) for r in table} == {(side, side)}
             assert {r["num_heads"] for r in table} == {heads}
             assert len(table) == images * len(expected_layers) * len(expected_heads)
+
+
+def test_flags_are_checked_before_the_images_folder(capsys):
+    assert main(["run", "--images", "/no/such/folder", "--device", "tpu"]) == 2
+    assert "valid devices" in capsys.readouterr().err
+
+
+def test_a_folder_without_usable_images_fails_with_the_reasons(tmp_path, capsys):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image")
+    argv = ["run", "--images", str(folder), "--models", "clip", "--weights", "random"]
+    assert main([*argv, "--warehouse", str(tmp_path / "wh")]) == 1
+    captured = capsys.readouterr()
+    assert "no usable images" in captured.err
+    assert "empty file (0 bytes): empty.jpg" in captured.out
+    assert "not an image" in captured.out and "notes.jpg" in captured.out
+    assert "Traceback" not in captured.out + captured.err
+    assert not (tmp_path / "wh" / "attention_maps").exists()
+
+
+def test_a_failing_model_is_reported_in_one_line_without_traces(tmp_path, tiny_checkpoints, images_copy, capfd):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    argv = ["run", "--images", str(images_copy(1)), "--models", "clip,mae", "--weights", "pretrained"]
+    argv += ["--checkpoint", f"clip={tiny_checkpoints['clip']}", "--checkpoint", f"mae={broken}"]
+    assert main([*argv, "--warehouse", str(tmp_path / "wh"), "--device", "cpu"]) == 1
+    captured = capfd.readouterr()
+    output = captured.out + captured.err
+    assert "mae       FAILED: mae checkpoint" in output and "config.json" in output
+    assert "mae: mae" not in output
+    assert "Traceback" not in output and "Stack Trace" not in output
+    assert "clip      1 extracted" in output

@@ -228,8 +228,64 @@ def test_changed_file_then_recompute_writes_no_duplicate_rows(tmp_path, sample_d
     keyed(maps(warehouse, "mae", "rollout"))
 
     extract_model(adapter, records, warehouse, recompute=True)
+    current = {r.image_id for r in records}
     for method in MODELS["mae"].methods:
-        keyed(maps(warehouse, "mae", method))
+        rows = maps(warehouse, "mae", method)
+        keyed(rows)
+        assert {r["image_id"] for r in rows} == current  # the old content's maps are gone, not orphaned
+
+
+def test_superseded_content_is_dropped_even_when_nothing_is_recomputed(tmp_path, sample_dir, tiny_checkpoints):
+    """After a.jpg changes, an extraction run only computes the new content; the old content's rows
+    leave every partition (they would otherwise skew averages over all images)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(sample_dir / "chelsea.jpg", folder / "a.jpg")
+    shutil.copy(sample_dir / "rocket.jpg", folder / "b.jpg")
+    warehouse = tmp_path / "wh"
+    adapter = load_tiny("clip", tiny_checkpoints["clip"])
+    old_id = {r.file_name: r.image_id for r in catalog_images(folder, warehouse).catalog.records}["a.jpg"]
+    extract_model(adapter, read_catalog_records(warehouse, folder), warehouse)
+    shutil.copy(sample_dir / "coffee.jpg", folder / "a.jpg")
+    records = catalog_images(folder, warehouse).catalog.records
+    report = extract_model(adapter, records, warehouse)
+    assert report.images_extracted == 1 and report.images_up_to_date == 1
+    for method in MODELS["clip"].methods:
+        assert old_id not in {r["image_id"] for r in maps(warehouse, "clip", method)}
+    assert old_id not in {r["image_id"] for r in read(warehouse, "inputs", model="clip")}
+
+
+def test_auto_fallback_never_replaces_real_maps_with_random_ones(tmp_path, images_copy, tiny_checkpoints):
+    import dataclasses
+
+    from ssl_attention.extraction import WeightsDowngradeError
+
+    folder = images_copy(2)
+    warehouse = tmp_path / "wh"
+    records = catalog_images(folder, warehouse).catalog.records
+    real = load_tiny("mae", tiny_checkpoints["mae"])
+    extract_model(real, records, warehouse)
+    before = maps(warehouse, "mae", "cls")
+    # the same tiny architecture, but with provenance as `auto` reports it after falling back to random
+    fallback = load_tiny("mae", tiny_checkpoints["mae"])
+    fallback.provenance = dataclasses.replace(
+        fallback.provenance, mode="random", source=MODELS["mae"].default_weights, seed=0, fallback=True
+    )
+    with pytest.raises(WeightsDowngradeError, match="--weights random"):
+        extract_model(fallback, records, warehouse)
+    assert maps(warehouse, "mae", "cls") == before
+    # chosen on purpose (not a fallback), random weights do replace them
+    fallback.provenance = dataclasses.replace(fallback.provenance, fallback=False)
+    report = extract_model(fallback, records, warehouse)
+    assert report.weights_changed
+    assert {r["weights_mode"] for r in maps(warehouse, "mae", "cls")} == {"random"}
+
+
+def test_no_images_writes_nothing(tmp_path, tiny_checkpoints):
+    warehouse = tmp_path / "wh"
+    report = extract_model(load_tiny("dinov2", tiny_checkpoints["dinov2"]), [], warehouse)
+    assert report.images_extracted == 0
+    assert not (warehouse / "attention_maps").exists()
 
 
 def test_file_changed_after_cataloguing_is_skipped_with_a_reason(tmp_path, sample_dir, tiny_checkpoints):

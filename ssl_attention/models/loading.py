@@ -12,9 +12,9 @@ Local checkpoint layouts (``--checkpoint MODEL=DIR``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl_attention.models.adapters import CNNAdapter, ModelAdapter, ViTAdapter
+from ssl_attention.models.adapters import CNN_STAGES, CNNAdapter, ModelAdapter, ViTAdapter
 from ssl_attention.models.registry import MODELS, ModelSpec, UnknownNameError
 from ssl_attention.models.weights import (
     CONFIG_DIR,
@@ -81,8 +81,8 @@ def load_model(slug: str, request: LoadRequest | None = None) -> ModelAdapter:
             if request.weights == "pretrained":
                 raise
             log.warning("%s\nFalling back to RANDOM weights for %s (--weights auto).", exc, slug)
-            warnings.warn(f"{slug}: pretrained weights unavailable, using random weights", stacklevel=2)
             module, preprocess, provenance = _load_random(spec, request.seed)
+            provenance = dataclasses.replace(provenance, fallback=True)
 
     module.eval().requires_grad_(False)
     # float32 everywhere: half precision moves softmax outputs by more than 1e-3 on long sequences.
@@ -145,7 +145,7 @@ def _timm_transform(module: nn.Module) -> Any:
 
 
 def _check_timm_stages(module: nn.Module, source: str) -> None:
-    missing = [s for s in ("layer1", "layer2", "layer3", "layer4") if not hasattr(module, s)]
+    missing = [s for s in CNN_STAGES if not hasattr(module, s)]
     if missing:
         raise CheckpointError(f"{source}: a ResNet with stages layer1..layer4 is required; missing {missing}")
 

@@ -138,15 +138,3 @@ def parse_model_list(text: str) -> list[str]:
     if unknown:
         raise UnknownNameError(f"unknown model(s): {', '.join(unknown)}; valid models: all, {', '.join(MODELS)}")
     return [m for m in MODELS if m in wanted]
-
-
-def require_method(model: str, method: str) -> MethodSpec:
-    """The method spec, or an error naming the model's valid methods."""
-    spec = MODELS.get(model)
-    if spec is None:
-        raise UnknownNameError(f"unknown model {model!r}; valid models: {', '.join(MODELS)}")
-    if method not in spec.methods:
-        raise UnknownNameError(
-            f"method {method!r} is not available for {model}; valid methods: {', '.join(spec.methods)}"
-        )
-    return METHODS[method]

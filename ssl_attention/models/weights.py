@@ -29,6 +29,7 @@ class Provenance:
     revision: str | None = None
     seed: int | None = None
     fingerprint: str = ""
+    fallback: bool = False  # random weights chosen by `auto` because pretrained ones were unobtainable
 
     @property
     def weights_id(self) -> str:

@@ -23,8 +23,6 @@ DEFAULT_WAREHOUSE = Path("data") / "warehouse"
 DATA_FILE = "data.parquet"
 CATALOG_FILE = "attention.duckdb"
 
-TABLES = ("attention_maps", "head_stats", "inputs", "models", "images", "errors")
-
 
 class WarehouseLocationError(ValueError):
     pass
@@ -67,9 +65,9 @@ def partition_file(root: Path, table: str, **keys: str) -> Path:
 
 def table_glob(root: Path, table: str, depth: int) -> str:
     """Glob of a table's data files, ``depth`` partition levels deep."""
-    return (
-        str(Path(root) / table / Path(*(["*"] * depth)) / DATA_FILE) if depth else str(Path(root) / table / DATA_FILE)
-    )
+    if not depth:
+        return str(Path(root) / table / DATA_FILE)
+    return str(Path(root) / table / Path(*(["*"] * depth)) / DATA_FILE)
 
 
 PARTITION_DEPTH = {"attention_maps": 2, "head_stats": 2, "inputs": 1, "models": 1, "images": 0, "errors": 1}
