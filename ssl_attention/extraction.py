@@ -67,13 +67,14 @@ class CatalogReport:
 def catalog_images(folder: Path, warehouse: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> CatalogReport:
     """Scan ``folder`` and write the ``images`` table (merged with earlier catalogues) and the catalog's
     ``errors`` partition (replaced: it describes this folder as it is now)."""
-    catalog = scan_images(folder, max_pixels=max_pixels)
-    stamp = now_utc()
-    new = catalog_table(catalog, stamp)
     images_dir = partition_dir(warehouse, "images")
     old_path = images_dir / DATA_FILE
-    if old_path.is_file():
-        old = pq.read_table(old_path, schema=schema.IMAGES)
+    old = _read_images_table(old_path) if old_path.is_file() else None
+    known = _known_files(old, Path(folder)) if old is not None else None
+    catalog = scan_images(folder, max_pixels=max_pixels, known=known)
+    stamp = now_utc()
+    new = catalog_table(catalog, stamp)
+    if old is not None:
         # Replace rows of re-catalogued images, and of files whose content (hence id) has changed.
         stale = pc.or_(
             pc.is_in(old["image_id"], value_set=new["image_id"]),
@@ -92,6 +93,26 @@ def catalog_images(folder: Path, warehouse: Path, max_pixels: int = DEFAULT_MAX_
     )
 
 
+def _read_images_table(path: Path) -> pa.Table:
+    """The catalog table in the current schema (columns added since it was written come back as NULL)."""
+    table = pq.read_table(path)
+    for column in schema.IMAGES:
+        if column.name not in table.column_names:
+            table = table.append_column(column.name, pa.nulls(table.num_rows, column.type))
+    return table.select(schema.IMAGES.names).cast(schema.IMAGES)
+
+
+def _known_files(table: pa.Table, folder: Path) -> dict[str, tuple[ImageRecord, bytes | None]]:
+    """file name -> (earlier record, thumbnail), for rows that recorded a modification time."""
+    known = {}
+    fields = ("image_id", "file_name", "width", "height", "format", "mode", "num_bytes", "mtime_ns")
+    for row in table.select([*fields, "thumbnail"]).to_pylist():
+        if row["mtime_ns"]:
+            thumbnail = row.pop("thumbnail")
+            known[row["file_name"]] = (ImageRecord(path=folder / row["file_name"], **row), thumbnail)
+    return known
+
+
 def read_errors(warehouse: Path) -> list[dict[str, str]]:
     """Every recorded skip: source (``catalog`` or a model), file name and reason."""
     root = Path(warehouse) / "errors"
@@ -108,15 +129,17 @@ def read_catalog_records(warehouse: Path, folder: Path | None = None) -> list[Im
     path = partition_file(warehouse, "images")
     if not path.is_file():
         return []
-    table = pq.read_table(
-        path, columns=["image_id", "file_name", "width", "height", "format", "mode", "num_bytes"]
-    ).to_pylist()
+    table = (
+        _read_images_table(path)
+        .select(["image_id", "file_name", "width", "height", "format", "mode", "num_bytes", "mtime_ns"])
+        .to_pylist()
+    )
     records = []
     for row in table:
         file_path = (folder / row["file_name"]) if folder is not None else Path(row["file_name"])
         if folder is not None and not file_path.exists():
             continue
-        records.append(ImageRecord(path=file_path.resolve(), **row))
+        records.append(ImageRecord(path=file_path.resolve(), **{**row, "mtime_ns": row["mtime_ns"] or 0}))
     return records
 
 

@@ -8,13 +8,14 @@ gets a new one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
 import os
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class ImageRecord:
     format: str
     mode: str  # PIL mode of the file before conversion to RGB
     num_bytes: int
+    mtime_ns: int = 0  # modification time when catalogued: unchanged (size, mtime) files are not re-read
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,24 @@ def thumbnail_jpeg(image: Image.Image, size: int = THUMBNAIL_SIZE, quality: int 
     return buffer.getvalue()
 
 
+def _unchanged(
+    path: Path, rel: str, known: Mapping[str, tuple[ImageRecord, bytes | None]] | None
+) -> tuple[ImageRecord, bytes | None] | None:
+    """The earlier record of ``rel`` if the file's size and modification time have not changed."""
+    if not known or rel not in known:
+        return None
+    record, thumbnail = known[rel]
+    try:
+        stat_result = path.stat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(stat_result.st_mode) or not record.mtime_ns:
+        return None
+    if (stat_result.st_size, stat_result.st_mtime_ns) != (record.num_bytes, record.mtime_ns):
+        return None
+    return dataclasses.replace(record, path=path.resolve()), thumbnail
+
+
 @dataclass
 class Catalog:
     records: list[ImageRecord]
@@ -171,8 +191,17 @@ class Catalog:
     duplicates: dict[str, list[str]]  # image_id -> other file names with identical content
 
 
-def scan_images(folder: Path, max_pixels: int = DEFAULT_MAX_PIXELS, with_thumbnails: bool = True) -> Catalog:
-    """Catalogue every usable image under ``folder``; every other file becomes an ImageIssue."""
+def scan_images(
+    folder: Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    with_thumbnails: bool = True,
+    known: Mapping[str, tuple[ImageRecord, bytes | None]] | None = None,
+) -> Catalog:
+    """Catalogue every usable image under ``folder``; every other file becomes an ImageIssue.
+
+    ``known`` (file name -> earlier record and thumbnail) lets a file whose size and modification time are
+    unchanged keep its record without being read, hashed and decoded again.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"images folder {folder} does not exist or is not a directory")
@@ -185,6 +214,17 @@ def scan_images(folder: Path, max_pixels: int = DEFAULT_MAX_PIXELS, with_thumbna
         rel = path.relative_to(folder).as_posix()
         if not path.is_dir() and not path.name.lower().endswith(SUPPORTED_EXTENSIONS):
             issues.append(ImageIssue(rel, f"unsupported file extension (valid: {', '.join(SUPPORTED_EXTENSIONS)})"))
+            continue
+        reused = _unchanged(path, rel, known)
+        if reused is not None:
+            record, thumbnail = reused
+            if record.image_id in seen:
+                duplicates.setdefault(record.image_id, []).append(rel)
+                continue
+            seen[record.image_id] = record
+            records.append(record)
+            if with_thumbnails and thumbnail is not None:
+                thumbnails[record.image_id] = thumbnail
             continue
         try:
             data = read_file(path)
@@ -207,6 +247,7 @@ def scan_images(folder: Path, max_pixels: int = DEFAULT_MAX_PIXELS, with_thumbna
             format=fmt,
             mode=mode,
             num_bytes=len(data),
+            mtime_ns=path.stat().st_mtime_ns,
         )
         seen[image_id] = record
         records.append(record)

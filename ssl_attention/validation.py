@@ -20,7 +20,9 @@ from ssl_attention.warehouse.paths import partition_file
 
 MASS_TOLERANCE = 1e-4
 FUSED_TOLERANCE = 1e-5
-MASS_METHODS = ("cls", "probe")  # rows that are one query's softmax: patches + prefix = 1
+# Rows that are softmax rows (cls, probe), means of softmax rows (mean) or rows of a row-stochastic
+# product (rollout): patches + prefix = 1. Grad-CAM maps sum to 1 or, where the cam is all zero, to 0.
+MASS_METHODS = ("cls", "mean", "probe", "rollout")
 MAX_EXAMPLES = 5
 
 
@@ -42,7 +44,7 @@ class CheckOutcome:
 CHECK_NAMES = {
     "complete": "every (image, layer, head) present, fused included",
     "values_in_range": "map values finite and in [0, 1]",
-    "mass_sums_to_one": f"patch mass + prefix mass = 1 ± {MASS_TOLERANCE:g} (cls, probe)",
+    "mass_sums_to_one": f"patch mass + prefix mass = 1 ± {MASS_TOLERANCE:g} (cls, mean, probe, rollout)",
     "fused_is_head_mean": f"fused map = mean of the head maps ± {FUSED_TOLERANCE:g}",
     "grid_matches_config": "grid_h × grid_w = map length, and the grid follows the model config",
     "unique_keys": "no duplicate (image, layer, head)",

@@ -296,3 +296,31 @@ def test_decode_errors_are_image_load_errors():
 def test_missing_folder_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         scan_images(tmp_path / "nope")
+
+
+def test_recataloguing_reads_only_new_or_changed_files(tmp_path, sample_dir, monkeypatch):
+    from ssl_attention import images as images_module
+    from ssl_attention.extraction import catalog_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("astronaut.jpg", "chelsea.jpg", "coffee.jpg"):
+        shutil.copy(sample_dir / name, folder / name)
+    warehouse = tmp_path / "wh"
+    first = {r.file_name: r.image_id for r in catalog_images(folder, warehouse).catalog.records}
+
+    reads: list[str] = []
+    real_read = images_module.read_file
+    monkeypatch.setattr(images_module, "read_file", lambda path: reads.append(path.name) or real_read(path))
+    again = catalog_images(folder, warehouse).catalog
+    assert reads == []  # nothing changed: no file is read, hashed or decoded
+    assert {r.file_name: r.image_id for r in again.records} == first
+    assert set(again.thumbnails) == set(first.values())  # thumbnails kept
+
+    shutil.copy(sample_dir / "rocket.jpg", folder / "chelsea.jpg")  # new content under an old name
+    os.utime(folder / "coffee.jpg")  # touched only: re-read, same id
+    shutil.copy(sample_dir / "hubble_deep_field.jpg", folder / "new.jpg")
+    third = {r.file_name: r.image_id for r in catalog_images(folder, warehouse).catalog.records}
+    assert sorted(reads) == ["chelsea.jpg", "coffee.jpg", "new.jpg"]
+    assert third["coffee.jpg"] == first["coffee.jpg"] and third["astronaut.jpg"] == first["astronaut.jpg"]
+    assert third["chelsea.jpg"] != first["chelsea.jpg"]

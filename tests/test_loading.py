@@ -16,7 +16,7 @@ from ssl_attention.models.registry import MODELS, UnknownNameError, parse_model_
 from ssl_attention.models.weights import (
     CheckpointError,
     WeightsUnavailableError,
-    hub_reachable,
+    forget_hub_check,
     parse_checkpoints,
 )
 from ssl_attention.warehouse.paths import partition_file
@@ -158,9 +158,9 @@ def test_local_provenance_in_rows(tiny_warehouse, tiny_checkpoints):
 @pytest.fixture
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hub_reachable.cache_clear()
+    forget_hub_check()
     yield
-    hub_reachable.cache_clear()
+    forget_hub_check()
 
 
 def _skip_if_cached(slug: str) -> None:
@@ -219,3 +219,29 @@ def test_random_weights_are_seeded(tmp_path):
     torch.manual_seed(123)
     load_model("resnet50", LoadRequest(weights="random", seed=0, device="cpu"))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_hub_reachability_is_remembered_for_a_while(monkeypatch):
+    import socket
+
+    from ssl_attention.models import weights
+
+    calls = []
+
+    def refuse(address, timeout):
+        calls.append(address)
+        raise OSError("unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    forget_hub_check()
+    assert not weights.hub_reachable() and not weights.hub_reachable()
+    assert len(calls) == 1  # the second answer came from memory
+    clock = [1000.0]
+    monkeypatch.setattr(weights.time, "monotonic", lambda: clock[0])
+    forget_hub_check()
+    weights.hub_reachable()
+    clock[0] += weights.HUB_CHECK_TTL_S + 1  # a minute later the network is asked again
+    weights.hub_reachable()
+    assert len(calls) == 3
+    forget_hub_check()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -73,19 +73,33 @@ def remedies(slug: str, hub_id: str) -> str:
     )
 
 
-@cache
+HUB_CHECK_TTL_S = 60.0
+_hub_checks: dict[tuple[str, int], tuple[float, bool]] = {}
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check of the Hugging Face endpoint, so an offline machine fails in seconds, not minutes."""
+    """A quick TCP check of the Hugging Face endpoint, so an offline machine fails in seconds, not minutes.
+    The answer is remembered for a minute (a long-lived `dagster dev` notices when the network comes back)."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    cached = _hub_checks.get((host, port))
+    if cached is not None and time.monotonic() - cached[0] < HUB_CHECK_TTL_S:
+        return cached[1]
     try:
         with socket.create_connection((host, port), timeout=timeout):
-            return True
+            reachable = True
     except OSError:
-        return False
+        reachable = False
+    _hub_checks[(host, port)] = (time.monotonic(), reachable)
+    return reachable
+
+
+def forget_hub_check() -> None:
+    """Forget the remembered reachability (tests, or after changing HF_ENDPOINT)."""
+    _hub_checks.clear()
 
 
 def directory_fingerprint(path: Path) -> str:

@@ -75,6 +75,7 @@ IMAGES = pa.schema(
         pa.field("format", pa.string(), nullable=False),
         pa.field("mode", pa.string(), nullable=False),  # PIL mode before conversion to RGB
         pa.field("num_bytes", pa.int64(), nullable=False),
+        pa.field("mtime_ns", pa.int64()),  # file modification time when catalogued (skip re-reading)
         pa.field("duplicate_files", pa.list_(pa.string())),  # other files with identical content
         pa.field("thumbnail", pa.binary()),  # JPEG, longest side 128 px
         pa.field("catalogued_at", TIMESTAMP, nullable=False),

@@ -126,6 +126,7 @@ def catalog_table(catalog: Catalog, catalogued_at: dt.datetime) -> pa.Table:
             "format": [r.format for r in records],
             "mode": [r.mode for r in records],
             "num_bytes": [r.num_bytes for r in records],
+            "mtime_ns": [r.mtime_ns or None for r in records],
             "duplicate_files": [catalog.duplicates.get(r.image_id, []) for r in records],
             "thumbnail": [catalog.thumbnails.get(r.image_id) for r in records],
             "catalogued_at": [catalogued_at] * len(records),
