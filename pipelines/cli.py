@@ -172,7 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.show:
         command.append("--show")
     env = {**os.environ, ENV_VAR: str(warehouse)}
-    print(f"serving the dashboard over {warehouse} at http://{args.address}:{port}/app")
+    print(f"serving the dashboard over {warehouse} at http://{args.address}:{port}/app", flush=True)
     try:
         return subprocess.call(command, env=env)
     except KeyboardInterrupt:

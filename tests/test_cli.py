@@ -145,3 +145,34 @@ def test_a_failing_model_is_reported_in_one_line_without_traces(tmp_path, tiny_c
     assert "mae: mae" not in output
     assert "Traceback" not in output and "Stack Trace" not in output
     assert "clip      1 extracted" in output
+
+
+def test_serve_starts_the_dashboard_on_a_free_port(tiny_warehouse):
+    """`ssl-attention serve --port 0` picks a port, allows its websocket origin, and the app builds there."""
+    import json
+    import re
+    import time
+    import urllib.request
+
+    command = [sys.executable, "-m", "pipelines.cli", "serve", "--warehouse", str(tiny_warehouse), "--port", "0"]
+    server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = server.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/app", line)
+        assert match, line
+        port = int(match.group(1))
+        deadline = time.time() + 90
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                url = f"http://127.0.0.1:{port}/liveness?endpoint=/app"
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    if json.load(response) == {"/app": True}:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "the dashboard did not come up"
+            time.sleep(0.3)
+    finally:
+        server.terminate()
+        server.wait(20)
