@@ -46,7 +46,8 @@ CHECK_NAMES = {
     "values_in_range": "map values finite and in [0, 1]",
     "mass_sums_to_one": f"patch mass + prefix mass = 1 ± {MASS_TOLERANCE:g} (cls, mean, probe, rollout)",
     "fused_is_head_mean": f"fused map = mean of the head maps ± {FUSED_TOLERANCE:g}",
-    "grid_matches_config": "grid_h × grid_w = map length, and the grid follows the model config",
+    "grid_matches_config": "grid_h × grid_w = map length, and every image has the model's grid "
+    "(input size / patch size, as recorded in the models table)",
     "unique_keys": "no duplicate (image, layer, head)",
     "single_weights": "one weights provenance per partition (no random rows mixed with pretrained)",
 }
