@@ -32,6 +32,7 @@ from typing import Any, TextIO
 
 import duckdb
 
+from ssl_attention.query.errors import first_line
 from ssl_attention.query.views import DERIVED_VIEWS, MACROS, TABLES, create_views
 from ssl_attention.warehouse.paths import WarehouseLocationError, resolve_warehouse
 
@@ -154,8 +155,7 @@ class Result:
 
 def one_line(exc: BaseException) -> str:
     """DuckDB's messages span lines (LINE 1: ... ^); keep the first, which says what went wrong."""
-    text = str(exc).strip().splitlines()
-    message = text[0] if text else exc.__class__.__name__
+    message = first_line(exc)
     if isinstance(exc, duckdb.PermissionException):
         message += " (the SQL shell reads the warehouse only)"
     return message
@@ -299,6 +299,7 @@ def format_table(result: Result) -> str:
 
 
 def _csv_value(value: Any) -> Any:
+    """NULL as an empty field, lists and structs as JSON, the rest as in JSON output."""
     if value is None:
         return ""
     if isinstance(value, list | dict):
@@ -310,13 +311,7 @@ def format_csv(result: Result) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(result.columns)
-    for row in result.rows:
-        writer.writerow(
-            [
-                "" if v is None else json.dumps(_json_value(v)) if isinstance(v, list | dict) else _json_value(v)
-                for v in row
-            ]
-        )
+    writer.writerows([_csv_value(v) for v in row] for row in result.rows)
     return buffer.getvalue()
 
 

@@ -1,5 +1,6 @@
 """The query layer against a warehouse built from tiny checkpoints: results equal the Parquet rows,
-validation names valid values, views and catalog work, and readers survive concurrent rewrites."""
+validation names valid values, damaged files give one-line errors, the SQL views and catalog work, and readers
+survive concurrent rewrites."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from ssl_attention.models import registry
+from ssl_attention.models.weights import Provenance
 from ssl_attention.query import (
     EmptyWarehouseError,
     MissingDataError,
     QueryError,
+    StoredProvenance,
     UnknownNameError,
+    UnreadableFileError,
     connection,
     cursor,
     layer_at_depth,
@@ -67,6 +71,7 @@ def test_models_carry_heads_layers_grid_and_methods(wh):
     assert (cnn.num_heads, cnn.num_layers, cnn.grid, cnn.per_head_methods) == (0, 4, None, ())
     assert cnn.default_method == "gradcam" and not cnn.has_heads("gradcam")
     assert dino.provenance.mode == "local" and not dino.provenance.is_random
+    assert dino.provenance.describe() == f"local checkpoint {dino.provenance.source}"
     assert wh.methods("mae") == ("cls", "mean", "rollout")
     assert wh.layers("siglip", "probe") == (2,)  # the pooling head sits after the last block
     assert wh.layers("resnet50", "gradcam") == (0, 1, 2, 3)
@@ -228,32 +233,88 @@ def test_missing_or_empty_warehouse_gives_empty_answers_and_typed_views(tmp_path
         assert empty.images() == [] and empty.models() == [] and empty.is_empty()
         with pytest.raises(EmptyWarehouseError, match="ssl-attention run --images DIR --warehouse"):
             empty.head_grid("x", "dinov2", "cls", 0)
+        con = duckdb.connect()
+        assert not any(create_views(con, root).values())
         for view in VIEWS:
-            assert cursor().execute(f"SELECT count(*) FROM {empty.table(view)}").fetchall() == [
-                (5 if view == "methods" else 0,)
-            ]
-        described = cursor().execute(f"DESCRIBE {empty.table('attention_maps')}").fetchall()
-        columns = {row[0]: row[1] for row in described}
+            assert con.execute(f"SELECT count(*) FROM {view}").fetchall() == [(5 if view == "methods" else 0,)]
+        columns = {row[0]: row[1] for row in con.execute("DESCRIBE attention_maps").fetchall()}
         assert columns["model"] == "VARCHAR" and columns["map_values"] == "FLOAT[]" and columns["head"] == "SMALLINT"
 
 
-def test_views_pick_up_a_warehouse_filled_after_opening(tmp_path, warehouse):
+def test_a_warehouse_filled_after_opening_is_seen(tmp_path, warehouse):
     root = tmp_path / "later"
     late = open_warehouse(root)
-    assert cursor().execute(f"SELECT count(*) FROM {late.table('images')}").fetchall() == [(0,)]
+    assert late.images() == [] and late.is_empty()
     shutil.copytree(warehouse, root)
-    assert cursor().execute(f"SELECT count(*) FROM {late.table('images')}").fetchall() == [(5,)]
+    assert len(late.images()) == 5
     assert [m.slug for m in late.models()][:1] == ["dinov2"]
 
 
-# --- views, pruning, catalog -------------------------------------------------------------------------------
+# --- damaged files -----------------------------------------------------------------------------------------
 
 
-def test_views_have_hive_types_and_prune_partitions(wh):
-    described = {r[0]: r[1] for r in cursor().execute(f"DESCRIBE {wh.table('head_stats')}").fetchall()}
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_file_gives_a_one_line_query_error_naming_it(tmp_path, warehouse, image_ids, damage):
+    root = tmp_path / "damaged"
+    shutil.copytree(warehouse, root)
+    maps = root / "attention_maps" / "model=dinov2" / "method=cls" / "data.parquet"
+    model_row = root / "models" / "model=clip" / "data.parquet"
+    for path in (maps, model_row):
+        if damage == "garbage":
+            path.write_bytes(b"this is not parquet " * 64)
+        else:  # the magic bytes at both ends, the middle cut away
+            data = path.read_bytes()
+            path.write_bytes(data[:64] + data[-8:])
+    damaged = open_warehouse(root)
+    calls = [
+        (maps, lambda: damaged.head_grid(image_ids[0], "dinov2", "cls", 1)),
+        (maps, lambda: damaged.map(image_ids[0], "dinov2", "cls", 0, 1)),
+        (maps, lambda: damaged.layers("dinov2", "cls")),
+        (model_row, lambda: damaged.models()),
+        (model_row, lambda: damaged.head_grid(image_ids[0], "clip", "cls", 1)),
+    ]
+    for path, call in calls:
+        with pytest.raises(UnreadableFileError) as info:
+            call()
+        error = info.value
+        assert isinstance(error, QueryError) and not isinstance(error, duckdb.Error)
+        message = str(error)
+        assert message.startswith(f"cannot read {path}: ") and "\n" not in message, message
+    np.testing.assert_array_equal(  # the other partitions still answer
+        damaged.head_grid(image_ids[0], "mae", "cls", 1).maps,
+        open_warehouse(warehouse).head_grid(image_ids[0], "mae", "cls", 1).maps,
+    )
+
+
+# --- provenance --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ("pretrained", "facebook/dinov2-with-registers-base", "main", None),
+        ("pretrained", "facebook/dinov2-with-registers-base", None, None),
+        ("local", "/checkpoints/dino", None, None),
+        ("random", "openai/clip-vit-base-patch16", None, 3),
+    ],
+)
+def test_stored_provenance_speaks_the_library_vocabulary(fields):
+    stored = StoredProvenance(*fields, weights_id="as-stored")
+    library = Provenance(*fields)
+    assert stored.describe() == library.describe() and stored.is_random == library.is_random
+    assert stored.weights_id == "as-stored"  # the stored id is kept, never recomputed
+
+
+# --- the SQL views, pruning, catalog -----------------------------------------------------------------------
+
+
+def test_views_have_hive_types_and_prune_partitions(warehouse):
+    con = duckdb.connect()
+    create_views(con, warehouse)
+    described = {r[0]: r[1] for r in con.execute("DESCRIBE head_stats").fetchall()}
     assert described["model"] == "VARCHAR" and described["method"] == "VARCHAR" and described["entropy"] == "DOUBLE"
-    plan = cursor().execute(
-        f"EXPLAIN ANALYZE SELECT sum(layer) FROM {wh.table('attention_maps')} WHERE model = $m AND method = $x",
+    plan = con.execute(
+        "EXPLAIN ANALYZE SELECT sum(layer) FROM attention_maps WHERE model = $m AND method = $x",
         {"m": "clip", "x": "cls"},
     )
     text = plan.fetchall()[0][1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +59,11 @@ def test_csv_and_json_output_and_output_file(capsys, warehouse, tmp_path):
     assert code == 0 and out == "" and "wrote" in err
     assert len(records) == 5 and records[0]["file_name"] == "astronaut.jpg"
     assert isinstance(records[0]["thumbnail"], str)  # bytes as base64
+    code, out, _ = run(capsys, "SELECT [1.5::DOUBLE, 2] AS l, {'a': 1} AS s, NULL AS n, 'x,y' AS t", "--format", "csv")
+    assert code == 0 and list(csv.reader(io.StringIO(out))) == [
+        ["l", "s", "n", "t"],
+        ["[1.5, 2.0]", '{"a": 1}', "", "x,y"],
+    ]
 
 
 @pytest.mark.parametrize(
@@ -176,6 +182,17 @@ def test_bad_sql_and_bad_arguments_are_one_line_errors(capsys, warehouse):
     assert_one_line_error(code, err, "only local paths")
     code, _, err = run(capsys, "SELECT 1", "--max-rows", "-1")
     assert_one_line_error(code, err, ">= 0")
+
+
+def test_a_damaged_file_is_a_one_line_error_naming_it(capsys, warehouse, tmp_path):
+    root = tmp_path / "damaged"
+    shutil.copytree(warehouse, root)
+    path = root / "attention_maps" / "model=mae" / "method=cls" / "data.parquet"  # not a table's first file
+    path.write_bytes(b"this is not parquet " * 64)
+    code, _, err = run(capsys, "SELECT count(*) FROM attention_maps WHERE model = 'mae'", "--warehouse", str(root))
+    assert_one_line_error(code, err, str(path))
+    code, out, _ = run(capsys, "SELECT count(*) FROM attention_maps WHERE model = 'clip'", "--warehouse", str(root))
+    assert code == 0 and int(out.splitlines()[2]) > 0  # pruned away: the other partitions still answer
 
 
 def test_empty_warehouse_runs_queries_with_no_rows(capsys, tmp_path):

@@ -4,14 +4,21 @@
     wh = open_warehouse("data/warehouse")
     grid = wh.head_grid(image_id, "dinov2", "cls", layer=11)   # grid.maps: (13, 16, 16) float32, fused first
 
-SQL users get the same tables as views: ``ssl-attention sql`` or the ``attention.duckdb`` catalog file
+The API reads each partition file directly (the file named by the validated model and method); SQL users get
+the same tables as DuckDB views: ``ssl-attention sql`` or the ``attention.duckdb`` catalog file
 (``write_catalog``); see docs/sql.md.
 """
 
 from ssl_attention.query.api import Warehouse, open_warehouse
 from ssl_attention.query.catalog import write_catalog
 from ssl_attention.query.connection import connection, cursor
-from ssl_attention.query.errors import EmptyWarehouseError, MissingDataError, QueryError, UnknownNameError
+from ssl_attention.query.errors import (
+    EmptyWarehouseError,
+    MissingDataError,
+    QueryError,
+    UnknownNameError,
+    UnreadableFileError,
+)
 from ssl_attention.query.maps import layer_at_depth
 from ssl_attention.query.results import (
     AttentionMap,
@@ -21,8 +28,8 @@ from ssl_attention.query.results import (
     ImageInfo,
     LayerHeadMaps,
     ModelInfo,
-    Provenance,
     StatGrid,
+    StoredProvenance,
 )
 from ssl_attention.query.statistics import STATISTICS
 
@@ -37,10 +44,11 @@ __all__ = [
     "LayerHeadMaps",
     "MissingDataError",
     "ModelInfo",
-    "Provenance",
     "QueryError",
     "StatGrid",
+    "StoredProvenance",
     "UnknownNameError",
+    "UnreadableFileError",
     "Warehouse",
     "connection",
     "cursor",

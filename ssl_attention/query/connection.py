@@ -1,7 +1,7 @@
 """One DuckDB connection per process, created lazily; one cursor per thread.
 
 DuckDB's Python connection is not safe to share between threads, its cursors are: each thread gets its own
-``cursor()`` (a connection to the same in-memory database: same views, settings and metadata cache). A
+``cursor()`` (a connection to the same in-memory database: same settings and Parquet metadata cache). A
 forked child (Dagster's multiprocess executor) gets a fresh connection of its own.
 """
 
@@ -26,7 +26,7 @@ def _configure(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def connection() -> duckdb.DuckDBPyConnection:
-    """The process's DuckDB connection (in-memory database holding only views and macros)."""
+    """The process's DuckDB connection (an empty in-memory database: queries read the Parquet files)."""
     global _connection, _pid
     if _connection is None or _pid != os.getpid():
         with _lock:

@@ -23,6 +23,18 @@ class EmptyWarehouseError(MissingDataError):
     """The warehouse holds no attention maps at all."""
 
 
+class UnreadableFileError(QueryError):
+    """A warehouse file that exists but cannot be read (corrupt, truncated, wrong schema, no permission);
+    the message names the file and DuckDB's reason."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (DuckDB's span lines: ``LINE 1: ...``, a caret), which says
+    what went wrong; the class name when the message is empty."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else exc.__class__.__name__
+
+
 def fill_command(root: object) -> str:
     return f"ssl-attention run --images DIR --warehouse {root}"
 

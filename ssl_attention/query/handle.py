@@ -1,4 +1,10 @@
-"""A warehouse as the query layer sees it: its views, cached metadata and the validation of user input.
+"""A warehouse as the query layer sees it: reads of its partition files, cached metadata and the validation
+of user input.
+
+Every query reads one partition file directly (``read_parquet($path)``, the path built from validated names),
+not the SQL views: naming the file is the partition pruning, and there is no view to create or keep in step
+with the disk. The views (``views.py``) are for SQL users: the ``ssl-attention sql`` shell and the
+``attention.duckdb`` catalog file.
 
 Metadata (model rows, the layers/heads/grids of a partition, the image catalog) is cached per file version:
 each lookup ``stat``s the file and re-reads it only when its (inode, mtime, size) changed, which an atomic
@@ -7,7 +13,6 @@ replacement always changes. Map queries themselves are not cached here.
 
 from __future__ import annotations
 
-import hashlib
 import operator
 import os
 import threading
@@ -25,11 +30,12 @@ from ssl_attention.query.errors import (
     MissingDataError,
     QueryError,
     UnknownNameError,
+    UnreadableFileError,
     fill_command,
+    first_line,
     format_values,
 )
-from ssl_attention.query.results import ImageInfo, ModelInfo, Provenance
-from ssl_attention.query.views import TABLES, create_views, has_files
+from ssl_attention.query.results import ImageInfo, ModelInfo, StoredProvenance
 from ssl_attention.warehouse.paths import DATA_FILE, partition_file, resolve_warehouse
 
 T = TypeVar("T")
@@ -83,11 +89,11 @@ class PartitionFacts:
     layer_names: dict[int, str | None]
     grids: dict[int, tuple[int, int]]
     heads: tuple[int, ...]  # head indices present (empty for fused-only methods)
-    provenances: dict[str, Provenance]  # weights_id -> provenance (one entry in a consistent partition)
+    provenances: dict[str, StoredProvenance]  # weights_id -> provenance (one entry in a consistent partition)
     has_gradcam_columns: bool = False  # raw_scale / target_class hold values (Grad-CAM)
 
     @property
-    def single_provenance(self) -> Provenance | None:
+    def single_provenance(self) -> StoredProvenance | None:
         return next(iter(self.provenances.values())) if len(self.provenances) == 1 else None
 
 
@@ -111,13 +117,10 @@ def as_index(kind: str, value: object) -> int:
 
 
 class WarehouseHandle:
-    """Views, cached metadata and validation for one warehouse root."""
+    """Partition reads, cached metadata and validation for one warehouse root."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
-        self.schema_name = "w_" + hashlib.sha1(str(self.root).encode()).hexdigest()[:16]
-        self._lock = threading.RLock()
-        self._views_present: dict[str, bool] | None = None
         self._cache: dict[tuple[str, ...], tuple[object, Any]] = {}
 
     # --- plumbing -------------------------------------------------------------------------------------
@@ -132,6 +135,9 @@ class WarehouseHandle:
         query that overlaps an atomic replacement can fail ("TProtocolException: Invalid data") or, in
         principle, mix versions. The file's (inode, mtime, size) is taken before and after: if it changed,
         the query is run again; if not, every open saw the same version and the result is whole.
+
+        A file that fails to read without being replaced (corrupt, truncated, wrong schema, no permission)
+        raises ``UnreadableFileError`` naming the file and the first line of DuckDB's message.
         """
         for _ in range(READ_ATTEMPTS):
             before = file_key(path)
@@ -139,10 +145,10 @@ class WarehouseHandle:
                 raise MissingDataError(f"{path} is not in the warehouse (any more); refresh and retry")
             try:
                 result = fetch(self.cursor().execute(sql, {**params, "path": str(path)}))
-            except duckdb.Error:
+            except duckdb.Error as exc:
                 if file_key(path) != before:
                     continue  # replaced while we read: read the new version
-                raise
+                raise UnreadableFileError(f"cannot read {path}: {first_line(exc)}") from exc
             if file_key(path) == before:
                 return result
         raise QueryError(f"{path} was rewritten {READ_ATTEMPTS} times while being read; try again")
@@ -160,23 +166,6 @@ class WarehouseHandle:
     def path(self, table: str, **keys: str) -> Path:
         return partition_file(self.root, table, **keys)
 
-    def table(self, name: str) -> str:
-        """Qualified name of one of this warehouse's views (names from the fixed whitelist only)."""
-        if name not in (*TABLES, "methods", "attention_cells"):
-            raise QueryError(f"unknown table {name!r}; valid tables: {', '.join(TABLES)}")
-        self.ensure_views()
-        return f'"{self.schema_name}".{name}'
-
-    def ensure_views(self) -> None:
-        """Create the views, and re-create them when a table gains its first file or loses its last."""
-        present = {t: has_files(self.root, t) for t in TABLES}
-        if present == self._views_present:
-            return
-        with self._lock:
-            if present != self._views_present:
-                create_views(connection.cursor(), self.root, self.schema_name, present)
-                self._views_present = present
-
     def cached(self, key: tuple[str, ...], version: object, load: Callable[[], T]) -> T:
         hit = self._cache.get(key)
         if hit is not None and hit[0] == version:
@@ -184,13 +173,6 @@ class WarehouseHandle:
         value = load()
         self._cache[key] = (version, value)
         return value
-
-    def refresh(self) -> None:
-        """Forget cached metadata and rebuild the views (normally automatic)."""
-        with self._lock:
-            self._cache.clear()
-            self._views_present = None
-        self.ensure_views()
 
     # --- metadata -------------------------------------------------------------------------------------
 
@@ -224,7 +206,7 @@ class WarehouseHandle:
             methods=available,
             per_head_methods=tuple(m for m in row["per_head_methods"] if m in available),
             layer_names=tuple(row["layer_names"]),
-            provenance=Provenance(
+            provenance=StoredProvenance(
                 row["weights_mode"],
                 row["weights_source"],
                 row["weights_revision"],
@@ -252,7 +234,7 @@ class WarehouseHandle:
 
     def _read_facts(self, path: Path) -> PartitionFacts:
         rows = self.read_dicts(path, _FACTS_SQL)
-        provenances = [Provenance(**row) for row in self.read_dicts(path, _PROVENANCE_SQL)]
+        provenances = [StoredProvenance(**row) for row in self.read_dicts(path, _PROVENANCE_SQL)]
         heads = sorted({h for r in rows for h in (r["heads"] or [])})
         return PartitionFacts(
             layers=tuple(int(r["layer"]) for r in rows),

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ssl_attention.query.errors import MissingDataError, QueryError
-from ssl_attention.query.results import AttentionMap, ComparedMap, Comparison, HeadGrid, LayerHeadMaps, Provenance
+from ssl_attention.query.results import (
+    AttentionMap,
+    ComparedMap,
+    Comparison,
+    HeadGrid,
+    LayerHeadMaps,
+    StoredProvenance,
+)
 
 if TYPE_CHECKING:
     from ssl_attention.query.handle import PartitionFacts, WarehouseHandle
@@ -72,7 +79,7 @@ def _query(
     return Rows(wh.read_numpy(path, sql, params))
 
 
-def _provenance(facts: PartitionFacts, rows: Rows) -> Provenance:
+def _provenance(facts: PartitionFacts, rows: Rows) -> StoredProvenance:
     single = facts.single_provenance
     return single if single is not None else facts.provenances[rows.value("weights_id")]
 

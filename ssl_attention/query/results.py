@@ -6,29 +6,38 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ssl_attention.models.weights import Provenance
 from ssl_attention.query.errors import QueryError
 
 
 @dataclass(frozen=True)
-class Provenance:
-    """Where the weights behind a map came from (one per partition in a consistent warehouse)."""
+class StoredProvenance:
+    """The weights provenance as stored with the rows (one per partition in a consistent warehouse).
+
+    The stored counterpart of ``ssl_attention.models.weights.Provenance``, which describes a *loaded* model
+    and computes ``weights_id`` from its fields (a checkpoint's fingerprint among them). A reader has the
+    columns the writer stored, ``weights_id`` included, and not the fingerprint, so it keeps the stored id
+    as is; ``is_random`` and ``describe()`` are the library's own, so the dashboard and the pipeline logs
+    use one vocabulary.
+    """
 
     mode: str  # pretrained | local | random
     source: str  # hub id, checkpoint directory, or the hub id a random model mimics
     revision: str | None
     seed: int | None
-    weights_id: str
+    weights_id: str  # as stored: identifies the weights for incremental runs
+
+    def _library(self) -> Provenance:
+        # for is_random and describe() only: without the fingerprint its weights_id is not the stored one
+        return Provenance(self.mode, self.source, self.revision, self.seed)
 
     @property
     def is_random(self) -> bool:
-        return self.mode == "random"
+        return self._library().is_random
 
     def describe(self) -> str:
-        if self.mode == "random":
-            return f"random weights (seed {self.seed}, architecture of {self.source})"
-        if self.mode == "local":
-            return f"local checkpoint {self.source}"
-        return f"{self.source}" + (f"@{self.revision}" if self.revision else "")
+        """``ssl_attention.models.weights.Provenance.describe()`` of these fields, word for word."""
+        return self._library().describe()
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,7 @@ class ModelInfo:
     methods: tuple[str, ...]  # methods with a partition in the warehouse, registry order
     per_head_methods: tuple[str, ...]  # subset of ``methods`` with per-head maps
     layer_names: tuple[str, ...]
-    provenance: Provenance
+    provenance: StoredProvenance
     default_weights: str | None = None
     notes: str | None = None
 
@@ -94,7 +103,7 @@ class AttentionMap:
     register_mass: float
     raw_scale: float | None  # Grad-CAM: raw cam = values * raw_scale
     target_class: int | None  # Grad-CAM: the class explained
-    provenance: Provenance
+    provenance: StoredProvenance
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -114,7 +123,7 @@ class HeadGrid:
     maps: np.ndarray  # (len(heads), grid_h, grid_w) float32
     prefix_mass: np.ndarray  # (len(heads),) float32
     register_mass: np.ndarray
-    provenance: Provenance
+    provenance: StoredProvenance
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,7 @@ class LayerHeadMaps:
     heads: tuple[int | None, ...]  # (None, 0, ..., H-1)
     per_layer: tuple[np.ndarray, ...]  # per layer (len(heads), grid_h_l, grid_w_l) float32
     prefix_mass: np.ndarray  # (L, len(heads)) float32
-    provenance: Provenance
+    provenance: StoredProvenance
 
     @property
     def uniform_grid(self) -> bool:

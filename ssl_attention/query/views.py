@@ -1,4 +1,6 @@
-"""DDL of the SQL views over the warehouse, shared by the in-process connection and the catalog file.
+"""DDL of the SQL views over the warehouse, shared by the SQL shell's connection and the catalog file.
+
+The Python query API does not use them: it reads each partition file directly (``handle.py``).
 
 Every identifier here comes from fixed tuples in this module or the warehouse schema; the only literals are
 the warehouse's own absolute path and the model registry's constants, quoted by ``quote_literal``. A table
@@ -112,37 +114,30 @@ def _models_view(source: str) -> str:
 FROM {source} AS m LEFT JOIN {_registry_models()} USING (model)"""
 
 
-def view_statements(root: Path, schema_name: str | None = None, present: dict[str, bool] | None = None) -> list[str]:
-    """CREATE OR REPLACE statements for every view and macro, in dependency order.
-
-    ``schema_name`` qualifies every object (the in-process connection keeps one schema per warehouse);
-    ``present`` says which tables have files (default: look at the disk now).
-    """
+def view_statements(root: Path, present: dict[str, bool]) -> list[str]:
+    """CREATE OR REPLACE statements for every view and macro, in dependency order; ``present`` says which
+    tables have files (the others get empty typed views)."""
     root = Path(root).resolve()
-    present = present if present is not None else {t: has_files(root, t) for t in TABLES}
-    prefix = f"{quote_ident(schema_name)}." if schema_name else ""
     statements = []
-    if schema_name:
-        statements.append(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema_name)}")
     for table in TABLES:
         source = _source(root, table, present[table])
         body = _models_view(source) if table == "models" else f"SELECT * FROM {source}"
-        statements.append(f"CREATE OR REPLACE VIEW {prefix}{table} AS {body}")
-    statements.append(f"CREATE OR REPLACE VIEW {prefix}methods AS {_methods_view()}")
+        statements.append(f"CREATE OR REPLACE VIEW {table} AS {body}")
+    statements.append(f"CREATE OR REPLACE VIEW methods AS {_methods_view()}")
     # unnest in a subquery without LATERAL: filters on the map columns are then pushed into the Parquet scan
     # (partition and row-group pruning); a LATERAL join made DuckDB unnest the whole table first
     unnested = """SELECT model, method, image_id, layer, head, grid_h, grid_w,
         unnest(map_values) AS value, generate_subscripts(map_values, 1) AS i"""
     cell = 'CAST((i - 1) // grid_w AS INTEGER) AS "row", CAST((i - 1) % grid_w AS INTEGER) AS col'
     statements.append(
-        f"""CREATE OR REPLACE VIEW {prefix}attention_cells AS
+        f"""CREATE OR REPLACE VIEW attention_cells AS
 SELECT model, method, image_id, layer, head, grid_h, grid_w, {cell}, value
-FROM ({unnested} FROM {prefix}attention_maps)"""
+FROM ({unnested} FROM attention_maps)"""
     )
     statements.append(
-        f"""CREATE OR REPLACE MACRO {prefix}map_cells(p_model, p_method, p_image_id, p_layer, p_head := NULL) AS TABLE
+        f"""CREATE OR REPLACE MACRO map_cells(p_model, p_method, p_image_id, p_layer, p_head := NULL) AS TABLE
 SELECT {cell}, value
-FROM ({unnested} FROM {prefix}attention_maps
+FROM ({unnested} FROM attention_maps
     WHERE model = p_model AND method = p_method AND image_id = p_image_id AND layer = p_layer
         AND head IS NOT DISTINCT FROM p_head)
 ORDER BY "row", col"""
@@ -150,12 +145,10 @@ ORDER BY "row", col"""
     return statements
 
 
-def create_views(
-    con: duckdb.DuckDBPyConnection, root: Path, schema_name: str | None = None, present: dict[str, bool] | None = None
-) -> dict[str, bool]:
-    """Create (or replace) the views of ``root``; returns which tables had files."""
+def create_views(con: duckdb.DuckDBPyConnection, root: Path) -> dict[str, bool]:
+    """Create (or replace) the views of ``root`` on ``con``; returns which tables had files."""
     root = Path(root).resolve()
-    present = present if present is not None else {t: has_files(root, t) for t in TABLES}
-    for statement in view_statements(root, schema_name, present):
+    present = {t: has_files(root, t) for t in TABLES}
+    for statement in view_statements(root, present):
         con.execute(statement)
     return present
