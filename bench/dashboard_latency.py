@@ -1,7 +1,10 @@
 """Dashboard latency in a real browser: first paint, and head / layer switches with 5 clients connected.
 
     python bench/make_synthetic_warehouse.py                 # once: 1,000 images x 6 models (~2 min)
-    python bench/dashboard_latency.py [--warehouse DIR] [--clients 5] [--switches 40] [--write-docs]
+    python -m bench.dashboard_latency [--warehouse DIR] [--clients 5] [--switches 40] [--write-docs]
+
+Run it from the repository root as a module (``-m``): it imports ``bench.browser``, the Chromium helpers it
+shares with the browser tests.
 
 The app is served by ``panel serve dashboards/app.py`` in its own process (as a user runs it); Playwright
 drives Debian's Chromium with one browser context per client, each on a different image. Timings are taken
@@ -38,11 +41,14 @@ from typing import Any
 import numpy as np
 import requests
 
+try:
+    from bench.browser import CHROMIUM, browser_missing_reason, launch_chromium
+except ModuleNotFoundError as exc:  # run as a file: its folder is on the path, the repository root is not
+    if exc.name != "bench":
+        raise
+    sys.exit("run it from the repository root as a module: python -m bench.dashboard_latency [options]")
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.dashboard_fixtures import CHROMIUM, launch_chromium  # noqa: E402
-
 DEFAULT_WAREHOUSE = REPO / "bench" / "results" / "synthetic_warehouse"
 RESULTS = REPO / "bench" / "results" / "dashboard_latency.json"
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -243,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.from_results:
         return report_and_write(json.loads(RESULTS.read_text()), args.write_docs)
-    if not CHROMIUM.is_file():
-        sys.exit(f"{CHROMIUM} not found: apt-get install chromium")
+    missing = browser_missing_reason()
+    if missing:
+        sys.exit(f"cannot drive {CHROMIUM}: {missing}")
     if not (args.warehouse / "models").is_dir():
         sys.exit(f"no warehouse at {args.warehouse}: run python bench/make_synthetic_warehouse.py first")
 
@@ -365,7 +372,7 @@ def render(r: dict[str, Any]) -> str:
             "",
             "```bash",
             "python bench/make_synthetic_warehouse.py     # once",
-            "python bench/dashboard_latency.py --write-docs",
+            "python -m bench.dashboard_latency --write-docs",
             "```",
             "",
             "**First paint**: from navigation start until the fused map's data is in the page and two animation",

@@ -264,6 +264,7 @@ def write_images(out: Path, count: int) -> None:
             "format": ["JPEG"] * count,
             "mode": ["RGB"] * count,
             "num_bytes": pa.array([100_000] * count, pa.int64()),
+            "mtime_ns": pa.nulls(count, pa.int64()),  # no files behind a synthetic catalog
             "duplicate_files": pa.array([[] for _ in range(count)], pa.list_(pa.string())),
             "thumbnail": [thumbs[i % len(thumbs)] for i in range(count)],
             "catalogued_at": pa.array([stamp] * count, schema.TIMESTAMP),

@@ -19,11 +19,11 @@ import holoviews as hv
 import numpy as np
 import panel as pn
 import param
+from bokeh.models import CustomJSTickFormatter
 from PIL import Image
 
 from dashboards import data, export, figures, state, views
 from dashboards.glossary import empty_warehouse_markdown, glossary_markdown
-from ssl_attention.models.registry import METHODS
 from ssl_attention.query import STATISTICS, EmptyWarehouseError, HeadGrid, LayerHeadMaps, QueryError
 from ssl_attention.render import COLORMAPS, overlay
 from ssl_attention.warehouse.paths import WarehouseLocationError, resolve_warehouse
@@ -112,6 +112,11 @@ def _png(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _plain(text: str) -> str:
+    """A Markdown message for a plot title or text element (no code spans there)."""
+    return text.replace("`", "")
+
+
 def _set_options(parameter: param.Selector, options: dict[str, Any]) -> None:
     """Set a selector's labelled options unless they are already those (a change re-sends the widget)."""
     if dict(parameter.names or {}) != options or list(parameter.objects) != list(options.values()):
@@ -141,8 +146,9 @@ class AttentionExplorer(pn.viewable.Viewer):
     selection = param.ClassSelector(class_=state.Selection, default=None)
     image_key = param.String(default="", doc="image_id shown (model comparison)")
     shape_key = param.Tuple(default=("", ""), length=2, doc="(model, method): the overview's shape")
-    show_heads = param.Boolean(default=True)
+    show_heads = param.Boolean(default=True, doc="the method has per-head maps: head selector, head map and grid")
     multi_layer = param.Boolean(default=True)
+    problem = param.String(default="", doc="why the maps on screen could not be loaded (Markdown); '' when fine")
     # What the HoloViews tabs draw, updated only while their tab is open: their plots stay alive (and would
     # redraw, ~60 ms each) after a visit, so a hidden tab must not see the selection change.
     overview_key = param.Tuple(default=None, length=3, allow_None=True, doc="(selection, cmap, scale)")
@@ -161,6 +167,7 @@ class AttentionExplorer(pn.viewable.Viewer):
         self._overlays = figures.LinkedOverlays()
         self._grid_strip = figures.TileStrip(self._on_grid_tile, 80, columns=64, name="head-grid")
         self._thumbs = figures.TileStrip(self._on_thumb_tile, THUMB_PX, THUMB_COLUMNS, "thumbnails", captions=False)
+        self._slider_labels: dict[str, str] = {}
         self.param.image.objects = {i.file_name: i.image_id for i in self._index.images}
         self.param.model.objects = {info.label: slug for slug, info in self._index.models.items()}
         self._build_widgets()
@@ -182,10 +189,11 @@ class AttentionExplorer(pn.viewable.Viewer):
         layers = info.layers_of(selection.method)
         with self._guard():
             # options only when they change: re-sending them costs a round of widget updates per switch
-            _set_options(self.param.method, {METHODS[m].label if m in METHODS else m: m for m in info.methods})
+            _set_options(self.param.method, {state.method_label(m): m for m in info.methods})
             bounds = (layers[0], max(layers[-1], layers[0] + 1))  # a slider needs start < end
             if self.param.layer.bounds != bounds:
                 self.param.layer.bounds = bounds
+            self._label_slider(info, layers)
             _set_options(self.param.head, state.head_options(info, selection.method))
             self.param.update(
                 image=selection.image,
@@ -233,9 +241,42 @@ class AttentionExplorer(pn.viewable.Viewer):
             values[key] = f"{value:g}" if isinstance(value, float) else str(value)
         return values
 
+    def _label_slider(self, info: state.ModelInfo, layers: tuple[int, ...]) -> None:
+        """The layer slider shows the layer's name, not its index: "Layer: block 3", "Stage: layer2".
+
+        Bokeh redraws a slider's text when its value or title changes, not its format: the title (Layer for
+        a ViT, Stage for the CNN) changes together with the labels, so the text follows a model switch that
+        keeps the index (ViT layers share their labels)."""
+        cnn = info.num_heads == 0
+        labels = {
+            str(layer): (info.layer_names.get(layer) or str(layer)) if cnn else info.layer_label(layer)
+            for layer in layers
+        }
+        if labels != self._slider_labels:
+            self._slider_labels = labels
+            self._layer_slider.param.update(
+                name="Stage" if cnn else "Layer",
+                format=CustomJSTickFormatter(
+                    args={"labels": labels}, code="return labels[String(Math.round(tick))] ?? String(tick);"
+                ),
+            )
+
     def _layer_label(self, layer: int | None = None) -> str:
         info = self._index.models[self.selection.model]
         return info.layer_label(self.selection.layer if layer is None else layer)
+
+    def _map_title(self, head: int | None) -> str:
+        s = self.selection
+        return state.map_title(self._index.models[s.model], s.method, s.layer, head)
+
+    def _failure(self, what: str, exc: Exception) -> str:
+        """Log a failed read and say in one line (Markdown) what failed, in which warehouse, and why."""
+        if isinstance(exc, QueryError):  # an answer of the query layer, written for users: no traceback needed
+            log.warning("could not %s (warehouse %s): %s", what, self._root, exc)
+        else:
+            log.error("could not %s (warehouse %s)", what, self._root, exc_info=exc)
+        reason = data.one_line(exc).replace("`", "'")
+        return f"Could not {what} from the warehouse at `{self._root}`: `{reason}`"
 
     # --- data ----------------------------------------------------------------------------------------------
 
@@ -246,8 +287,8 @@ class AttentionExplorer(pn.viewable.Viewer):
     def _rgb(self, image: str, model: str) -> np.ndarray:
         try:
             return data.input_rgb(self._root, image, model)
-        except (QueryError, OSError) as exc:
-            log.warning("input image unavailable: %s", exc)
+        except Exception as exc:  # the maps can still be shown, over a grey square
+            self._failure(f"load the input image of {model}", exc)
             return np.full((224, 224, 3), 200, dtype=np.uint8)
 
     def _view_maps(self) -> export.ViewMaps:
@@ -272,20 +313,25 @@ class AttentionExplorer(pn.viewable.Viewer):
         """Fused and selected head over the input image, and the head grid, for the current selection."""
         s = self.selection
         rgb = self._rgb(s.image, s.model)
+        label = state.value_label(s.method)
         try:
             grid = self._grid()
-        except QueryError as exc:
-            empty = figures.MapLayer(np.zeros((1, 1), np.float32), 1.0, f"no data: {exc}"[:120])
-            self._overlays.render(rgb, empty, empty, self.cmap, 0.0)
+        except Exception as exc:  # never a traceback: say what failed where the maps would be
+            self.problem = self._failure(f"load the {s.model}/{s.method} maps of {self._layer_label()}", exc)
+            empty = figures.MapLayer(np.zeros((1, 1), np.float32), 1.0, "maps unavailable (see the message above)")
+            self._overlays.render(rgb, empty, empty, self.cmap, 0.0, label)
             return
+        self.problem = ""
         shared = self.scale == "shared"
         head = s.head if s.head in grid.heads else None
         layers = []
         for shown in (None, head):
             values = grid.maps[grid.heads.index(shown)]
-            title = views.head_title(shown, self._layer_label())
+            title = self._map_title(shown)
             layers.append(figures.MapLayer(values, views.display_max(grid.maps, values, shared), title))
-        self._overlays.render(rgb, layers[0], layers[1], self.cmap, self.opacity)
+        self._overlays.render(rgb, layers[0], layers[1], self.cmap, self.opacity, label)
+        if len(grid.heads) == 1:
+            return  # no heads: the grid is hidden (self.show_heads) and would hold the fused map alone
         self._grid_strip.tile_px = max(40, min(110, GRID_WIDTH // len(grid.heads)))
         captions = ["fused" if h is None else f"h{h}" for h in grid.heads]
         self._grid_strip.render_maps(views.normalise_tiles(list(grid.maps), shared), captions, self.cmap)
@@ -294,7 +340,8 @@ class AttentionExplorer(pn.viewable.Viewer):
     def _on_grid_tile(self, index: int) -> None:
         try:
             heads = self._grid().heads
-        except QueryError:
+        except Exception as exc:
+            self.problem = self._failure("load the head grid", exc)
             return
         if 0 <= index < len(heads):
             head = heads[index]
@@ -307,7 +354,11 @@ class AttentionExplorer(pn.viewable.Viewer):
         if page != self._thumb_page:
             self._thumb_page = page
             images = self._index.images[page * THUMB_PAGE : (page + 1) * THUMB_PAGE]
-            tiles = [data.thumbnail(self._root, i.image_id) for i in images]
+            try:
+                tiles = [data.thumbnail(self._root, i.image_id) for i in images]
+            except Exception as exc:  # blank tiles: the picker still works, by file name
+                self._failure("load the thumbnails", exc)
+                tiles = [np.full((data.THUMB_SIZE, data.THUMB_SIZE, 3), 255, np.uint8) for _ in images]
             self._thumbs.render_rgb(tiles, [i.file_name for i in images])
         self._thumbs.select(position % THUMB_PAGE)
 
@@ -326,11 +377,12 @@ class AttentionExplorer(pn.viewable.Viewer):
         if tab != active:
             raise param.Skip
 
-    def _overview_maps(self, selection: state.Selection) -> LayerHeadMaps | None:
+    def _overview_maps(self, selection: state.Selection) -> LayerHeadMaps | str:
+        """The layers x heads maps, or why they cannot be loaded."""
         try:
             return data.layer_head_maps(self._root, selection.image, selection.model, selection.method)
-        except QueryError:
-            return None
+        except Exception as exc:
+            return self._failure(f"load the {selection.model}/{selection.method} maps", exc)
 
     @param.depends("tab", "selection", "cmap", "scale", watch=True)
     def _update_tab_keys(self) -> None:
@@ -342,15 +394,17 @@ class AttentionExplorer(pn.viewable.Viewer):
     def _overview_plot(self, overview_key: tuple[state.Selection, str, str]) -> hv.Image:
         selection, cmap, scale = overview_key
         maps = self._overview_maps(selection)
-        if maps is None:
-            return views.overview_image([np.zeros((1, 1, 1), np.float32)], (None,), ["—"], cmap, True)
+        if isinstance(maps, str):
+            blank = views.overview_image([np.zeros((1, 1, 1), np.float32)], (None,), ["—"], cmap, True)
+            return blank.opts(title=_plain(maps)[:160])
         labels = [self._layer_label(layer) for layer in maps.layers]
-        return views.overview_image(maps.per_layer, maps.heads, labels, cmap, scale == "shared")
+        method = state.method_label(selection.method)
+        return views.overview_image(maps.per_layer, maps.heads, labels, cmap, scale == "shared", method)
 
     def _overview_marks(self, overview_key: tuple[state.Selection, str, str]) -> hv.Bounds:
         selection = overview_key[0]
         maps = self._overview_maps(selection)
-        if maps is None:
+        if isinstance(maps, str):
             return views.overview_marks(1, (0, 0))
         row = maps.layers.index(selection.layer) if selection.layer in maps.layers else 0
         col = maps.heads.index(selection.head) if selection.head in maps.heads else 0
@@ -360,7 +414,7 @@ class AttentionExplorer(pn.viewable.Viewer):
         if x is None or y is None or self.selection is None:
             return
         maps = self._overview_maps(self.selection)
-        if maps is None:
+        if isinstance(maps, str):
             return
         rows = len(maps.layers)
         row = min(max(rows - 1 - int(y // 1), 0), rows - 1)
@@ -368,11 +422,14 @@ class AttentionExplorer(pn.viewable.Viewer):
         head = maps.heads[col]
         self.param.update(layer=maps.layers[row], head=state.FUSED_VALUE if head is None else head)
 
-    def _overview_pane(self, shape_key: tuple[str, str], tab: str) -> pn.pane.HoloViews:
+    def _overview_pane(self, shape_key: tuple[str, str], tab: str) -> pn.viewable.Viewable:
         """Layers x heads of the whole model; re-created per (model, method), whose shape fixes its size."""
         self._only_on("overview", tab)
         p = self.param
         self._update_tab_keys()
+        maps = self._overview_maps(self.selection)
+        if isinstance(maps, str):
+            return pn.pane.Alert(maps, alert_type="danger")
         image = hv.DynamicMap(pn.bind(self._overview_plot, overview_key=p.overview_key))
         marks = hv.DynamicMap(pn.bind(self._overview_marks, overview_key=p.overview_key))
         # a Tap stream needs a DynamicMap of an element (not of an overlay) as its source
@@ -385,12 +442,14 @@ class AttentionExplorer(pn.viewable.Viewer):
         image = selection.image if scope == "image" else None
         try:
             grid = data.stat_grid(self._root, selection.model, selection.method, stat, image)
-        except QueryError as exc:
-            return _message_plot(str(exc), width=700)
+        except Exception as exc:
+            what = f"load the {STAT_LABELS.get(stat, stat)} statistic of {selection.model}/{selection.method}"
+            return _message_plot(_plain(self._failure(what, exc)), width=700)
         labels = [self._layer_label(layer) for layer in grid.layers]
         where = self._file_names.get(selection.image, selection.image) if image else "mean over all images"
         title = f"{STAT_LABELS.get(stat, stat)} · {selection.model}/{selection.method} · {where}"
-        return views.stat_heatmap_element(grid.values, labels, grid.heads, stat, cmap, title)
+        method = state.method_label(selection.method)
+        return views.stat_heatmap_element(grid.values, labels, grid.heads, stat, cmap, title, method)
 
     def _stat_pane(self, shape_key: tuple[str, str], tab: str) -> pn.pane.HoloViews:
         self._only_on("statistics", tab)
@@ -401,7 +460,9 @@ class AttentionExplorer(pn.viewable.Viewer):
 
     def _stats_table(self, selection: state.Selection, tab: str) -> str:
         self._only_on("statistics", tab)
-        rows = [(None, "fused")] + ([(selection.head, f"head {selection.head}")] if selection.head is not None else [])
+        info = self._index.models[selection.model]
+        fused = "fused" if state.has_heads(info, selection.method) else state.method_label(selection.method)
+        rows = [(None, fused)] + ([(selection.head, f"head {selection.head}")] if selection.head is not None else [])
         columns = []
         try:
             for head, label in rows:
@@ -409,8 +470,9 @@ class AttentionExplorer(pn.viewable.Viewer):
                     self._root, selection.image, selection.model, selection.method, selection.layer, head
                 )
                 columns.append((label, stats))
-        except QueryError as exc:
-            return f"<p>{html.escape(str(exc))}</p>"
+        except Exception as exc:
+            what = f"load the statistics of {selection.model}/{selection.method}"
+            return f"<p>{html.escape(_plain(self._failure(what, exc)))}</p>"
         header = "".join(f"<th>{html.escape(label)}</th>" for label, _ in columns)
         body = []
         for key, name in STAT_LABELS.items():
@@ -419,7 +481,7 @@ class AttentionExplorer(pn.viewable.Viewer):
                 value = stats.get(key)
                 cells.append("<td>—</td>" if value is None or not np.isfinite(value) else f"<td>{value:.4g}</td>")
             body.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
-        where = html.escape(f"{selection.model}/{selection.method}, layer {self._layer_label()}")
+        where = html.escape(f"{selection.model}/{selection.method}, {self._layer_label()}")
         return (
             f"<h4>This selection ({where})</h4><table class='ssl-stats'><tr><th></th>{header}</tr>"
             f"{''.join(body)}</table>"
@@ -433,13 +495,13 @@ class AttentionExplorer(pn.viewable.Viewer):
         methods = {slug: state.counterpart_method(info, compare_method) for slug, info in self._index.models.items()}
         try:
             comparison = data.compare_models(self._root, image_key, float(depth), methods)
-        except QueryError as exc:
-            return pn.pane.Markdown(str(exc))
+        except Exception as exc:
+            return pn.pane.Alert(self._failure("compare the models", exc), alert_type="danger")
         cards = []
         for entry in comparison.entries:
             blended = overlay(self._rgb(image_key, entry.model), entry.map.values, alpha=opacity, cmap=cmap)
             label = self._index.models[entry.model].layer_label(entry.layer)
-            caption = f"**{entry.model}** · {entry.method} · layer {label} (depth {entry.depth:.2f})"
+            caption = f"**{entry.model}** · {entry.method} · {label} (depth {entry.depth:.2f})"
             png = pn.pane.PNG(_png(blended), width=200, height=200, fixed_aspect=True)
             cards.append(pn.Column(pn.pane.Markdown(caption, margin=(0, 5)), png, width=215))
         missing = "".join(f"\n- {m}: {why}" for m, why in comparison.missing.items())
@@ -449,21 +511,41 @@ class AttentionExplorer(pn.viewable.Viewer):
     # --- export --------------------------------------------------------------------------------------------
 
     def _export_png(self) -> io.BytesIO:
+        return self._export(self._png_download, "the view as PNG", self._build_png)
+
+    def _export_csv(self) -> io.BytesIO:
+        return self._export(self._csv_download, "the maps as CSV", self._build_csv)
+
+    def _export_parquet(self) -> io.BytesIO:
+        return self._export(self._parquet_download, "the maps as Parquet", self._build_parquet)
+
+    def _export(self, download: pn.widgets.FileDownload, what: str, build: Any) -> io.BytesIO:
+        """A download, or (when the maps cannot be read) a text file saying why, and the same message on screen."""
+        try:
+            return build()
+        except Exception as exc:
+            self.problem = self._failure(f"export {what}", exc)
+            download.filename = "export_failed.txt"
+            return io.BytesIO((_plain(self.problem) + "\n").encode())
+
+    def _build_png(self) -> io.BytesIO:
         view = self._view_maps()
         s = self.selection
         shared = self.scale == "shared"
         head = view.maps[view.heads.index(s.head)] if s.head in view.heads else view.maps[0]
         vmaxes = (views.display_max(view.maps, view.maps[0], shared), views.display_max(view.maps, head, shared))
-        title = f"{view.file_name} · {s.model}/{s.method} · layer {self._layer_label()} · {view.weights_mode} weights"
+        title = f"{view.file_name} · {s.model}/{s.method} · {self._layer_label()} · {view.weights_mode} weights"
+        captions = (self._map_title(None), self._map_title(s.head))
         self._png_download.filename = export.file_stem(view, s.head) + ".png"
-        return export.view_png(view, self._rgb(s.image, s.model), s.head, self.opacity, self.cmap, vmaxes, title)
+        rgb = self._rgb(s.image, s.model)
+        return export.view_png(view, rgb, s.head, self.opacity, self.cmap, vmaxes, title, captions)
 
-    def _export_csv(self) -> io.BytesIO:
+    def _build_csv(self) -> io.BytesIO:
         view = self._view_maps()
         self._csv_download.filename = export.file_stem(view, None).removesuffix("_fused") + "_maps.csv"
         return export.csv_bytes(view)
 
-    def _export_parquet(self) -> io.BytesIO:
+    def _build_parquet(self) -> io.BytesIO:
         view = self._view_maps()
         self._parquet_download.filename = export.file_stem(view, None).removesuffix("_fused") + "_maps.parquet"
         return export.parquet_bytes(view)
@@ -506,29 +588,34 @@ class AttentionExplorer(pn.viewable.Viewer):
             widget._debounce = 0
 
     def _selection_note(self, selection: state.Selection, multi_layer: bool) -> str:
-        """The layer's name and what the head selector offers (or why it is hidden)."""
+        """The layer's name (and its index, as the URL and SQL know it) and what the head selector offers (or
+        why it is hidden)."""
         info = self._index.models[selection.model]
-        layer = f"Layer <b>{html.escape(self._layer_label())}</b>"
+        name = self._layer_label()
+        layer = f"Showing <b>{html.escape(name)}</b>"
+        if str(selection.layer) not in name.split():
+            layer += f" <small>(layer {selection.layer} in the URL and SQL)</small>"
         if not multi_layer:
-            layer += f" (the only layer of {html.escape(selection.method)})"
+            layer += f", the only layer of {html.escape(state.method_label(selection.method))}"
         if info.num_heads == 0:
             heads = f"<i>{html.escape(info.label)} is a CNN: no attention heads, one Grad-CAM map per stage.</i>"
         elif not state.has_heads(info, selection.method):
-            heads = f"<i>{html.escape(selection.method)} is fused by construction: no per-head maps.</i>"
+            method = html.escape(state.method_label(selection.method))
+            heads = f"<i>{method} is fused by construction: no per-head maps.</i>"
         else:
             heads = f"{info.num_heads} heads per layer"
         return f"{layer}<br>{heads}"
 
     def _banner(self, selection: state.Selection) -> str:
         info = self._index.models[selection.model]
+        weights = self._loaded.random_weights.get(selection.model, "")
         return (
-            f"⚠ **Random weights** — these maps come from a randomly initialised {info.label} "
-            f"({self._loaded.provenance.get(selection.model, '')}). "
-            "They show the machinery, not what a trained model attends to."
+            f"⚠ **Random weights** — these maps come from {info.label} with randomly initialised weights "
+            f"({weights}). They show the machinery, not what a trained model attends to."
         )
 
     def _is_random(self, selection: state.Selection) -> bool:
-        return self._index.models[selection.model].weights_mode == "random"
+        return selection.model in self._loaded.random_weights
 
     def __panel__(self) -> pn.viewable.Viewable:
         p = self.param
@@ -547,18 +634,24 @@ class AttentionExplorer(pn.viewable.Viewer):
             pn.Row(self._png_download, self._csv_download, self._parquet_download, margin=(10, 0)),
             width=300,
         )
+        # A method without heads (rollout, Grad-CAM) has one map: no head map, no grid. The Bokeh panes sit in
+        # layouts that hide them: a Bokeh pane created hidden would still be drawn (its figure is its model).
         heads_tab = pn.Column(
             pn.Row(
                 pn.pane.Bokeh(self._overlays.fused.figure),
-                pn.pane.Bokeh(self._overlays.head.figure, visible=p.show_heads),
+                pn.Column(pn.pane.Bokeh(self._overlays.head.figure), visible=p.show_heads, margin=0),
             ),
-            pn.pane.HTML(
-                "<b>Head grid</b> — fused first, then every head of this layer (tiles scaled as chosen under "
-                "<i>Colour scale</i>: shared = one scale for the layer, independent = each tile its own). "
-                "Click a tile to select it.",
-                margin=(0, 10),
+            pn.Column(
+                pn.pane.HTML(
+                    "<b>Head grid</b> — fused first, then every head of this layer (tiles scaled as chosen under "
+                    "<i>Colour scale</i>: shared = one scale for the layer, independent = each tile its own). "
+                    "Click a tile to select it.",
+                    margin=(0, 10),
+                ),
+                pn.pane.Bokeh(self._grid_strip.figure, margin=(0, 10)),
+                visible=p.show_heads,
+                margin=0,
             ),
-            pn.pane.Bokeh(self._grid_strip.figure, margin=(0, 10)),
         )
         overview_tab = pn.Column(
             pn.pane.Markdown(
@@ -611,12 +704,24 @@ class AttentionExplorer(pn.viewable.Viewer):
             visible=pn.bind(self._is_random, p.selection),
             margin=(5, 10),
         )
+        problem = pn.pane.Alert(p.problem, alert_type="danger", visible=p.problem.rx.bool(), margin=(5, 10))
+        skipped = pn.pane.Alert(
+            skipped_markdown(self._root, self._loaded.skipped),
+            alert_type="warning",
+            visible=bool(self._loaded.skipped),
+            margin=(5, 10),
+        )
         header = pn.pane.HTML(
             f"<h2 style='margin:4px 0'>{TITLE}</h2><small>warehouse: <code>{html.escape(self._root)}</code></small>",
             margin=(0, 10),
         )
         return pn.Column(
-            header, banner, pn.Row(controls, tabs, sizing_mode="stretch_width"), sizing_mode="stretch_width"
+            header,
+            banner,
+            problem,
+            skipped,
+            pn.Row(controls, tabs, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
         )
 
 
@@ -625,6 +730,16 @@ table.ssl-stats { border-collapse: collapse; font-size: 12px; }
 table.ssl-stats th, table.ssl-stats td { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; }
 table.ssl-stats th:first-child { text-align: left; font-weight: normal; }
 """
+
+
+def skipped_markdown(root: str, skipped: dict[str, str]) -> str:
+    """Which model/method maps could not be read when the dashboard opened, and why."""
+    lines = "".join(f"\n- **{key}**: `{why.replace('`', chr(39))}`" for key, why in sorted(skipped.items()))
+    return (
+        f"Some maps in the warehouse at `{root}` could not be read and are not offered:{lines}\n\n"
+        "Re-run the extraction for these models (`ssl-attention run --images DIR --models MODEL --warehouse "
+        f"{root}`) to rewrite their files."
+    )
 
 
 class EmptyWarehouse(pn.viewable.Viewer):
@@ -637,6 +752,34 @@ class EmptyWarehouse(pn.viewable.Viewer):
         return pn.Column(
             pn.pane.Markdown(f"## {TITLE}"),
             pn.pane.Alert(empty_warehouse_markdown(self.warehouse, self.detail), alert_type="info"),
+            sizing_mode="stretch_width",
+        )
+
+
+class WarehouseProblem(pn.viewable.Viewer):
+    """Shown instead of the explorer when the warehouse cannot be read (a damaged file, an unexpected error):
+    what failed, which warehouse, the error in one line — never a traceback (that goes to the server log)."""
+
+    warehouse = param.String(default="")
+    failed = param.String(default="", doc="what the dashboard was doing, e.g. 'reading the list of models'")
+    error = param.String(default="", doc="the error in one line")
+
+    def message(self) -> str:
+        error = self.error.replace("`", "'")
+        return (
+            "## The warehouse cannot be read\n\n"
+            f"The dashboard failed while {self.failed} from the warehouse at `{self.warehouse}`:\n\n"
+            f"`{error}`\n\n"
+            "A file may be damaged or half-written. Re-run the extraction to rewrite it "
+            f"(`ssl-attention run --images DIR --warehouse {self.warehouse}`), or point the dashboard at another "
+            "warehouse with `$SSL_ATTENTION_WAREHOUSE` or `ssl-attention serve --warehouse DIR`, then reload this "
+            "page. The server log has the details."
+        )
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.Column(
+            pn.pane.Markdown(f"## {TITLE}"),
+            pn.pane.Alert(self.message(), alert_type="danger"),
             sizing_mode="stretch_width",
         )
 
@@ -696,22 +839,34 @@ def _sync_url(viewer: AttentionExplorer) -> None:
 
 
 def create_app(warehouse: str | Path | None = None) -> pn.viewable.Viewer:
-    """One explorer per browser session (or the empty-warehouse message)."""
+    """One explorer per browser session; the empty-warehouse message when there is nothing to show; the
+    what-failed message when the warehouse cannot be read. Never raises: a user never sees a traceback."""
     try:
         root = resolve_warehouse(warehouse)
     except WarehouseLocationError as exc:
         return EmptyWarehouse(warehouse=str(warehouse or ""), detail=str(exc))
+    except Exception as exc:
+        log.exception("cannot locate the warehouse %s", warehouse)
+        return WarehouseProblem(warehouse=str(warehouse or ""), failed="locating it", error=data.one_line(exc))
     try:
         loaded = data.load_index(root)
     except EmptyWarehouseError:
         return EmptyWarehouse(warehouse=str(root))
-    except (QueryError, OSError) as exc:
+    except Exception as exc:  # QueryError, OSError, or whatever a damaged file makes the reader raise
         log.exception("cannot read the warehouse at %s", root)
-        return EmptyWarehouse(warehouse=str(root), detail=str(exc))
+        failed = "reading the list of models and images"
+        return WarehouseProblem(warehouse=str(root), failed=failed, error=data.one_line(exc))
     if loaded.index.empty:
+        if loaded.skipped:  # maps are there, but none can be read
+            errors = "; ".join(f"{key}: {why}" for key, why in sorted(loaded.skipped.items()))
+            return WarehouseProblem(warehouse=str(root), failed="reading the attention maps", error=errors)
         return EmptyWarehouse(warehouse=str(root))
-    viewer = AttentionExplorer(loaded)
-    _sync_url(viewer)
+    try:
+        viewer = AttentionExplorer(loaded)
+        _sync_url(viewer)
+    except Exception as exc:
+        log.exception("cannot build the dashboard over %s", root)
+        return WarehouseProblem(warehouse=str(root), failed="building the first view", error=data.one_line(exc))
     return viewer
 
 

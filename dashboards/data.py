@@ -8,6 +8,7 @@ read-only.
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import panel as pn
 from PIL import Image
 
-from dashboards.state import ImageInfo, ModelInfo, WarehouseIndex
+from dashboards.state import ModelInfo, WarehouseIndex
 from ssl_attention.query import (
     Comparison,
     HeadGrid,
@@ -26,6 +27,8 @@ from ssl_attention.query import (
     open_warehouse,
 )
 from ssl_attention.query.handle import file_key
+
+log = logging.getLogger(__name__)
 
 THUMB_SIZE = 64  # px, tiles of the thumbnail picker
 INDEX_TTL_S = 30  # how long sessions share the list of models and images
@@ -38,7 +41,8 @@ class Loaded:
 
     root: Path
     index: WarehouseIndex
-    provenance: dict[str, str]  # model -> human description of its weights
+    random_weights: dict[str, str]  # model -> "architecture of <hub id>, seed N", for models with random weights
+    skipped: dict[str, str]  # "model/method" -> why its maps are not offered (an unreadable partition)
 
 
 def warehouse(root: str) -> Warehouse:
@@ -46,38 +50,56 @@ def warehouse(root: str) -> Warehouse:
 
 
 def load_index(root: Path) -> Loaded:
-    """Models and images present; raises QueryError (or OSError) when the warehouse cannot be read.
+    """Models and images present. Raises when the warehouse's list of models or images cannot be read (a
+    ``QueryError``, or whatever a damaged file makes the reader raise); a model's partition that cannot be
+    read only drops that method, noted in ``skipped``.
 
     Shared by the sessions opened within INDEX_TTL_S of each other (a new extraction shows up after that)."""
     return _load_index(str(root))
+
+
+def one_line(exc: BaseException) -> str:
+    """An error in one line, fit to show: a ``QueryError``'s own message (written for users), else the
+    exception's type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(exc, QueryError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @pn.cache(max_items=4, ttl=INDEX_TTL_S)
 def _load_index(root: str) -> Loaded:
     wh = warehouse(root)
     models: dict[str, ModelInfo] = {}
-    provenance: dict[str, str] = {}
+    random_weights: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     for info in wh.model_list():
-        layers = {method: wh.layers(info.slug, method) for method in info.methods}
-        layers = {method: found for method, found in layers.items() if found}
+        layers: dict[str, tuple[int, ...]] = {}
+        names: dict[int, str] = {}
+        for method in info.methods:
+            try:
+                facts = wh.facts(info.slug, method)  # the stored layers and their names ("pooling head", ...)
+            except Exception as exc:  # a damaged partition must not take the other models down with it
+                log.exception("skipping %s/%s in %s", info.slug, method, root)
+                skipped[f"{info.slug}/{method}"] = one_line(exc)
+                continue
+            if facts.layers:
+                layers[method] = tuple(facts.layers)
+                names.update({k: v for k, v in facts.layer_names.items() if v})
         if not layers:
             continue
-        names: dict[int, str] = {}
-        for method in layers:  # layer names as stored with the maps (SigLIP's probe: "pooling head")
-            names.update({k: v for k, v in wh.facts(info.slug, method).layer_names.items() if v})
         models[info.slug] = ModelInfo(
             slug=info.slug,
             label=info.label,
             num_heads=info.num_heads,
             methods=tuple(layers),
-            per_head_methods=tuple(m for m in info.per_head_methods if m in layers),
             layers=layers,
             layer_names=names,
-            weights_mode=info.provenance.mode,
         )
-        provenance[info.slug] = info.provenance.describe()
-    images = [ImageInfo(i.image_id, i.file_name) for i in wh.image_list()]
-    return Loaded(Path(root), WarehouseIndex(models, tuple(images)), provenance)
+        if info.provenance.mode == "random":
+            random_weights[info.slug] = f"architecture of {info.provenance.source}, seed {info.provenance.seed}"
+    return Loaded(Path(root), WarehouseIndex(models, tuple(wh.image_list())), random_weights, skipped)
 
 
 def _version(root: str, table: str, **keys: str) -> str:
@@ -177,6 +199,7 @@ __all__ = [
     "input_rgb",
     "layer_head_maps",
     "load_index",
+    "one_line",
     "stat_grid",
     "thumbnail",
 ]

@@ -88,16 +88,21 @@ def view_png(
     cmap: str,
     vmaxes: tuple[float, float],
     title: str,
+    captions: tuple[str, str],
 ) -> io.BytesIO:
-    """Fused and selected head over the input image, side by side, above the head grid, with a title."""
+    """Fused and selected head over the input image, side by side, above the head grid, with a title;
+    ``captions`` name the two maps. A method without heads has one map: no head panel, no grid."""
     index = view.heads.index(selected) if selected in view.heads else 0
-    panels = [_panel(rgb, view.maps[0], alpha, vmaxes[0], cmap, "fused")]
-    if selected is not None:
-        panels.append(_panel(rgb, view.maps[index], alpha, vmaxes[1], cmap, f"head {selected}"))
-    labels = ["fused" if h is None else f"h{h}" for h in view.heads]
-    grid = Image.open(io.BytesIO(head_grid_png(list(view.maps), labels, cell=96, columns=13, cmap=cmap, image=rgb)))
+    panels = [_panel(rgb, view.maps[0], alpha, vmaxes[0], cmap, captions[0])]
+    if selected is not None and index:
+        panels.append(_panel(rgb, view.maps[index], alpha, vmaxes[1], cmap, captions[1]))
+    grid = Image.new("RGB", (0, 0))
+    if len(view.heads) > 1:
+        labels = ["fused" if h is None else f"h{h}" for h in view.heads]
+        png = head_grid_png(list(view.maps), labels, cell=96, columns=13, cmap=cmap, image=rgb)
+        grid = Image.open(io.BytesIO(png))
     width = max(sum(p.width for p in panels) + 8 * (len(panels) - 1), grid.width) + 16
-    height = 24 + max(p.height for p in panels) + 8 + grid.height + 8
+    height = 24 + max(p.height for p in panels) + 8 + (grid.height + 8 if grid.height else 0)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((8, 6), title, fill="black")
@@ -105,7 +110,8 @@ def view_png(
     for panel in panels:
         canvas.paste(panel, (x, 24))
         x += panel.width + 8
-    canvas.paste(grid.convert("RGB"), (8, 24 + max(p.height for p in panels) + 8))
+    if grid.height:
+        canvas.paste(grid.convert("RGB"), (8, 24 + max(p.height for p in panels) + 8))
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     buffer.seek(0)

@@ -95,10 +95,11 @@ class OverlayFigure:
         self.heat = _image_source(np.zeros((1, 1), np.float32))
         glyph = Image(image="image", x=0, y=0, dw="dw", dh="dh", color_mapper=self.mapper, global_alpha=0.6)
         self.heat_renderer = self.figure.add_glyph(self.heat, glyph)
-        self.figure.add_layout(ColorBar(color_mapper=self.mapper, width=12, title="attention"), "right")
+        self.colorbar = ColorBar(color_mapper=self.mapper, width=12, title="attention")
+        self.figure.add_layout(self.colorbar, "right")
         wheel = WheelZoomTool()
-        hover = HoverTool(renderers=[self.heat_renderer], tooltips=[("attention", "@image{0.00000}")])
-        self.figure.add_tools(PanTool(), wheel, BoxZoomTool(), ResetTool(), SaveTool(), hover)
+        self.hover = HoverTool(renderers=[self.heat_renderer], tooltips=_tooltips("attention"))
+        self.figure.add_tools(PanTool(), wheel, BoxZoomTool(), ResetTool(), SaveTool(), self.hover)
         self.figure.toolbar.active_scroll = wheel
         self._last: dict[str, Any] = {}
 
@@ -111,7 +112,9 @@ class OverlayFigure:
         self._last[key] = value
         return not same
 
-    def render(self, aspect: float, layer: MapLayer, cmap: str, alpha: float) -> None:
+    def render(self, aspect: float, layer: MapLayer, cmap: str, alpha: float, value_label: str) -> None:
+        """Show ``layer``; ``value_label`` names its values on the colour bar and in the hover ("attention",
+        "rollout", "Grad-CAM")."""
         values_changed = self._changed("values", layer.values)
         if self._changed("aspect", aspect) or values_changed:
             flipped = np.flipud(np.asarray(layer.values, dtype=np.float32)).copy()
@@ -124,6 +127,13 @@ class OverlayFigure:
             self.heat_renderer.glyph.global_alpha = alpha
         if self._changed("title", layer.title):
             self.figure.title.text = layer.title
+        if self._changed("value_label", value_label):
+            self.colorbar.title = value_label
+            self.hover.tooltips = _tooltips(value_label)
+
+
+def _tooltips(value_label: str) -> list[tuple[str, str]]:
+    return [(value_label, "@image{0.00000}")]
 
 
 class LinkedOverlays:
@@ -138,7 +148,9 @@ class LinkedOverlays:
         self._aspect = 1.0
         self._rgb: np.ndarray | None = None
 
-    def render(self, rgb: np.ndarray, fused: MapLayer, head: MapLayer, cmap: str, alpha: float) -> None:
+    def render(
+        self, rgb: np.ndarray, fused: MapLayer, head: MapLayer, cmap: str, alpha: float, value_label: str
+    ) -> None:
         aspect = rgb.shape[0] / rgb.shape[1]
         if aspect != self._aspect:  # a model with another input shape: reset the view to the whole image
             self._aspect = aspect
@@ -149,8 +161,8 @@ class LinkedOverlays:
         if self._rgb is None or not (self._rgb is rgb or np.array_equal(self._rgb, rgb)):
             self._rgb = rgb
             self.base.data = {"image": [rgba_image(rgb)], "dw": [1.0], "dh": [aspect]}
-        self.fused.render(aspect, fused, cmap, alpha)
-        self.head.render(aspect, head, cmap, alpha)
+        self.fused.render(aspect, fused, cmap, alpha, value_label)
+        self.head.render(aspect, head, cmap, alpha, value_label)
 
 
 class TileStrip:

@@ -1,5 +1,6 @@
 """Pure selection logic of the dashboard: which (image, model, method, layer, head) is shown, how a change of
-one control moves the others, which controls are visible, and how a selection round-trips through the URL.
+one control moves the others, which controls are visible, how maps and layers are named on screen, and how a
+selection round-trips through the URL.
 
 Nothing here imports Panel or touches the warehouse, so every rule is unit-tested on its own
 (tests/test_dashboard_state.py). ``head=None`` is the fused map everywhere in this module.
@@ -11,6 +12,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from ssl_attention.models.registry import METHODS
+from ssl_attention.query import ImageInfo
 
 FUSED_LABEL = "All heads (fused)"
 FUSED_VALUE = -1  # the head selector's value for the fused map (widgets cannot hold None)
@@ -25,33 +29,33 @@ COUNTERPARTS: dict[str, tuple[str, ...]] = {
     "gradcam": ("cls", "probe", "rollout"),
 }
 
+# What the values of a method's maps are: the colour bar's title and the hover label.
+VALUE_LABELS = {"rollout": "rollout", "gradcam": "Grad-CAM"}
 
+
+# Not ssl_attention.query.ModelInfo: the rules need the layers each method stores and their names (SigLIP's probe
+# sits at the pooling head, one past the last block), which the query layer answers per partition (data.load_index).
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the dashboard needs to know about one model in the warehouse."""
+    """What the selection rules need to know about one model in the warehouse."""
 
     slug: str
     label: str
     num_heads: int  # 0 for a CNN
-    methods: tuple[str, ...]
-    per_head_methods: tuple[str, ...]
+    methods: tuple[str, ...]  # methods with maps in the warehouse, registry order
     layers: Mapping[str, tuple[int, ...]]  # per method: the layer indices stored (SigLIP's probe: one)
-    layer_names: Mapping[int, str] = field(default_factory=dict)
-    weights_mode: str = "pretrained"  # pretrained | local | random
+    layer_names: Mapping[int, str] = field(default_factory=dict)  # as stored: "block 3", "layer2", "pooling head"
 
     def layers_of(self, method: str) -> tuple[int, ...]:
         return self.layers[method]
 
     def layer_label(self, layer: int) -> str:
-        name = self.layer_names.get(layer) or ""
-        plain = name in ("", str(layer), f"block {layer}", f"layer {layer}")
-        return str(layer) if plain else f"{layer} · {name}"
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    image_id: str
-    file_name: str
+        """The layer as the dashboard names it: "block 3" (ViT), "pooling head" (SigLIP's probe), "stage layer2"
+        (a ResNet stage, timm's name); "layer N" when the warehouse stores no name."""
+        name = self.layer_names.get(layer)
+        if self.num_heads == 0:
+            return f"stage {name or layer}"
+        return name or f"layer {layer}"
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,9 @@ class Selection:
 
 
 def has_heads(info: ModelInfo, method: str) -> bool:
-    """Per-head maps exist: a ViT (heads > 0) and a per-head method (cls, mean, probe)."""
-    return info.num_heads > 0 and method in info.per_head_methods
+    """Per-head maps exist: a ViT (heads > 0) and a per-head method (the registry's ``per_head``)."""
+    spec = METHODS.get(method)
+    return info.num_heads > 0 and spec is not None and spec.per_head
 
 
 def head_options(info: ModelInfo, method: str) -> dict[str, int]:
@@ -103,6 +108,28 @@ def head_options(info: ModelInfo, method: str) -> dict[str, int]:
 
 def head_label(head: int | None) -> str:
     return FUSED_LABEL if head is None else f"Head {head}"
+
+
+def method_label(method: str) -> str:
+    spec = METHODS.get(method)
+    return spec.label if spec else method
+
+
+def map_title(info: ModelInfo, method: str, layer: int, head: int | None) -> str:
+    """The title of a shown map: "Head 3 · block 11" and "All heads (fused) · block 11" for per-head methods;
+    the method's own name for maps without heads ("Attention rollout · up to block 11", "Grad-CAM · stage
+    layer4"), where "fused" or "head" would mean nothing."""
+    where = info.layer_label(layer)
+    if has_heads(info, method):
+        return f"{head_label(head)} · {where}"
+    if method == "rollout":  # layer l holds the rollout of layers 0..l
+        return f"{method_label(method)} · up to {where}"
+    return f"{method_label(method)} · {where}"
+
+
+def value_label(method: str) -> str:
+    """What a map's values are: "attention" (cls, mean, probe), "rollout" or "Grad-CAM"."""
+    return VALUE_LABELS.get(method, "attention")
 
 
 def default_method(info: ModelInfo) -> str:
@@ -132,12 +159,6 @@ def valid_head(info: ModelInfo, method: str, head: int | None) -> int | None:
     if head is None or not has_heads(info, method):
         return None
     return head if 0 <= head < info.num_heads else None
-
-
-def relative_layer(layers: Sequence[int], depth: float) -> int:
-    """The layer at relative depth ``depth`` in [0, 1] (0 = first, 1 = last; halves round up)."""
-    depth = min(max(float(depth), 0.0), 1.0)
-    return layers[math.floor(depth * (len(layers) - 1) + 0.5)]
 
 
 def default_selection(index: WarehouseIndex) -> Selection:

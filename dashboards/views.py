@@ -13,7 +13,6 @@ import holoviews as hv
 import numpy as np
 
 from dashboards.figures import MARK_COLOR
-from dashboards.state import FUSED_LABEL
 
 
 def _finite_max(values: np.ndarray) -> float:
@@ -47,8 +46,21 @@ def normalise_tiles(maps: Sequence[np.ndarray], shared: bool) -> list[np.ndarray
     return [np.asarray(m, dtype=np.float32) / (top if shared else _finite_max(m)) for m in maps]  # type: ignore[operator]
 
 
+def column_labels(heads: Sequence[int | None], method_label: str) -> list[str]:
+    """Column captions of a layers x heads view: "fused", "0", "1", ...; a method without heads has one column,
+    named after the method ("Attention rollout"), since "fused" would mean nothing there."""
+    if len(heads) == 1:
+        return [method_label]
+    return ["fused" if h is None else str(h) for h in heads]
+
+
 def overview_image(
-    per_layer: Sequence[np.ndarray], heads: Sequence[int | None], layer_labels: Sequence[str], cmap: str, shared: bool
+    per_layer: Sequence[np.ndarray],
+    heads: Sequence[int | None],
+    layer_labels: Sequence[str],
+    cmap: str,
+    shared: bool,
+    method_label: str = "fused",
 ) -> hv.Image:
     """Layers (rows, first layer on top) x (fused + heads) (columns) of one image, one mosaic image.
 
@@ -70,9 +82,9 @@ def overview_image(
         tools=["tap"],
         default_tools=[],
         toolbar=None,
-        xticks=[(k + 0.5, "fused" if h is None else str(h)) for k, h in enumerate(heads)],
+        xticks=[(k + 0.5, label) for k, label in enumerate(column_labels(heads, method_label))],
         yticks=[(rows - 1 - i + 0.5, label) for i, label in enumerate(layer_labels)],
-        xlabel="head",
+        xlabel="head" if cols > 1 else "",
         ylabel="layer",
         width=cell * cols + 120,
         height=cell * rows + 50,
@@ -96,9 +108,10 @@ def stat_heatmap_element(
     stat: str,
     cmap: str,
     title: str,
+    method_label: str = "fused",
 ) -> hv.HeatMap:
     """A statistic over layers (rows, first on top) x (fused + heads), hover shows the value."""
-    head_names = ["fused" if h is None else str(h) for h in heads]
+    head_names = column_labels(heads, method_label)
     records = [
         (head_names[k], layer_labels[i], float(values[i, k]))
         for i in range(values.shape[0])
@@ -121,7 +134,3 @@ def stat_heatmap_element(
         title="{label}",
         clipping_colors={"NaN": "#eeeeee"},
     )
-
-
-def head_title(head: int | None, layer_label: str) -> str:
-    return f"{FUSED_LABEL if head is None else f'Head {head}'} · layer {layer_label}"

@@ -1,8 +1,9 @@
-"""Helpers for the dashboard's browser tests and benchmark: serve the app on a free port, launch Chromium,
-read what Bokeh actually plotted.
+"""Helpers for the dashboard's tests: a warehouse to show (with one model marked as random weights), the maps
+it holds, and the app served on a free port.
 
-Used by tests/test_dashboard_browser.py and bench/dashboard_latency.py (not a conftest: nothing here is
-collected or auto-used).
+Used by tests/test_dashboard_app.py and tests/test_dashboard_browser.py (not a conftest: nothing here is
+collected or auto-used). Launching Chromium and reading what Bokeh plotted live in ``bench.browser``, shared
+with the latency benchmark.
 """
 
 from __future__ import annotations
@@ -17,42 +18,58 @@ from typing import Any
 
 import requests
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-]
 REQUIRE_BROWSER_ENV = "SSL_ATTENTION_REQUIRE_BROWSER"
 RANDOM_MODEL = "mae"  # dashboard_warehouse() marks this model's rows as random weights (banner tests)
+RANDOM_SEED = 0
+WEIGHTS_TABLES = ("models", "attention_maps", "inputs")  # per-model tables whose rows say where weights came from
 
 
 def dashboard_warehouse(tiny_warehouse: Path, destination: Path) -> Path:
-    """A copy of the tiny warehouse with head statistics, and ``RANDOM_MODEL``'s rows marked as random weights
-    (the tiny checkpoints are local ones; the real random mode builds base-size models, too slow here)."""
+    """A copy of the tiny warehouse with ``RANDOM_MODEL``'s rows marked as random weights (the tiny checkpoints
+    are local ones; the real random mode builds base-size models, too slow here), and head statistics."""
     import shutil
 
     from ssl_attention.stats import write_head_stats
 
     shutil.copytree(tiny_warehouse, destination)
-    for model_dir in sorted((destination / "attention_maps").glob("model=*")):
+    for table in WEIGHTS_TABLES:
+        for path in sorted((destination / table / f"model={RANDOM_MODEL}").rglob("*.parquet")):
+            _mark_random(path, RANDOM_MODEL)
+    for model_dir in sorted((destination / "attention_maps").glob("model=*")):  # after: stats copy the weights
         write_head_stats(destination, model_dir.name.split("=", 1)[1])
-    paths = [destination / "models" / f"model={RANDOM_MODEL}" / "data.parquet"]
-    paths += (destination / "attention_maps" / f"model={RANDOM_MODEL}").glob("method=*/data.parquet")
-    for path in paths:
-        _mark_random(path)
     return destination
 
 
-def _mark_random(path: Path) -> None:
+def random_provenance(slug: str) -> Any:
+    """What ``--weights random`` records for ``slug``: the hub model's architecture, seed 0, and the fingerprint
+    of the bundled config it is built from (as ``ssl_attention.models.loading`` computes it)."""
+    from ssl_attention.models.registry import MODELS
+    from ssl_attention.models.weights import CONFIG_DIR, Provenance, file_fingerprint
+
+    configs = sorted((CONFIG_DIR / slug).glob("*.json"))
+    fingerprint = file_fingerprint(*configs)
+    return Provenance(mode="random", source=MODELS[slug].default_weights, seed=RANDOM_SEED, fingerprint=fingerprint)
+
+
+def _mark_random(path: Path, slug: str) -> None:
+    """Rewrite every weights column of a Parquet file as random weights would have written it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    provenance = random_provenance(slug)
+    values = {
+        "weights_mode": provenance.mode,
+        "weights_source": provenance.source,
+        "weights_revision": provenance.revision,  # None: a random model has no hub revision
+        "weights_seed": provenance.seed,
+        "weights_id": provenance.weights_id,  # random:<hub id>:seed=0#<fingerprint>
+    }
     table = pq.read_table(path)
-    index = table.schema.get_field_index("weights_mode")
-    table = table.set_column(index, table.schema.field(index), pa.array(["random"] * table.num_rows, pa.string()))
+    for name, value in values.items():
+        index = table.schema.get_field_index(name)
+        if index >= 0:
+            field = table.schema.field(index)
+            table = table.set_column(index, field, pa.array([value] * table.num_rows, field.type))
     pq.write_table(table, path)
 
 
@@ -76,17 +93,6 @@ def image_id_of(warehouse: Path, file_name: str) -> str:
 
     images = pq.read_table(warehouse / "images" / "data.parquet").to_pylist()
     return next(row["image_id"] for row in images if row["file_name"] == file_name)
-
-
-def browser_missing_reason() -> str | None:
-    """Why the browser tests cannot run here, or None when they can."""
-    if not CHROMIUM.is_file():
-        return f"{CHROMIUM} not found (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install -e '.[test]')"
-    return None
 
 
 def browser_required() -> bool:
@@ -123,49 +129,3 @@ def serve_threaded(app: Callable[[], Any], timeout: float = 30.0) -> Iterator[in
     finally:
         thread.stop()
         thread.join(10)
-
-
-# --- reading the Bokeh document from the page ---------------------------------------------------------------
-
-# All plotted float images (hv.Image -> bokeh Image glyph) with the title of their figure; rows are flipped
-# with respect to the numpy array (bokeh's origin is bottom-left).
-PLOTTED_IMAGES_JS = """() => {
-  const doc = window.Bokeh?.documents?.[0];
-  if (!doc) return [];
-  const models = [...doc.all_models];
-  const out = [];
-  for (const fig of models.filter(m => m.type === 'Plot' || m.type === 'Figure')) {
-    for (const r of fig.renderers) {
-      if (r.type !== 'GlyphRenderer' || r.glyph.type !== 'Image') continue;
-      const a = r.data_source.data.image?.[0];
-      if (!a) continue;
-      out.push({title: fig.title?.text ?? '', shape: a.shape, values: Array.from(a)});
-    }
-  }
-  return out;
-}"""
-
-WIDGET_VALUE_JS = """([type, title]) => {
-  const doc = window.Bokeh?.documents?.[0];
-  const m = doc && [...doc.all_models].find(m => m.type === type && m.title === title);
-  return m ? {value: m.value, visible: m.visible} : null;
-}"""
-
-DOC_READY_JS = """() => {
-  const doc = window.Bokeh?.documents?.[0];
-  return !!doc && [...doc.all_models].some(m => m.type === 'GlyphRenderer' && m.glyph?.type === 'Image'
-    && m.data_source.data.image?.[0]?.length > 1);
-}"""
-
-
-def plotted_images(page: Any) -> list[dict[str, Any]]:
-    return page.evaluate(PLOTTED_IMAGES_JS)
-
-
-def plotted_by_title(page: Any, prefix: str) -> dict[str, Any] | None:
-    """The first plotted image whose figure title starts with ``prefix``."""
-    return next((p for p in plotted_images(page) if p["title"].startswith(prefix)), None)
-
-
-def launch_chromium(playwright: Any) -> Any:
-    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

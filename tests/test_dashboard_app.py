@@ -1,18 +1,22 @@
 """The dashboard's server side without a browser: the viewer over the tiny warehouse, what its Bokeh models
-hold after each switch, URL restore, exports, the other tabs' views, and the empty-warehouse message."""
+hold after each switch, URL restore, exports, the other tabs' views, the empty-warehouse message, and the
+message (never a traceback) over a damaged warehouse."""
 
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import panel as pn
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from tests.dashboard_fixtures import RANDOM_MODEL, dashboard_warehouse, expected_map, image_id_of
+from ssl_attention.models.registry import MODELS
+from tests.dashboard_fixtures import RANDOM_MODEL, RANDOM_SEED, dashboard_warehouse, expected_map, image_id_of
 
 if TYPE_CHECKING:
     from dashboards.app import AttentionExplorer
@@ -47,7 +51,7 @@ def test_head_switch_updates_the_head_figure_only(explorer: AttentionExplorer, w
         np.testing.assert_array_equal(
             shown(explorer._overlays.head), expected_map(warehouse, "dinov2", "cls", image, 1, head)
         )
-        assert explorer._overlays.head.figure.title.text == f"Head {head} · layer 1"
+        assert explorer._overlays.head.figure.title.text == f"Head {head} · block 1"
     np.testing.assert_array_equal(
         shown(explorer._overlays.fused), expected_map(warehouse, "dinov2", "cls", image, 1, None)
     )
@@ -80,6 +84,42 @@ def test_method_and_model_switches_follow_the_rules(explorer: AttentionExplorer)
     assert list(explorer.param.head.objects) == [-1]
 
 
+@pytest.mark.parametrize(
+    ("query", "title", "value_label", "slider"),
+    [
+        ({"model": "clip", "method": "rollout", "layer": 1}, "Attention rollout · up to block 1", "rollout", "Layer"),
+        ({"model": "resnet50", "method": "gradcam", "layer": 1}, "Grad-CAM · stage layer2", "Grad-CAM", "Stage"),
+    ],
+)
+def test_methods_without_heads_show_one_map_named_after_the_method(
+    explorer: AttentionExplorer, query: dict[str, object], title: str, value_label: str, slider: str
+) -> None:
+    explorer.apply_query({"model": "dinov2", "method": "cls", "head": 2})
+    assert explorer.show_heads
+    explorer.apply_query(query)
+    assert not explorer.show_heads  # hides the head selector, the head map, the grid and its caption
+    fused = explorer._overlays.fused
+    assert fused.figure.title.text == title  # not "All heads (fused)": there are no heads
+    assert fused.colorbar.title == value_label and fused.hover.tooltips[0][0] == value_label
+    # the slider shows the layer's name, not its index: "Layer: block 1", "Stage: layer2"
+    assert explorer._layer_slider.name == slider
+    assert title.endswith(explorer._layer_slider.format.args["labels"][str(query["layer"])])
+    layout = explorer.__panel__()
+    figures = (explorer._overlays.head.figure, explorer._grid_strip.figure)  # the head map; the grid and its caption
+    holders = [
+        column
+        for column in layout.select(pn.Column)
+        if any(isinstance(pane, pn.pane.Bokeh) and pane.object in figures for pane in column.objects)
+    ]
+    assert len(holders) == 2 and not any(column.visible for column in holders)
+    assert any("Head grid" in str(pane.object) for pane in holders[1].objects)
+    png = explorer._export_png().getvalue()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    explorer.apply_query({"model": "dinov2", "method": "cls"})
+    assert explorer.show_heads and all(column.visible for column in holders)
+    assert explorer._overlays.fused.colorbar.title == "attention"
+
+
 def test_query_round_trip_and_bad_values(explorer: AttentionExplorer) -> None:
     explorer.apply_query(
         {"model": "dinov3", "method": "mean", "layer": 0, "head": 3, "cmap": "magma", "tab": "statistics"}
@@ -92,10 +132,12 @@ def test_query_round_trip_and_bad_values(explorer: AttentionExplorer) -> None:
     assert explorer.cmap == "magma" and explorer.opacity == 0.6  # invalid display values keep the current ones
 
 
-def test_random_weights_are_flagged(explorer: AttentionExplorer) -> None:
+def test_random_weights_are_flagged_with_their_provenance(explorer: AttentionExplorer) -> None:
     explorer.model = RANDOM_MODEL
     assert explorer._is_random(explorer.selection)
-    assert "Random weights" in explorer._banner(explorer.selection)
+    banner = explorer._banner(explorer.selection)
+    assert "Random weights" in banner
+    assert MODELS[RANDOM_MODEL].default_weights in banner and f"seed {RANDOM_SEED}" in banner  # the architecture
     explorer.model = "clip"
     assert not explorer._is_random(explorer.selection)
 
@@ -120,7 +162,9 @@ def test_other_tabs_build_their_views(explorer: AttentionExplorer) -> None:
     import holoviews as hv
 
     explorer.apply_query({"model": "resnet50"})  # Grad-CAM stages have different grids: resampled tiles
-    assert isinstance(explorer._overview_plot((explorer.selection, "viridis", "shared")), hv.Image)
+    overview = explorer._overview_plot((explorer.selection, "viridis", "shared"))
+    assert isinstance(overview, hv.Image)
+    assert overview.opts.get().kwargs["xticks"] == [(0.5, "Grad-CAM")]  # one column, named after the method
     explorer.apply_query({"model": "dinov2", "head": 1})
     heat = explorer._stat_plot((explorer.selection, "viridis"), "entropy_norm", "all")
     assert isinstance(heat, hv.HeatMap) and len(heat) == 2 * 5  # 2 layers x (fused + 4 heads)
@@ -183,3 +227,71 @@ def test_panel_serve_builds_the_app_at_slash_app(warehouse: Path) -> None:
     finally:
         process.terminate()
         process.wait(15)
+
+
+# --- a damaged warehouse: a message saying what failed, never a traceback ------------------------------------
+
+
+def _damaged_copy(warehouse: Path, destination: Path, *relative: str) -> Path:
+    """A copy of ``warehouse`` whose files at ``relative`` hold garbage instead of Parquet."""
+    shutil.copytree(warehouse, destination)
+    for path in relative:
+        (destination / path).write_bytes(b"not a parquet file \x00\xff" * 64)
+    return destination
+
+
+def test_a_damaged_models_file_shows_what_failed(warehouse: Path, tmp_path: Path) -> None:
+    from dashboards.app import WarehouseProblem, create_app
+
+    damaged = _damaged_copy(warehouse, tmp_path / "warehouse", "models/model=clip/data.parquet")
+    app = create_app(damaged)  # must not raise
+    assert isinstance(app, WarehouseProblem)
+    assert app.failed == "reading the list of models and images" and app.error and "\n" not in app.error
+    text = app.__panel__().objects[1].object
+    assert str(damaged) in text and app.error.replace("`", "'") in text and "Traceback" not in text
+
+
+def test_a_damaged_partition_is_left_out_with_a_note(warehouse: Path, tmp_path: Path) -> None:
+    from dashboards.app import AttentionExplorer, create_app
+
+    damaged = _damaged_copy(warehouse, tmp_path / "warehouse", "attention_maps/model=clip/method=mean/data.parquet")
+    app = create_app(damaged)
+    assert isinstance(app, AttentionExplorer)  # the other maps are still there
+    assert "mean" not in app._index.models["clip"].methods and "cls" in app._index.models["clip"].methods
+    assert set(app._loaded.skipped) == {"clip/mean"}
+    note = next(pane for pane in app.__panel__().objects if pane is not None and "clip/mean" in str(pane.object))
+    assert note.visible and str(damaged) in note.object
+
+
+def test_a_partition_damaged_while_shown_gives_a_message_on_switch(warehouse: Path, tmp_path: Path) -> None:
+    from dashboards.app import AttentionExplorer, create_app
+
+    damaged = _damaged_copy(warehouse, tmp_path / "warehouse")
+    app = create_app(damaged)
+    assert isinstance(app, AttentionExplorer) and app.problem == ""
+    (damaged / "attention_maps/model=dinov2/method=rollout/data.parquet").write_bytes(b"garbage" * 100)
+    app.method = "rollout"  # the view switch reads the damaged file
+    assert app.selection.method == "rollout"
+    assert "dinov2/rollout" in app.problem and str(damaged) in app.problem and "\n" not in app.problem
+    assert "unavailable" in app._overlays.fused.figure.title.text
+    assert isinstance(app._overview_pane(app.shape_key, "overview"), pn.pane.Alert)
+    assert app._export_csv().getvalue().startswith(b"Could not export")
+    assert app._csv_download.filename == "export_failed.txt"
+    app.method = "cls"
+    assert app.problem == ""
+
+
+def test_unexpected_errors_become_messages(explorer: AttentionExplorer, warehouse: Path, monkeypatch) -> None:
+    """Whatever the query layer raises (not only QueryError), the user gets a message."""
+    from dashboards import app as app_module
+    from dashboards import data
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("a reader bug")
+
+    monkeypatch.setattr(data, "head_grid", broken)
+    explorer.head = 1
+    assert "KeyError: 'a reader bug'" in explorer.problem
+    monkeypatch.setattr(data, "load_index", broken)
+    problem = app_module.create_app(warehouse)
+    assert isinstance(problem, app_module.WarehouseProblem) and problem.error == "KeyError: 'a reader bug'"

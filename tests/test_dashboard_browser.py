@@ -9,6 +9,7 @@ Skipped when /usr/bin/chromium is missing, unless SSL_ATTENTION_REQUIRE_BROWSER=
 from __future__ import annotations
 
 import io
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,17 +19,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pytest
 
+from bench.browser import DOC_READY_JS, WIDGET_VALUE_JS, browser_missing_reason, launch_chromium, plotted_by_title
+from ssl_attention.models.registry import MODELS
 from tests.dashboard_fixtures import (
-    DOC_READY_JS,
     RANDOM_MODEL,
-    WIDGET_VALUE_JS,
-    browser_missing_reason,
+    RANDOM_SEED,
     browser_required,
     dashboard_warehouse,
     expected_map,
     image_id_of,
-    launch_chromium,
-    plotted_by_title,
     serve_threaded,
 )
 
@@ -36,6 +35,7 @@ pytestmark = pytest.mark.browser
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 SELECT = "panel.models.widgets.CustomSelect"
+COLORBARS_JS = "() => [...Bokeh.documents[0].all_models].filter(m => m.type === 'ColorBar').map(m => m.title)"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,7 +58,14 @@ def server(warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     from dashboards.app import create_app
 
     missing = tmp_path_factory.mktemp("no_warehouse") / "missing"
-    routes = {"app": lambda: create_app(warehouse), "empty": lambda: create_app(missing)}
+    damaged = tmp_path_factory.mktemp("damaged") / "warehouse"
+    shutil.copytree(warehouse, damaged)
+    (damaged / "models" / "model=clip" / "data.parquet").write_bytes(b"not parquet" * 50)
+    routes = {
+        "app": lambda: create_app(warehouse),
+        "empty": lambda: create_app(missing),
+        "damaged": lambda: create_app(damaged),
+    }
     with serve_threaded(routes) as port:
         yield port
 
@@ -137,14 +144,14 @@ def wait_for_query(page: Any, **expected: str) -> None:
 def test_selecting_heads_changes_the_rendered_heatmap(page: Any, server: int, warehouse: Path) -> None:
     image = image_id_of(warehouse, "chelsea.jpg")
     open_app(page, server, "?image=chelsea.jpg&model=dinov2&method=cls&layer=1&head=fused")
-    fused = wait_for_title(page, "All heads (fused) · layer 1")
+    fused = wait_for_title(page, "All heads (fused) · block 1")
     np.testing.assert_allclose(plotted_array(fused), expected_map(warehouse, "dinov2", "cls", image, 1, None))
     assert not page.get_by_text("Random weights").is_visible()  # local tiny checkpoints, not random
 
     shown = {}
     for head in (1, 3):
         page.get_by_label("Head").select_option(f"Head {head}")
-        plotted = plotted_array(wait_for_title(page, f"Head {head} · layer 1"))
+        plotted = plotted_array(wait_for_title(page, f"Head {head} · block 1"))
         np.testing.assert_allclose(plotted, expected_map(warehouse, "dinov2", "cls", image, 1, head))
         shown[head] = plotted
     assert not np.allclose(shown[1], shown[3]), "different heads must render different maps"
@@ -157,7 +164,7 @@ def test_selecting_heads_changes_the_rendered_heatmap(page: Any, server: int, wa
     page.mouse.click(box["x"] + box["width"] * (2 + 0.5) / tiles, box["y"] + box["height"] / 2)
     wait_for_widget(page, "Head", value="1")
     wait_for_query(page, head="1")
-    plotted = plotted_array(wait_for_title(page, "Head 1 · layer 1"))
+    plotted = plotted_array(wait_for_title(page, "Head 1 · block 1"))
     np.testing.assert_allclose(plotted, expected_map(warehouse, "dinov2", "cls", image, 1, 1))
 
 
@@ -170,16 +177,25 @@ def test_head_selector_hidden_for_rollout_and_resnet50(page: Any, server: int, w
     wait_for_query(page, method="rollout", head="fused")  # reset to fused ...
     wait_for_widget(page, "Head", value="-1", visible=False)  # ... and hidden
     assert not page.get_by_label("Head").is_visible()
-    wait_for_title(page, "All heads (fused)")
+    wait_for_title(page, "Attention rollout · up to block")  # one map, named after the method
+    page.get_by_text("Head grid").wait_for(state="hidden")  # no heads: no grid, no caption
+    assert "rollout" in page.evaluate(COLORBARS_JS)
 
     page.get_by_label("Method").select_option("CLS attention")
     wait_for_widget(page, "Head", value="-1", visible=True)  # shown again, still fused
+    page.get_by_text("Head grid").wait_for(state="visible")
+    assert page.locator(".bk-slider-title", has_text="Layer").first.inner_text().split() == ["Layer:", "block", "1"]
 
     page.get_by_label("Model").select_option("ResNet-50 (timm, ImageNet)")
     wait_for_query(page, model="resnet50", method="gradcam", head="fused")
     wait_for_widget(page, "Head", visible=False)
     assert not page.get_by_label("Head").is_visible()
     assert page.get_by_text("is a CNN: no attention heads").is_visible()
+    wait_for_title(page, "Grad-CAM · stage layer")
+    assert not page.get_by_text("Head grid").is_visible()
+    assert set(page.evaluate(COLORBARS_JS)) == {"Grad-CAM"}
+    slider = page.locator(".bk-slider-title", has_text="Stage")  # the stage's name, not its index
+    assert slider.inner_text().replace("\n", " ").split() == ["Stage:", "layer2"]
 
 
 def test_empty_warehouse_shows_the_fill_command(page: Any, server: int) -> None:
@@ -190,17 +206,25 @@ def test_empty_warehouse_shows_the_fill_command(page: Any, server: int) -> None:
     assert page.get_by_text("Traceback").count() == 0
 
 
+def test_damaged_warehouse_shows_what_failed(page: Any, server: int) -> None:
+    page.goto(f"http://localhost:{server}/damaged")
+    page.get_by_text("The warehouse cannot be read").wait_for()
+    assert page.get_by_text("models/model=clip/data.parquet").first.is_visible()  # the file, in the one-line error
+    assert page.get_by_text("Traceback").count() == 0
+
+
 def test_url_restores_a_view_and_ignores_bad_values(page: Any, server: int, warehouse: Path) -> None:
     image = image_id_of(warehouse, "coffee.jpg")
     open_app(page, server, "?image=coffee.jpg&model=siglip&method=probe&layer=2&head=2&cmap=magma&scale=independent")
-    plotted = plotted_array(wait_for_title(page, "Head 2 · layer 2 · pooling head"))
+    plotted = plotted_array(wait_for_title(page, "Head 2 · pooling head"))
     np.testing.assert_allclose(plotted, expected_map(warehouse, "siglip", "probe", image, 2, 2))
     assert widget(page, "Image")["value"] == image
     assert widget(page, "Model")["value"] == "siglip"
     assert widget(page, "Colormap")["value"] == "magma"
 
     open_app(page, server, "?model=nope&method=rollout&layer=99&head=banana&cmap=rainbow&image=gone.jpg")
-    wait_for_title(page, "All heads (fused) · layer 1")
+    wait_for_title(page, "Attention rollout · up to block 1")
+    assert page.locator(".bk-Canvas >> visible=true").count() == 2  # thumbnails and the one map: no head, no grid
     assert widget(page, "Model")["value"] == "dinov2"
     assert widget(page, "Method")["value"] == "rollout"  # valid for the fallback model: kept
     assert widget(page, "Colormap")["value"] == "viridis"
@@ -210,7 +234,7 @@ def test_url_restores_a_view_and_ignores_bad_values(page: Any, server: int, ware
 def test_export_downloads(page: Any, server: int, warehouse: Path) -> None:
     image = image_id_of(warehouse, "rocket.jpg")
     open_app(page, server, "?image=rocket.jpg&model=dinov3&method=mean&layer=0&head=1")
-    wait_for_title(page, "Head 1 · layer 0")
+    wait_for_title(page, "Head 1 · block 0")
     with page.expect_download() as download:
         page.get_by_role("button", name="CSV").click()
     assert download.value.suggested_filename == "rocket_dinov3_mean_layer0_maps.csv"
@@ -232,5 +256,8 @@ def test_random_weights_banner_follows_the_model(page: Any, server: int) -> None
     banner = page.get_by_text("Random weights")
     banner.wait_for(state="visible")
     assert page.get_by_text("They show the machinery").is_visible()
+    # the provenance the rows carry: the architecture mimicked and the seed
+    provenance = f"architecture of {MODELS[RANDOM_MODEL].default_weights}, seed {RANDOM_SEED}"
+    assert page.get_by_text(provenance).is_visible()
     page.get_by_label("Model").select_option("CLIP ViT-B/16 (vision tower)")
     banner.wait_for(state="hidden")

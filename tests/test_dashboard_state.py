@@ -5,12 +5,20 @@ from __future__ import annotations
 import pytest
 
 from dashboards import state
-from dashboards.state import FUSED_LABEL, ImageInfo, ModelInfo, Selection, WarehouseIndex
+from dashboards.state import FUSED_LABEL, ModelInfo, Selection, WarehouseIndex
+from ssl_attention.query import ImageInfo
+
+
+def _blocks(layers: int) -> dict[int, str]:
+    return {i: f"block {i}" for i in range(layers)}  # the names a ViT's maps are stored with
 
 
 def _vit(slug: str, heads: int, layers: int, methods: tuple[str, ...] = ("cls", "mean", "rollout")) -> ModelInfo:
-    per_head = tuple(m for m in methods if m in ("cls", "mean", "probe"))
-    return ModelInfo(slug, slug.upper(), heads, methods, per_head, {m: tuple(range(layers)) for m in methods})
+    return ModelInfo(slug, slug.upper(), heads, methods, {m: tuple(range(layers)) for m in methods}, _blocks(layers))
+
+
+def _image(image_id: str, file_name: str) -> ImageInfo:
+    return ImageInfo(image_id, file_name, width=64, height=48, format="JPEG", thumbnail=None)
 
 
 SIGLIP = ModelInfo(
@@ -18,19 +26,16 @@ SIGLIP = ModelInfo(
     "SigLIP",
     12,
     ("mean", "probe", "rollout"),
-    ("mean", "probe"),
     {"mean": tuple(range(12)), "probe": (12,), "rollout": tuple(range(12))},
-    {12: "pooling head"},
+    _blocks(12) | {12: "pooling head"},
 )
 RESNET = ModelInfo(
     "resnet50",
     "ResNet-50",
     0,
     ("gradcam",),
-    (),
     {"gradcam": (0, 1, 2, 3)},
     {0: "layer1", 1: "layer2", 2: "layer3", 3: "layer4"},
-    "random",
 )
 INDEX = WarehouseIndex(
     models={
@@ -40,7 +45,7 @@ INDEX = WarehouseIndex(
         "siglip": SIGLIP,
         "resnet50": RESNET,
     },
-    images=(ImageInfo("a" * 32, "astronaut.jpg"), ImageInfo("0123456789", "cat.png"), ImageInfo("c" * 32, "sub/c.jpg")),
+    images=(_image("a" * 32, "astronaut.jpg"), _image("0123456789", "cat.png"), _image("c" * 32, "sub/c.jpg")),
 )
 
 
@@ -135,14 +140,6 @@ def test_apply_request_orders_model_before_method() -> None:
     assert unknown == sel()
 
 
-def test_relative_layer() -> None:
-    assert state.relative_layer(range(12), 0.0) == 0
-    assert state.relative_layer(range(12), 1.0) == 11
-    assert state.relative_layer(range(12), 0.5) == 6  # 5.5 rounds up
-    assert state.relative_layer((12,), 0.3) == 12
-    assert state.relative_layer(range(4), 7) == 3
-
-
 # --- URL state -----------------------------------------------------------------------------------------------
 
 
@@ -218,7 +215,27 @@ def test_default_selection_is_the_last_layer_fused() -> None:
         state.default_selection(WarehouseIndex({}, ()))
 
 
-def test_layer_labels() -> None:
-    assert SIGLIP.layer_label(12) == "12 · pooling head"
-    assert RESNET.layer_label(3) == "3 · layer4"
-    assert INDEX.models["dinov2"].layer_label(4) == "4"
+def test_layer_labels_name_the_layer_not_its_index() -> None:
+    assert SIGLIP.layer_label(12) == "pooling head"
+    assert RESNET.layer_label(1) == "stage layer2"  # timm's stage name, not "1 · layer2"
+    assert INDEX.models["dinov2"].layer_label(4) == "block 4"
+    assert ModelInfo("x", "X", 4, ("cls",), {"cls": (0, 1)}).layer_label(1) == "layer 1"  # no stored name
+
+
+@pytest.mark.parametrize(
+    ("model", "method", "layer", "head", "title"),
+    [
+        ("dinov2", "cls", 11, None, "All heads (fused) · block 11"),
+        ("dinov2", "mean", 3, 7, "Head 7 · block 3"),
+        ("siglip", "probe", 12, 2, "Head 2 · pooling head"),
+        ("dinov2", "rollout", 5, None, "Attention rollout · up to block 5"),
+        ("resnet50", "gradcam", 1, None, "Grad-CAM · stage layer2"),
+    ],
+)
+def test_map_titles_are_method_specific(model: str, method: str, layer: int, head: int | None, title: str) -> None:
+    assert state.map_title(INDEX.models[model], method, layer, head) == title
+
+
+def test_value_labels() -> None:
+    assert [state.value_label(m) for m in ("cls", "mean", "probe")] == ["attention"] * 3
+    assert (state.value_label("rollout"), state.value_label("gradcam")) == ("rollout", "Grad-CAM")

@@ -183,6 +183,12 @@ def test_write_head_stats_covers_every_map_and_matches_numpy(tiny_warehouse: Pat
     assert all(v == 1.0 for v in stages["pearson_fused"].to_pylist() if v is not None)
 
 
-def test_write_head_stats_needs_the_models_row(tmp_path: Path):
+def test_write_head_stats_needs_the_models_row(tmp_path: Path, tiny_warehouse: Path):
+    assert write_head_stats(tmp_path, "dinov2") == {}  # nothing extracted yet: nothing to do
+    import shutil
+
+    warehouse = tmp_path / "wh"
+    shutil.copytree(tiny_warehouse, warehouse)
+    (warehouse / "models" / "model=dinov2" / "data.parquet").unlink()  # maps without their model facts
     with pytest.raises(FileNotFoundError, match="no models row"):
-        write_head_stats(tmp_path, "dinov2")
+        write_head_stats(warehouse, "dinov2")
