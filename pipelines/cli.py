@@ -7,7 +7,6 @@ import importlib.util
 import logging
 import os
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -173,10 +172,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         command.append("--show")
     env = {**os.environ, ENV_VAR: str(warehouse)}
     print(f"serving the dashboard over {warehouse} at http://{args.address}:{port}/app", flush=True)
-    try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 0
+    # Become the server (no wrapper process): signals such as Ctrl-C or a supervisor's SIGTERM reach it.
+    os.execve(sys.executable, command, env)
+    return 0  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:
