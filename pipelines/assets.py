@@ -109,7 +109,7 @@ def attention_maps(context: dg.AssetExecutionContext, extraction: ExtractionSett
     outcomes = merge_outcomes(check_model(warehouse, model))
     return dg.MaterializeResult(
         metadata=extraction_metadata(report, str(warehouse)),
-        check_results=[check_result(o) for o in outcomes],
+        check_results=[check_result(o, model) for o in outcomes],
     )
 
 

@@ -73,13 +73,15 @@ def extraction_metadata(report: ModelRunReport, warehouse: str) -> dict[str, dg.
     }
 
 
-def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
+def check_result(outcome: CheckOutcome, model: str) -> dg.AssetCheckResult:
+    """One check's result; the checks are not partitioned themselves, so the model is in the metadata."""
     return dg.AssetCheckResult(
         check_name=outcome.name,
         passed=outcome.passed,
         severity=dg.AssetCheckSeverity.ERROR,
         description=outcome.description,
         metadata={
+            "model": dg.MetadataValue.text(model),
             "failures": dg.MetadataValue.int(outcome.failures),
             "examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in outcome.examples) or "none"),
         },

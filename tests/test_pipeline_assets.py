@@ -143,6 +143,7 @@ def test_asset_checks_ran_and_passed(materialized, model):
     evaluations = results[model].get_asset_check_evaluations()
     assert {e.check_name for e in evaluations} == set(CHECK_NAMES)
     assert all(e.passed for e in evaluations), [(e.check_name, e.metadata) for e in evaluations if not e.passed]
+    assert {e.metadata["model"].value for e in evaluations} == {model}
 
 
 def test_head_stats_and_catalog(materialized):
