@@ -11,7 +11,9 @@ import contextlib
 import html
 import io
 import logging
+import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import holoviews as hv
 import numpy as np
 import panel as pn
 import param
+from bokeh.document import Document
 from bokeh.models import CustomJSTickFormatter
 from PIL import Image
 
@@ -97,7 +100,7 @@ class UrlState(param.Parameterized):
 
 
 URL_KEYS = tuple(p for p in UrlState.param if p != "name")
-URL_DELAY_MS = 150  # the URL follows the view after this delay (see _sync_url)
+URL_DELAY_MS = 400  # the URL follows the view once it has not changed for this long (see _sync_url)
 
 
 def _message_plot(text: str, width: int = 400, height: int = 120) -> hv.Text:
@@ -184,7 +187,15 @@ class AttentionExplorer(pn.viewable.Viewer):
             self._applying = False
 
     def _apply(self, selection: state.Selection) -> None:
-        """Show ``selection`` (already valid): update the dependent options, then the controls, then views."""
+        """Show ``selection`` (already valid): update the dependent options, then the controls, then views.
+
+        Every change of one switch goes to the browser as one message (``pn.io.hold``): Bokeh otherwise sends
+        each model change on its own (a head switch was 4 messages, a layer switch 9), and the browser parses
+        and applies each one separately."""
+        with pn.io.hold():
+            self._apply_held(selection)
+
+    def _apply_held(self, selection: state.Selection) -> None:
         info = self._index.models[selection.model]
         layers = info.layers_of(selection.method)
         with self._guard():
@@ -311,6 +322,10 @@ class AttentionExplorer(pn.viewable.Viewer):
     @param.depends("cmap", "opacity", "scale", watch=True)
     def _render_heads(self) -> None:
         """Fused and selected head over the input image, and the head grid, for the current selection."""
+        with pn.io.hold():  # one message for the browser (see _apply)
+            self._render_heads_held()
+
+    def _render_heads_held(self) -> None:
         s = self.selection
         rgb = self._rgb(s.image, s.model)
         label = state.value_label(s.method)
@@ -324,14 +339,15 @@ class AttentionExplorer(pn.viewable.Viewer):
         self.problem = ""
         shared = self.scale == "shared"
         head = s.head if s.head in grid.heads else None
+        heads = len(grid.heads) > 1  # else the head map and the grid are hidden (self.show_heads): left as they are
         layers = []
-        for shown in (None, head):
+        for shown in (None, head) if heads else (None,):
             values = grid.maps[grid.heads.index(shown)]
             title = self._map_title(shown)
             layers.append(figures.MapLayer(values, views.display_max(grid.maps, values, shared), title))
-        self._overlays.render(rgb, layers[0], layers[1], self.cmap, self.opacity, label)
-        if len(grid.heads) == 1:
-            return  # no heads: the grid is hidden (self.show_heads) and would hold the fused map alone
+        self._overlays.render(rgb, layers[0], layers[1] if heads else None, self.cmap, self.opacity, label)
+        if not heads:
+            return
         self._grid_strip.tile_px = max(40, min(110, GRID_WIDTH // len(grid.heads)))
         captions = ["fused" if h is None else f"h{h}" for h in grid.heads]
         self._grid_strip.render_maps(views.normalise_tiles(list(grid.maps), shared), captions, self.cmap)
@@ -821,16 +837,27 @@ def _sync_url(viewer: AttentionExplorer) -> None:
             viewer.apply_query(query)
         write()
 
+    changed_at = 0.0
+
+    def write_when_quiet(doc: Document) -> None:
+        quiet_ms = (time.monotonic() - changed_at) * 1000
+        if quiet_ms < URL_DELAY_MS:
+            doc.add_timeout_callback(partial(write_when_quiet, doc), max(1, round(URL_DELAY_MS - quiet_ms)))
+        else:
+            write()
+
     def write_soon(*_: Any) -> None:
-        """Rewrite the URL after the view's own update has gone out: the browser's handling of a URL change
-        (history, echo of the new href) would otherwise hold up drawing the new maps by ~50 ms."""
-        nonlocal pending
+        """Rewrite the URL once the view has not changed for URL_DELAY_MS. A URL change costs the browser a
+        history entry and an echo of the new href to the server: written on every click, it competed with
+        drawing the next maps; while a user clicks through heads or layers only the last view needs it."""
+        nonlocal pending, changed_at
+        changed_at = time.monotonic()
         doc = pn.state.curdoc
         if doc is None or doc.session_context is None:
             write()
         elif not pending:
             pending = True
-            doc.add_timeout_callback(write, URL_DELAY_MS)
+            doc.add_timeout_callback(partial(write_when_quiet, doc), URL_DELAY_MS)
 
     write()
     location.param.watch(reported, "search")

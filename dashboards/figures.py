@@ -127,6 +127,9 @@ class OverlayFigure:
             self.heat_renderer.glyph.global_alpha = alpha
         if self._changed("title", layer.title):
             self.figure.title.text = layer.title
+        self.label(value_label)
+
+    def label(self, value_label: str) -> None:
         if self._changed("value_label", value_label):
             self.colorbar.title = value_label
             self.hover.tooltips = _tooltips(value_label)
@@ -149,8 +152,10 @@ class LinkedOverlays:
         self._rgb: np.ndarray | None = None
 
     def render(
-        self, rgb: np.ndarray, fused: MapLayer, head: MapLayer, cmap: str, alpha: float, value_label: str
+        self, rgb: np.ndarray, fused: MapLayer, head: MapLayer | None, cmap: str, alpha: float, value_label: str
     ) -> None:
+        """``head=None``: the head figure is hidden and keeps its map and title (it catches up when shown again);
+        only its value label follows, so every colour bar in the page names what the maps are."""
         aspect = rgb.shape[0] / rgb.shape[1]
         if aspect != self._aspect:  # a model with another input shape: reset the view to the whole image
             self._aspect = aspect
@@ -162,7 +167,10 @@ class LinkedOverlays:
             self._rgb = rgb
             self.base.data = {"image": [rgba_image(rgb)], "dw": [1.0], "dh": [aspect]}
         self.fused.render(aspect, fused, cmap, alpha, value_label)
-        self.head.render(aspect, head, cmap, alpha, value_label)
+        if head is not None:
+            self.head.render(aspect, head, cmap, alpha, value_label)
+        else:
+            self.head.label(value_label)
 
 
 class TileStrip:
@@ -204,6 +212,8 @@ class TileStrip:
         self._shape: tuple[int, int, float] = (0, 0, 0.0)
         self._selected: int | None = -2
         self._drawn: tuple[Any, ...] = ()  # (mosaic, captions, cmap) last sent
+        self._placed: dict[str, list[Any]] = {}  # the captions' data last sent
+        self._cmap = "viridis"  # the mapper's palette
         self._on_tap = on_tap
         self.figure.on_event(Tap, self._tapped)
 
@@ -230,11 +240,14 @@ class TileStrip:
             self.figure.frame_width, self.figure.frame_height = size
             self._selected = -2
         positions = [divmod(k, columns) for k in range(count)]
-        self.captions.data = {
+        placed = {
             "x": [float(c) for _, c in positions],
             "y": [(rows - r) * aspect for r, _ in positions],
             "text": list(captions),
         }
+        if placed != self._placed:  # Bokeh re-sends a source's data on every assignment, equal or not
+            self._placed = placed
+            self.captions.data = {key: list(values) for key, values in placed.items()}
 
     def select(self, index: int | None) -> None:
         """Outline tile ``index`` (None: no outline)."""
@@ -270,7 +283,9 @@ class TileStrip:
             return  # a head switch within one layer: only the outline moves
         self._drawn = (mosaic, tuple(captions), cmap)
         self.maps.data = {"image": [np.flipud(mosaic).copy()], "dw": [columns], "dh": [rows * grid_h / grid_w]}
-        self.mapper.palette = palette(cmap)
+        if cmap != self._cmap:  # assigning a palette validates its 256 colours (~7 ms) even when unchanged
+            self._cmap = cmap
+            self.mapper.palette = palette(cmap)
 
     def render_rgb(self, tiles: Sequence[np.ndarray], captions: Sequence[str]) -> None:
         """RGB tiles of one size (the image picker)."""

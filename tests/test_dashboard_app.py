@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import io
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import panel as pn
@@ -57,6 +58,54 @@ def test_head_switch_updates_the_head_figure_only(explorer: AttentionExplorer, w
     )
     assert explorer._overlays.fused.heat.data["image"][0] is fused_sent  # the fused map was not re-sent
     assert explorer._grid_strip.outline.data["left"] == [4]  # tile 4 = head 3 (fused is tile 0)
+
+
+def _watch_changes(explorer: AttentionExplorer) -> Callable[[Callable[[], None]], set[tuple[Any, str]]]:
+    """Puts the explorer in a document; the returned function runs a switch and answers the (Bokeh model,
+    property) pairs it changed: what the browser is sent."""
+    from bokeh.document import Document
+
+    doc = Document()
+    doc.add_root(explorer.__panel__().get_root(doc))
+    events: list[Any] = []
+    doc.on_change(events.append)
+
+    def changes(switch: Callable[[], None]) -> set[tuple[Any, str]]:
+        events.clear()
+        switch()
+        return {(event.model, event.attr) for event in events if hasattr(event, "attr")}
+
+    return changes
+
+
+def test_a_switch_sends_only_what_it_changes(explorer: AttentionExplorer) -> None:
+    """No visibility, layout, label, palette or caption updates on a plain head or layer switch (each costs
+    the browser a re-layout or a redraw), and nothing for a hidden head map."""
+    explorer.apply_query({"image": "chelsea.jpg", "model": "dinov2", "method": "cls", "layer": 1, "head": 0})
+    fused, head, grid = explorer._overlays.fused, explorer._overlays.head, explorer._grid_strip
+    changes = _watch_changes(explorer)
+
+    def widget(title: str) -> Any:  # the Bokeh model of a control: its value echoes the switch
+        return next(m for m in explorer._head_select._models.values() if m[0].title == title)[0]
+
+    changed = changes(lambda: setattr(explorer, "head", 2))
+    assert {(head.heat, "data"), (head.figure.title, "text"), (grid.outline, "data")} <= changed
+    assert changed - {(widget("Head"), "value")} == {
+        (head.heat, "data"),
+        (head.figure.title, "text"),
+        (grid.outline, "data"),
+    }
+
+    changed = changes(lambda: setattr(explorer, "layer", 0))
+    must = {(o.heat, "data") for o in (fused, head)} | {(o.figure.title, "text") for o in (fused, head)}
+    assert must | {(grid.maps, "data")} <= changed
+    allowed = must | {(grid.maps, "data"), (fused.mapper, "high"), (head.mapper, "high")}
+    others = {(type(model).__name__, attr) for model, attr in changed - allowed}
+    assert others <= {("Slider", "value"), ("HTML", "text")}, others  # the slider and the note naming the layer
+
+    changed = changes(lambda: setattr(explorer, "method", "rollout"))
+    assert not explorer.show_heads
+    assert not {m for m, _ in changed} & {head.heat, head.figure.title, head.mapper, grid.maps, grid.captions}
 
 
 def test_grid_and_thumbnail_clicks_select(explorer: AttentionExplorer) -> None:
