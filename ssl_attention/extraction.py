@@ -75,10 +75,13 @@ def catalog_images(folder: Path, warehouse: Path, max_pixels: int = DEFAULT_MAX_
     stamp = now_utc()
     new = catalog_table(catalog, stamp)
     if old is not None:
-        # Replace rows of re-catalogued images, and of files whose content (hence id) has changed.
+        # Replace rows of re-catalogued images and of files whose content (hence id) has changed, including
+        # a file that became a copy of another one (it is then listed only in its twin's duplicate_files).
+        # A file that is missing or unusable now keeps its row, like a file of another folder.
+        scanned = [*new["file_name"].to_pylist(), *(name for names in catalog.duplicates.values() for name in names)]
         stale = pc.or_(
             pc.is_in(old["image_id"], value_set=new["image_id"]),
-            pc.is_in(old["file_name"], value_set=new["file_name"]),
+            pc.is_in(old["file_name"], value_set=pa.array(scanned, pa.string())),
         )
         keep = pc.invert(stale)
         merged = pa.concat_tables([old.filter(keep), new])

@@ -28,6 +28,9 @@ SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".tif", ".tiff
 SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF")
 # Decompression-bomb guard: images with more pixels than this are refused (about 8000 x 8000).
 DEFAULT_MAX_PIXELS = 64_000_000
+# Image processors resize the short side to ~224 px keeping the aspect ratio before cropping, so a 1 x 60,000
+# strip (few pixels) would become 224 x 13 million: far beyond memory. Longer/shorter side above this is refused.
+MAX_ASPECT_RATIO = 50
 THUMBNAIL_SIZE = 128
 ID_HEX_CHARS = 32  # 128 bits of SHA-256
 
@@ -119,6 +122,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Ima
             )
         if width == 0 or height == 0:
             raise ImageLoadError(f"image has no pixels ({width}x{height})")
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise ImageLoadError(
+                f"{width}x{height}: aspect ratio {max(width, height) / min(width, height):.0f}:1 exceeds the limit "
+                f"of {MAX_ASPECT_RATIO}:1 (resizing its short side to the model's input size would exhaust memory)"
+            )
         try:
             image.seek(0)  # GIF/TIFF: the first frame
             image.load()  # decode now: truncated files fail here, not later

@@ -414,3 +414,42 @@ def test_mae_local_change_moves_only_its_patch_token(tiny_adapters, sample_dir, 
     token = 1 + row * 4 + col
     assert moved[token] > 1e-3
     assert torch.count_nonzero(moved > 1e-6) == 1, moved
+
+
+# --- registers: where they sit in the token sequence, read from the model itself ---------------------------
+
+
+def _embedding_output(adapter, pixel_values: torch.Tensor) -> torch.Tensor:
+    captured = {}
+
+    def keep(_module, _args, out):
+        captured["emb"] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+
+    handle = adapter.module.embeddings.register_forward_hook(keep)
+    try:
+        adapter.run(pixel_values)
+    finally:
+        handle.remove()
+    return captured["emb"]  # (B, T, D)
+
+
+@pytest.mark.parametrize("slug", ["dinov2", "dinov3"])
+def test_register_tokens_sit_between_cls_and_the_patches(tiny_adapters, sample_dir, slug):
+    """Independent of the adapter's layout rule: tokens 1..R of the sequence entering layer 0 are the model's
+    learned register tokens, and changing one image patch changes only token 1 + R + its raster index."""
+    adapter = tiny_adapters[slug]
+    registers = adapter.module.embeddings.register_tokens  # (1, R, D)
+    count = registers.shape[1]
+    assert count == adapter.num_registers > 0
+    _, images = sample_images(sample_dir)
+    pixel_values = adapter.pixel_values(images[:2])
+    emb = _embedding_output(adapter, pixel_values)
+    grid_h, grid_w = (s // adapter.patch_size for s in pixel_values.shape[-2:])
+    assert emb.shape[1] == 1 + count + grid_h * grid_w
+    torch.testing.assert_close(emb[:, 1 : 1 + count], registers.expand(2, -1, -1), atol=1e-6, rtol=0)
+    patch = adapter.patch_size
+    for row, col in [(0, 0), (grid_h - 1, 1), (1, grid_w - 1)]:
+        changed = pixel_values.clone()
+        changed[:, :, row * patch : (row + 1) * patch, col * patch : (col + 1) * patch] += 1.0
+        moved = (_embedding_output(adapter, changed) - emb).abs().amax(dim=-1)[0]  # (T,)
+        assert torch.nonzero(moved > 1e-6).flatten().tolist() == [1 + count + row * grid_w + col]

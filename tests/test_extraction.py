@@ -101,10 +101,18 @@ def test_heads_and_layers_follow_the_config(tmp_path, make_tiny_checkpoint, imag
     six_heads = make_tiny_checkpoint("clip", tmp_path / "clip6", num_heads=6, hidden=48)
     three_layers = make_tiny_checkpoint("siglip", tmp_path / "siglip3", num_layers=3)
     dinov2_wide = make_tiny_checkpoint("dinov2", tmp_path / "dinov2", num_layers=3, num_heads=2, hidden=16)
+    sixteen_heads = make_tiny_checkpoint("mae", tmp_path / "mae16", num_heads=16, hidden=64)
+    deep = make_tiny_checkpoint("dinov3", tmp_path / "dinov3deep", num_layers=24)
     folder = images_copy(2)
     warehouse = tmp_path / "wh"
     records = catalog_images(folder, warehouse).catalog.records
-    cases = {"clip": (six_heads, 2, 6), "siglip": (three_layers, 3, 4), "dinov2": (dinov2_wide, 3, 2)}
+    cases = {
+        "clip": (six_heads, 2, 6),
+        "siglip": (three_layers, 3, 4),
+        "dinov2": (dinov2_wide, 3, 2),
+        "mae": (sixteen_heads, 2, 16),
+        "dinov3": (deep, 24, 4),
+    }
     for slug, (directory, layers, heads) in cases.items():
         adapter = load_tiny(slug, directory)
         assert (adapter.num_layers, adapter.num_heads) == (layers, heads)
@@ -253,6 +261,27 @@ def test_superseded_content_is_dropped_even_when_nothing_is_recomputed(tmp_path,
     for method in MODELS["clip"].methods:
         assert old_id not in {r["image_id"] for r in maps(warehouse, "clip", method)}
     assert old_id not in {r["image_id"] for r in read(warehouse, "inputs", model="clip")}
+
+
+def test_file_that_becomes_a_copy_of_another_replaces_its_catalog_row(tmp_path, sample_dir, tiny_checkpoints):
+    """b.jpg is overwritten with a.jpg's content: its old content leaves the catalog and every partition,
+    and b.jpg is listed as a duplicate of a.jpg's image."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(sample_dir / "chelsea.jpg", folder / "a.jpg")
+    shutil.copy(sample_dir / "rocket.jpg", folder / "b.jpg")
+    warehouse = tmp_path / "wh"
+    adapter = load_tiny("mae", tiny_checkpoints["mae"])
+    ids = {r.file_name: r.image_id for r in catalog_images(folder, warehouse).catalog.records}
+    extract_model(adapter, read_catalog_records(warehouse, folder), warehouse)
+    shutil.copy(folder / "a.jpg", folder / "b.jpg")
+    records = catalog_images(folder, warehouse).catalog.records
+    rows = read(warehouse, "images")
+    assert [(r["image_id"], r["file_name"], r["duplicate_files"]) for r in rows] == [(ids["a.jpg"], "a.jpg", ["b.jpg"])]
+    report = extract_model(adapter, records, warehouse)
+    assert report.images_extracted == 0 and report.images_up_to_date == 1
+    for method in MODELS["mae"].methods:
+        assert {r["image_id"] for r in maps(warehouse, "mae", method)} == {ids["a.jpg"]}
 
 
 def test_auto_fallback_never_replaces_real_maps_with_random_ones(tmp_path, images_copy, tiny_checkpoints):

@@ -197,6 +197,7 @@ def messy_folder(tmp_path, sample_dir, monkeypatch) -> Path:
     (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
     (folder / "text.jpg").write_text("this is not an image\n")
     (folder / "huge.png").write_bytes(encode(Image.new("RGB", (1500, 1500), (9, 9, 9)), "PNG"))
+    (folder / "strip.png").write_bytes(encode(Image.new("RGB", (3000, 2), (9, 9, 9)), "PNG"))  # 6,000 pixels
     (folder / "dir.png").mkdir()
     (folder / "locked.jpg").write_bytes(full)
     (folder / "notes.txt").write_text("readme")
@@ -217,7 +218,8 @@ EXPECTED_REASONS = {
     "zero.jpg": "0 bytes",
     "truncated.jpg": "truncated",
     "text.jpg": "not an image",
-    "huge.png": "exceeds the limit",
+    "huge.png": "exceeds the limit of 1,000,000 pixels",
+    "strip.png": "aspect ratio 1500:1 exceeds the limit of 50:1",
     "dir.png": "directory",
     "locked.jpg": "permission denied",
     "notes.txt": "unsupported file extension",

@@ -221,11 +221,16 @@ def test_random_weights_are_seeded(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
+PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+
+
 def test_hub_reachability_is_remembered_for_a_while(monkeypatch):
     import socket
 
     from ssl_attention.models import weights
 
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     calls = []
 
     def refuse(address, timeout):
@@ -244,4 +249,31 @@ def test_hub_reachability_is_remembered_for_a_while(monkeypatch):
     clock[0] += weights.HUB_CHECK_TTL_S + 1  # a minute later the network is asked again
     weights.hub_reachable()
     assert len(calls) == 3
+    forget_hub_check()
+
+
+def test_hub_behind_a_proxy_is_not_judged_by_a_direct_connection(monkeypatch):
+    """With HTTPS_PROXY set, the hub client goes through the proxy; a refused direct connection must not
+    make `pretrained` fail or `auto` fall back to random. NO_PROXY for the hub restores the direct check."""
+    import socket
+
+    from ssl_attention.models import weights
+
+    calls = []
+
+    def refuse(address, timeout):
+        calls.append(address)
+        raise OSError("unreachable")
+
+    for name in (*PROXY_VARIABLES, "no_proxy", "NO_PROXY", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    forget_hub_check()
+    assert weights.hub_reachable() and calls == []
+    monkeypatch.setenv("NO_PROXY", "localhost,huggingface.co")
+    assert not weights.hub_reachable() and calls == [("huggingface.co", 443)]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode wins over any proxy
+    monkeypatch.delenv("NO_PROXY")
+    assert not weights.hub_reachable()
     forget_hub_check()

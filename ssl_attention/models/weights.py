@@ -6,6 +6,7 @@ import hashlib
 import os
 import socket
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -85,6 +86,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    if _proxied(endpoint.scheme or "https", host):
+        return True  # only the proxy can tell; the download (with its own timeouts) decides
     cached = _hub_checks.get((host, port))
     if cached is not None and time.monotonic() - cached[0] < HUB_CHECK_TTL_S:
         return cached[1]
@@ -95,6 +98,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         reachable = False
     _hub_checks[(host, port)] = (time.monotonic(), reachable)
     return reachable
+
+
+def _proxied(scheme: str, host: str) -> bool:
+    """Whether requests to ``host`` go through a proxy (HTTPS_PROXY/ALL_PROXY, minus NO_PROXY), as the
+    hub client's requests do; a direct TCP check would then wrongly report an unreachable hub."""
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host)
 
 
 def forget_hub_check() -> None:
