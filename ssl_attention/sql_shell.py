@@ -4,9 +4,10 @@ Read-only is enforced twice. Each statement is parsed with ``duckdb.extract_stat
 query (SELECT / WITH / VALUES / FROM / DESCRIBE / SHOW / SUMMARIZE), an EXPLAIN of one, or a PRAGMA that only
 shows something; COPY, ATTACH, INSTALL/LOAD, SET and every writing statement are refused before they run.
 And the connection is sandboxed with DuckDB's own settings: external access is off except for the warehouse
-directory (``allowed_directories``), extension autoloading is off and the configuration is locked, so even
-a SELECT cannot read ``/etc/passwd`` or change a setting. Each query runs under a row cap and a time limit
-(a timer interrupts it). Errors are one line on stderr and exit code 2; no traceback reaches the user.
+directory (``allowed_directories``, plus a private temp directory for spills), extension autoloading is off
+and the configuration is locked, so even a SELECT cannot read ``/etc/passwd`` or change a setting. Each query
+runs under a row cap and a time limit (a timer interrupts it). Errors are one line on stderr and exit code 2;
+no traceback reaches the user.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import datetime as dt
 import decimal
 import io
 import json
+import math
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +65,10 @@ READ_ONLY_PRAGMAS = frozenset(
     }
 )
 ALLOWED = "SELECT/WITH/VALUES/FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN, PRAGMA show_tables/table_info/…"
-_COMMENT = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.S)
-_EXPLAIN = re.compile(r"explain\s+(?:analyze\s+)?", re.I)
+_GAP = r"(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*"  # whitespace and comments
+_COMMENT = re.compile(rf"\A{_GAP}", re.S)
+# EXPLAIN [ANALYZE | (ANALYZE, FORMAT ...)]: what follows is the statement that EXPLAIN plans (and ANALYZE runs)
+_EXPLAIN = re.compile(rf"explain{_GAP}(?:analy[sz]e\b|\({_GAP}(?:analy[sz]e|format)\b[^()]*\))?", re.I | re.S)
 _PRAGMA_NAME = re.compile(r"pragma\s+([A-Za-z_][A-Za-z0-9_]*)", re.I)
 
 
@@ -73,13 +80,21 @@ class ShellError(Exception):
 
 
 def open_sandbox(warehouse: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory connection with the warehouse views, locked down to read the warehouse only."""
+    """An in-memory connection with the warehouse views, locked down to read the warehouse only.
+
+    Disabling external access also allows DuckDB's temp directory, by default ``.tmp`` in the working
+    directory: the sandbox spills to a private one instead (mode 0700, removed with the connection). SQL can
+    list it, but it holds nothing but this connection's own spill files.
+    """
     con = duckdb.connect(":memory:")
+    spill = tempfile.mkdtemp(prefix="ssl-attention-sql-")
+    weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)  # at garbage collection or exit
     create_views(con, warehouse)
     allowed = str(warehouse).rstrip("/") + "/"
-    # order matters: allowed_directories can only be set while external access is still on
+    # order matters: the temp directory and allowed_directories can only be set while external access is on
     for statement, params in (
         ("SET GLOBAL parquet_metadata_cache = true", None),
+        ("SET temp_directory = ?", [spill]),
         ("SET allowed_directories = ?", [[allowed]]),
         ("SET enable_external_access = false", None),
         ("SET autoinstall_known_extensions = false", None),
@@ -97,18 +112,40 @@ def _strip_comments(text: str) -> str:
     return text[_COMMENT.match(text).end() :]  # type: ignore[union-attr]
 
 
+def _kind(statement: duckdb.Statement) -> duckdb.StatementType | None:
+    """The statement's type; None for a type this duckdb module has no name for (``UPDATE EXTENSIONS``)."""
+    try:
+        return statement.type
+    except ValueError:
+        return None
+
+
+def _refuse(word: str) -> ShellError:
+    return ShellError(f"refused: {word} statements are not allowed in this read-only shell; allowed: {ALLOWED}")
+
+
 def check_statement(statement: duckdb.Statement) -> None:
     """Raise ShellError unless ``statement`` only reads."""
-    kind = statement.type
+    kind = _kind(statement)
     text = _strip_comments(statement.query)
     if kind == duckdb.StatementType.SELECT:
         return
+    if kind is None:
+        raise _refuse(" ".join(text.split()[:2]).upper().rstrip(";") or "unknown")
     if kind == duckdb.StatementType.EXPLAIN:  # EXPLAIN ANALYZE runs its statement: check that one too
         match = _EXPLAIN.match(text)
-        inner = duckdb.extract_statements(text[match.end() :]) if match else []
-        if len(inner) == 1 and inner[0].type == duckdb.StatementType.SELECT:
+        try:
+            inner = duckdb.extract_statements(text[match.end() :]) if match else []
+        except duckdb.Error:
+            inner = []
+        if len(inner) == 1 and _kind(inner[0]) == duckdb.StatementType.SELECT:
             return
-        raise ShellError("refused: EXPLAIN is allowed for queries only (read-only shell)")
+        raise ShellError("refused: EXPLAIN is allowed for queries only, as EXPLAIN [ANALYZE] <query> (read-only shell)")
+    if kind == duckdb.StatementType.MULTI:  # what DuckDB makes of a PIVOT without IN: CREATE TYPE, then the query
+        raise ShellError(
+            "refused: PIVOT without an IN list creates an enum type first, which this read-only shell does not"
+            " allow; list the values: PIVOT images ON format IN ('JPEG', 'PNG') (find them with SELECT DISTINCT)"
+        )
     if kind == duckdb.StatementType.PRAGMA:
         match = _PRAGMA_NAME.match(text)
         if match and match.group(1).lower() in READ_ONLY_PRAGMAS:
@@ -128,7 +165,7 @@ def check_statement(statement: duckdb.Statement) -> None:
         duckdb.StatementType.EXPORT: "EXPORT",
         duckdb.StatementType.CALL: "CALL",
     }.get(kind, str(kind).rsplit(".", 1)[-1].replace("_", " "))
-    raise ShellError(f"refused: {word} statements are not allowed in this read-only shell; allowed: {ALLOWED}")
+    raise _refuse(word)
 
 
 def parse_statements(sql: str) -> list[duckdb.Statement]:
@@ -276,7 +313,7 @@ def _json_value(value: Any) -> Any:
         return str(value)
     if isinstance(value, dt.timedelta):
         return value.total_seconds()
-    if isinstance(value, float) and value != value:  # NaN is not JSON
+    if isinstance(value, float) and not math.isfinite(value):  # NaN and ±Infinity are not JSON
         return None
     if isinstance(value, list | tuple):
         return [_json_value(v) for v in value]
@@ -353,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT_S,
-        help="time limit in seconds, 0 = none (default: %(default)s)",
+        help="time limit in seconds, 0 = none (default: %(default)s); the query is interrupted then, but a sort"
+        " or large operator may take some seconds more to stop",
     )
     return parser
 
@@ -516,8 +554,8 @@ def interactive(
                 try:
                     if not _command(con, line, settings, out):
                         return 0
-                except ShellError as exc:
-                    err.write(f"error: {exc}\n")
+                except (ShellError, duckdb.Error, ValueError) as exc:
+                    err.write(f"error: {one_line(exc)}\n")
                 continue
             buffer.append(line)
             text = "\n".join(buffer)
@@ -529,8 +567,8 @@ def interactive(
             buffer.clear()
             try:
                 run_once(con, text, settings, out, err)
-            except ShellError as exc:
-                err.write(f"error: {exc}\n")
+            except (ShellError, duckdb.Error, ValueError) as exc:  # one statement failed: the prompt goes on
+                err.write(f"error: {one_line(exc)}\n")
             except KeyboardInterrupt:
                 err.write("error: cancelled\n")
     finally:

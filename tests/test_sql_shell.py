@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import shutil
@@ -12,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import pytest
 
+from ssl_attention import sql_shell
 from ssl_attention.sql_shell import Settings, history_file, interactive, open_sandbox, sql_main
 from tests.sql_helpers import build_sql_warehouse
 
@@ -110,6 +113,60 @@ def test_reading_files_outside_the_warehouse_is_refused(capsys, warehouse, sql, 
     (warehouse.parent / "outside.parquet").write_bytes(b"PAR1")
     code, _, err = run(capsys, sql.format(w=warehouse), "--warehouse", str(warehouse))
     assert_one_line_error(code, err, needle)
+
+
+def test_the_working_directorys_tmp_is_not_readable(capsys, warehouse, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    (cwd / ".tmp").mkdir(parents=True)
+    (cwd / ".tmp" / "secret.csv").write_text("secret,data\n")
+    monkeypatch.chdir(cwd)  # DuckDB's default temp directory is .tmp here, and it is allowed by default
+    for sql in ("SELECT * FROM read_text('.tmp/secret.csv')", f"SELECT * FROM read_csv('{cwd}/.tmp/secret.csv')"):
+        code, out, err = run(capsys, sql, "--warehouse", str(warehouse))
+        assert_one_line_error(code, err, "reads the warehouse only")
+        assert "secret" not in out
+    query = "SELECT unnest(current_setting('allowed_directories')) AS d, current_setting('temp_directory') AS t"
+    code, out, _ = run(capsys, query, "--warehouse", str(warehouse), "--format", "json")
+    rows = json.loads(out)
+    allowed = {row["d"] for row in rows}
+    spill = rows[0]["t"].rstrip("/") + "/"
+    assert code == 0 and allowed == {f"{warehouse}/", spill}
+    assert not any(d.startswith(f"{cwd}/") for d in allowed) and not spill.startswith(f"{tmp_path}/")
+    con = open_sandbox(warehouse)
+    spill = con.execute("SELECT current_setting('temp_directory')").fetchone()[0]
+    assert Path(spill).is_dir()
+    del con
+    gc.collect()
+    assert not Path(spill).exists()  # the private temp directory goes with its connection
+
+
+def test_unknown_statement_types_and_explain_with_comments(capsys, warehouse):
+    code, out, err = run(capsys, "UPDATE EXTENSIONS;", "--warehouse", str(warehouse))
+    assert_one_line_error(code, err, "refused: UPDATE EXTENSIONS statements are not allowed", "allowed: SELECT")
+    for sql in ("EXPLAIN /*c*/ ANALYZE SELECT 1;", "EXPLAIN (FORMAT JSON) SELECT 1", "EXPLAIN (SELECT 1)"):
+        code, out, err = run(capsys, sql, "--warehouse", str(warehouse))
+        assert code == 0 and out.strip() and err == "", (sql, err)
+    code, out, err = run(capsys, "EXPLAIN (ANALYZE) COPY (SELECT 1) TO 'x.csv'", "--warehouse", str(warehouse))
+    assert_one_line_error(code, err, "refused: EXPLAIN is allowed for queries only")
+
+
+def test_pivot_without_in_list_is_refused_naming_the_workaround(capsys, warehouse):
+    code, out, err = run(capsys, "PIVOT images ON format", "--warehouse", str(warehouse))
+    assert_one_line_error(code, err, "refused: PIVOT without an IN list", "ON format IN ('JPEG', 'PNG')")
+    workaround = "PIVOT (SELECT format FROM images) ON format IN ('JPEG', 'PNG')"
+    code, out, err = run(capsys, workaround, "--warehouse", str(warehouse), "--format", "json")
+    assert code == 0 and json.loads(out) == [{"JPEG": 5, "PNG": 0}], err
+
+
+def test_json_output_has_no_infinity_or_nan(capsys, warehouse):
+    query = "SELECT 'inf'::DOUBLE AS x, '-inf'::DOUBLE AS y, 'nan'::DOUBLE AS z, [1.5, 'inf'::DOUBLE] AS l"
+    code, out, _ = run(capsys, query, "--warehouse", str(warehouse), "--format", "json")
+
+    def strict(name: str) -> None:
+        raise AssertionError(f"{name} is not JSON")
+
+    assert code == 0 and json.loads(out, parse_constant=strict) == [{"x": None, "y": None, "z": None, "l": [1.5, None]}]
+    code, out, _ = run(capsys, query, "--warehouse", str(warehouse), "--format", "csv")
+    assert code == 0 and out.splitlines()[1] == ',,,"[1.5, null]"'
 
 
 def test_read_only_statements_that_are_allowed(capsys, warehouse):
@@ -230,6 +287,42 @@ def test_interactive_prompt(warehouse):
     assert "methods: method VARCHAR, per_head BOOLEAN" in text
     errors = err.getvalue().splitlines()
     assert errors[0].startswith("error: refused: COPY") and errors[1].startswith("error: unknown or malformed")
+
+
+def test_interactive_prompt_survives_statements_that_fail(warehouse, monkeypatch):
+    real_run_statement = sql_shell.run_statement
+
+    def run_statement(con, statement, max_rows, timeout_s):  # an error that no gate turned into a ShellError
+        if "boom" in statement.query:
+            raise duckdb.InvalidInputException("boom\nLINE 1: ...")
+        return real_run_statement(con, statement, max_rows, timeout_s)
+
+    monkeypatch.setattr(sql_shell, "run_statement", run_statement)
+    lines = iter(
+        [
+            "UPDATE EXTENSIONS;",
+            "EXPLAIN /*c*/ ANALYZE SELECT 1;",
+            "SELECT 'boom';",
+            "PIVOT images ON format;",
+            "SELECT 40 + 2 AS answer;",
+        ]
+    )
+
+    def read(prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out, err = io.StringIO(), io.StringIO()
+    code = interactive(open_sandbox(warehouse), Settings(), warehouse, read=read, out=out, err=err)
+    assert code == 0
+    assert "analyzed_plan" in out.getvalue() and " 42" in out.getvalue()  # the session went on to the end
+    errors = err.getvalue().splitlines()
+    assert len(errors) == 3, errors
+    assert errors[0].startswith("error: refused: UPDATE EXTENSIONS")
+    assert errors[1] == "error: boom"
+    assert errors[2].startswith("error: refused: PIVOT without an IN list")
 
 
 def test_history_file_location(monkeypatch, tmp_path):
