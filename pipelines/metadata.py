@@ -74,7 +74,8 @@ def extraction_metadata(report: ModelRunReport, warehouse: str) -> dict[str, dg.
 
 
 def check_result(outcome: CheckOutcome, model: str) -> dg.AssetCheckResult:
-    """One check's result; the checks are not partitioned themselves, so the model is in the metadata."""
+    """One check's result for one model partition (the model is repeated in the metadata for readers of the
+    run's event log)."""
     return dg.AssetCheckResult(
         check_name=outcome.name,
         passed=outcome.passed,

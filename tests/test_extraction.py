@@ -363,3 +363,23 @@ def test_two_random_runs_write_identical_maps(tmp_path, images_copy):
             assert (row["weights_mode"], row["weights_seed"]) == ("random", 0)
             assert row["weights_source"] == MODELS["dinov2"].default_weights
             assert row["grid_h"] * row["grid_w"] == len(row["map_values"]) == 16 * 16  # 224 / 14, no registers
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("slug", ["dinov2", "siglip", "resnet50"])
+def test_cuda_maps_match_cpu_maps_to_1e_3(tmp_path, tiny_checkpoints, images_copy, slug):
+    """The CUDA path (float32, TF32 off while attention is computed) agrees with the CPU to 1e-3."""
+    folder = images_copy(3)
+    stored = {}
+    for device in ("cpu", "cuda"):
+        warehouse = tmp_path / device
+        records = catalog_images(folder, warehouse).catalog.records
+        adapter = load_model(slug, LoadRequest(checkpoint=tiny_checkpoints[slug], device=device))
+        assert next(adapter.module.parameters()).device.type == device
+        extract_model(adapter, records, warehouse)
+        stored[device] = {m: keyed(maps(warehouse, slug, m)) for m in MODELS[slug].methods}
+    for method, cpu_rows in stored["cpu"].items():
+        cuda_rows = stored["cuda"][method]
+        assert cuda_rows.keys() == cpu_rows.keys()
+        for key, row in cpu_rows.items():
+            np.testing.assert_allclose(cuda_rows[key]["map_values"], row["map_values"], atol=1e-3, rtol=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,6 +22,7 @@ from pipelines.definitions import defs
 from ssl_attention.models.registry import METHODS, MODELS
 from ssl_attention.validation import CHECK_NAMES
 from tests.pipeline_helpers import read_partition, tiny_settings
+from tests.test_validation import CORRUPTIONS
 
 ALL_ASSETS = [images, attention_maps, head_stats, warehouse_catalog]
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,9 @@ def test_definitions_are_loadable_and_complete():
     assert head_stats.partitions_def.get_partition_keys() == list(MODELS)
     checks = {spec.name for spec in attention_maps.check_specs}
     assert checks == set(CHECK_NAMES)
-    assert attention_maps.op.pool == extraction_pool()
+    assert {spec.partitions_def for spec in attention_maps.check_specs} == {attention_maps.partitions_def}
+    if POOL_ENV not in os.environ:  # the pool chosen at import: gpu only where CUDA is
+        assert attention_maps.op.pool == ("gpu" if torch.cuda.is_available() else None)
 
 
 def test_the_extraction_pool_follows_the_device(monkeypatch):
@@ -158,35 +161,67 @@ def test_head_stats_and_catalog(materialized):
         assert count == sum(len(read_partition(warehouse, "dinov2", m)) for m in MODELS["dinov2"].methods)
 
 
-def test_failing_data_fails_the_checks_in_the_ui(tmp_path, tiny_checkpoints, sample_dir, monkeypatch):
-    """Corrupt the partition right after extraction: the asset's checks must report it."""
+def _corrupt_after_extraction(monkeypatch, model: str, method: str, corrupt) -> None:
+    """Make the asset's extraction rewrite one of its partitions with ``corrupt`` before the checks run."""
     import pipelines.assets as assets_module
 
     real = assets_module.extract_model
 
     def corrupting(adapter, records, warehouse, **kwargs):
         report = real(adapter, records, warehouse, **kwargs)
-        path = warehouse / "attention_maps" / "model=clip" / "method=cls" / "data.parquet"
-        table = pq.read_table(path)
-        # scale the prefix mass: mass no longer sums to 1; and drop one head row: incomplete
-        table = table.set_column(
-            table.schema.get_field_index("prefix_mass"), "prefix_mass", pc.multiply(table["prefix_mass"], 0.5)
-        )
-        table = table.slice(1)
-        pq.write_table(table, path)
+        if adapter.spec.slug == model:
+            path = warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "data.parquet"
+            pq.write_table(corrupt(pq.read_table(path)), path)
         return report
 
     monkeypatch.setattr(assets_module, "extract_model", corrupting)
+
+
+@pytest.mark.parametrize(
+    ("check", "corrupt"),
+    [(name, fn) for name, fns in CORRUPTIONS.items() for fn in fns],
+    ids=lambda x: getattr(x, "__name__", x),
+)
+def test_failing_data_fails_its_check_in_the_ui(tmp_path, tiny_checkpoints, sample_dir, monkeypatch, check, corrupt):
+    """Each check, run by Dagster after a materialization, fails on data broken in its way (and says where)."""
+    _corrupt_after_extraction(monkeypatch, "clip", "cls", corrupt)
     settings = tiny_settings(sample_dir, tmp_path / "wh", tiny_checkpoints)
     result = dg.materialize(
         ALL_ASSETS, selection=[images, attention_maps], partition_key="clip", resources={"extraction": settings}
     )
     outcomes = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert not outcomes["mass_sums_to_one"].passed
-    assert not outcomes["complete"].passed
-    assert outcomes["mass_sums_to_one"].metadata["failures"].value > 0
-    assert "cls" in outcomes["complete"].metadata["examples"].value
-    assert outcomes["single_weights"].passed and outcomes["values_in_range"].passed
+    assert set(outcomes) == set(CHECK_NAMES)
+    assert not outcomes[check].passed
+    assert outcomes[check].metadata["failures"].value > 0
+    assert "cls" in outcomes[check].metadata["examples"].value
+    assert outcomes[check].metadata["model"].value == "clip"
+
+
+def test_one_models_failed_check_is_not_hidden_by_another_models_pass(
+    tmp_path, tiny_checkpoints, sample_dir, monkeypatch
+):
+    """Checks are partitioned by model: clip's failure stays recorded for clip after resnet50 passes."""
+    from tests.test_validation import drop_one_head
+
+    settings = tiny_settings(sample_dir, tmp_path / "wh", tiny_checkpoints)
+    key = dg.AssetCheckKey(dg.AssetKey("attention_maps"), "complete")
+    with dg.instance_for_test() as instance:
+        _corrupt_after_extraction(monkeypatch, "clip", "cls", drop_one_head)
+        for model in ("clip", "resnet50"):
+            selection = [images, attention_maps] if model == "clip" else [attention_maps]
+            result = dg.materialize(
+                ALL_ASSETS,
+                selection=selection,
+                partition_key=model,
+                resources={"extraction": settings},
+                instance=instance,
+            )
+            assert result.success
+        history = instance.event_log_storage.get_asset_check_execution_history(key, limit=10)
+        latest: dict[str, str] = {}
+        for record in history:  # newest first
+            latest.setdefault(record.partition, record.status.value)
+        assert latest == {"clip": "FAILED", "resnet50": "SUCCEEDED"}
 
 
 def test_the_shipped_dagster_instance_config_loads(tmp_path):
