@@ -3,6 +3,7 @@
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import dagster as dg
 import torch
@@ -15,6 +16,7 @@ from ssl_attention.extraction import WeightsDowngradeError, catalog_images, extr
 from ssl_attention.models.loading import load_model
 from ssl_attention.models.weights import CheckpointError, WeightsUnavailableError
 from ssl_attention.validation import CHECK_NAMES, check_model, merge_outcomes
+from ssl_attention.warehouse.paths import WarehouseLocationError
 
 GPU_POOL = "gpu"  # one step at a time may hold the accelerator (dagster_home/dagster.yaml sets the limit)
 POOL_ENV = "SSL_ATTENTION_POOL"
@@ -30,6 +32,14 @@ def extraction_pool() -> str | None:
     return GPU_POOL if torch.cuda.is_available() else None
 
 
+def _locations(extraction: ExtractionSettings) -> tuple[Path, Path]:
+    """(images folder, warehouse root), or a step failure naming the bad location and what is valid."""
+    try:
+        return extraction.images_path(), extraction.warehouse_path()
+    except WarehouseLocationError as exc:
+        raise dg.Failure(description=str(exc)) from None
+
+
 def _with_model(model: str, exc: Exception) -> str:
     """The error message, prefixed with the model unless it already names it first."""
     text = str(exc)
@@ -43,7 +53,7 @@ def _with_model(model: str, exc: Exception) -> str:
     "table of files that cannot be used.",
 )
 def images(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
-    folder, warehouse = extraction.images_path(), extraction.warehouse_path()
+    folder, warehouse = _locations(extraction)
     if not folder.is_dir():
         raise dg.Failure(description=f"images folder {folder} does not exist (set images_dir or $SSL_ATTENTION_IMAGES)")
     report = catalog_images(folder, warehouse, max_pixels=extraction.max_pixels)
@@ -83,7 +93,7 @@ with warnings.catch_warnings():  # partitioned checks are a preview feature of D
 )
 def attention_maps(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
     model = context.partition_key
-    folder, warehouse = extraction.images_path(), extraction.warehouse_path()
+    folder, warehouse = _locations(extraction)
     records = read_catalog_records(warehouse, folder)
     if not records:
         raise dg.Failure(
@@ -133,7 +143,7 @@ def head_stats(context: dg.AssetExecutionContext, extraction: ExtractionSettings
     from ssl_attention.stats import write_head_stats
 
     model = context.partition_key
-    written = write_head_stats(extraction.warehouse_path(), model)
+    written = write_head_stats(_locations(extraction)[1], model)
     rows = sum(s.rows for s in written.values())
     return dg.MaterializeResult(
         metadata={
@@ -153,6 +163,6 @@ def head_stats(context: dg.AssetExecutionContext, extraction: ExtractionSettings
 def warehouse_catalog(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
     from ssl_attention.query.catalog import write_catalog
 
-    path = write_catalog(extraction.warehouse_path())
+    path = write_catalog(_locations(extraction)[1])
     context.log.info(f"catalog written to {path}")
     return dg.MaterializeResult(metadata={"catalog": dg.MetadataValue.path(str(path))})

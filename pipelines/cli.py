@@ -15,7 +15,7 @@ from pathlib import Path
 from ssl_attention.images import DEFAULT_MAX_PIXELS
 from ssl_attention.models.registry import MODELS, UnknownNameError, parse_model_list
 from ssl_attention.models.weights import WEIGHT_MODES, CheckpointError, parse_checkpoints
-from ssl_attention.warehouse.paths import ENV_VAR, WarehouseLocationError, resolve_warehouse
+from ssl_attention.warehouse.paths import ENV_VAR, WarehouseLocationError, local_path, resolve_warehouse
 
 EXIT_USAGE = 2
 
@@ -88,7 +88,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(f"--device {args.device!r}; valid devices: auto, cpu, cuda, cuda:N")
     if args.max_pixels < 1:
         return _fail("--max-pixels must be at least 1")
-    images = Path(args.images).expanduser().resolve()
+    try:
+        images = local_path(args.images, "--images")
+    except WarehouseLocationError as exc:
+        return _fail(str(exc))
     if not images.is_dir():
         return _fail(f"--images {args.images}: not a directory")
 

@@ -13,7 +13,7 @@ from ssl_attention.images import DEFAULT_MAX_PIXELS
 from ssl_attention.models.loading import LoadRequest
 from ssl_attention.models.registry import MODELS
 from ssl_attention.models.weights import DEFAULT_SEED, WEIGHT_MODES, parse_checkpoints
-from ssl_attention.warehouse.paths import resolve_warehouse
+from ssl_attention.warehouse.paths import local_path, resolve_warehouse
 
 IMAGES_ENV = "SSL_ATTENTION_IMAGES"
 DEFAULT_IMAGES = Path("data") / "samples"
@@ -23,10 +23,12 @@ class ExtractionSettings(dg.ConfigurableResource):
     """Where images come from, where maps go, and how models are loaded and run.
 
     Empty ``images_dir``/``warehouse`` fall back to $SSL_ATTENTION_IMAGES / $SSL_ATTENTION_WAREHOUSE, then
-    to ``data/samples`` / ``data/warehouse``. The warehouse may be a path or a ``file://`` URL.
+    to ``data/samples`` / ``data/warehouse``. Both may be a path or a ``file://`` URL.
     """
 
-    images_dir: str = Field(default="", description="Folder of input images (searched recursively).")
+    images_dir: str = Field(
+        default="", description="Folder of input images (searched recursively): a path or a file:// URL."
+    )
     warehouse: str = Field(default="", description="Warehouse root: a path or a file:// URL.")
     weights: str = Field(default="auto", description="auto | pretrained | random")
     checkpoints: list[str] = Field(
@@ -39,8 +41,7 @@ class ExtractionSettings(dg.ConfigurableResource):
     recompute: bool = Field(default=False, description="Recompute images already extracted with these weights.")
 
     def images_path(self) -> Path:
-        raw = self.images_dir or os.environ.get(IMAGES_ENV) or str(DEFAULT_IMAGES)
-        return Path(raw).expanduser().resolve()
+        return local_path(self.images_dir or os.environ.get(IMAGES_ENV) or str(DEFAULT_IMAGES), "images folder")
 
     def warehouse_path(self) -> Path:
         return resolve_warehouse(self.warehouse or None)

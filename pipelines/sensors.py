@@ -10,6 +10,7 @@ from pipelines.jobs import extraction_job
 from pipelines.resources import ExtractionSettings
 from ssl_attention.images import SUPPORTED_EXTENSIONS, iter_candidate_files
 from ssl_attention.models.registry import MODELS
+from ssl_attention.warehouse.paths import WarehouseLocationError, partition_file
 
 
 def folder_fingerprint(settings: ExtractionSettings) -> tuple[str, int]:
@@ -26,20 +27,32 @@ def folder_fingerprint(settings: ExtractionSettings) -> tuple[str, int]:
     return digest.hexdigest()[:20], count
 
 
+def sensor_models(settings: ExtractionSettings) -> list[str]:
+    """The models the warehouse already holds (their maps are kept up to date); all six for a new warehouse."""
+    warehouse = settings.warehouse_path()
+    present = [slug for slug in MODELS if partition_file(warehouse, "models", model=slug).is_file()]
+    return present or list(MODELS)
+
+
 @dg.sensor(
     job=extraction_job,
     minimum_interval_seconds=int(os.environ.get("SSL_ATTENTION_SENSOR_INTERVAL", "60")),
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="When files in the images folder change, run the extraction for every model; "
-    "only images not yet extracted with the same weights are computed.",
+    description="When image files in the images folder change, run the extraction for each model the warehouse "
+    "already holds (all six for an empty warehouse); only images not yet extracted with the same weights are "
+    "computed. A failed run is not retried until the folder changes again.",
 )
 def new_images_sensor(context: dg.SensorEvaluationContext, extraction: ExtractionSettings) -> dg.SensorResult:
-    fingerprint, count = folder_fingerprint(extraction)
+    try:
+        fingerprint, count = folder_fingerprint(extraction)
+        models = sensor_models(extraction)
+    except WarehouseLocationError as exc:
+        return dg.SensorResult(skip_reason=str(exc))
     previous = json.loads(context.cursor) if context.cursor else {}
     if previous.get("fingerprint") == fingerprint:
         return dg.SensorResult(skip_reason=f"no change in {count} image files")
     runs = [
         dg.RunRequest(run_key=f"{fingerprint}:{model}", partition_key=model, tags={"trigger": "new_images_sensor"})
-        for model in MODELS
+        for model in models
     ]
     return dg.SensorResult(run_requests=runs, cursor=json.dumps({"fingerprint": fingerprint, "files": count}))

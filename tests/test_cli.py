@@ -43,6 +43,7 @@ def test_unknown_weights_mode_and_flag_are_refused(capsys):
         (["run", "--images", "/no/such/folder"], "not a directory"),
         (["run", "--device", "tpu"], "valid devices"),
         (["run", "--warehouse", "s3://bucket/wh"], "file://"),
+        (["run", "--images", "s3://bucket/images"], "only local paths and file:// URLs"),
         (["run", "--batch-size", "0"], "batch-size"),
     ],
 )

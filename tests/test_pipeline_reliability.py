@@ -1,5 +1,5 @@
 """Atomic re-materialization, a SIGKILL mid-partition, a failing model among others, parallel partitions
-with the multiprocess executor, and a file:// warehouse."""
+with the multiprocess executor, and file:// locations."""
 
 from __future__ import annotations
 
@@ -167,11 +167,11 @@ def _step_window(instance: dg.DagsterInstance, run_id: str, step: str) -> tuple[
 
 def test_two_partitions_in_parallel_with_the_multiprocess_executor(tmp_path, tiny_checkpoints, images_copy):
     """Two runs (one per model partition) at once; each uses the multiprocess executor; the warehouse
-    is given as a file:// URL."""
+    and the images folder are given as file:// URLs."""
     folder = images_copy(3)
     warehouse = tmp_path / "wh"
     config = {
-        "images_dir": str(folder),
+        "images_dir": folder.as_uri(),
         "warehouse": warehouse.as_uri(),
         "weights": "pretrained",
         "checkpoints": checkpoint_args(tiny_checkpoints),

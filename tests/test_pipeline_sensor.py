@@ -47,3 +47,28 @@ def test_non_image_files_do_not_trigger_runs(tmp_path, images_copy):
     first = _tick(settings, None)
     (folder / "notes.txt").write_text("not an image")
     assert not _tick(settings, first.cursor).run_requests
+
+
+def test_sensor_keeps_the_warehouses_models_up_to_date(tmp_path, images_copy, sample_dir):
+    """With clip and resnet50 extracted, new images trigger runs for those two models only."""
+    from ssl_attention.warehouse.paths import partition_file
+
+    folder = images_copy(1)
+    warehouse = tmp_path / "wh"
+    for slug in ("clip", "resnet50"):  # the models table row is what an extraction leaves per model
+        path = partition_file(warehouse, "models", model=slug)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+    settings = ExtractionSettings(images_dir=str(folder), warehouse=str(warehouse))
+    first = _tick(settings, None)
+    assert sorted(r.partition_key for r in first.run_requests) == ["clip", "resnet50"]
+    shutil.copy(sample_dir / "rocket.jpg", folder / "new.jpg")
+    assert sorted(r.partition_key for r in _tick(settings, first.cursor).run_requests) == ["clip", "resnet50"]
+
+
+def test_sensor_skips_with_the_reason_when_a_location_is_unsupported(tmp_path):
+    settings = ExtractionSettings(images_dir="s3://bucket/images", warehouse=str(tmp_path / "wh"))
+    result = _tick(settings, None)
+    assert not result.run_requests
+    reason = result.skip_reason.skip_message
+    assert "s3://bucket/images" in reason and "file://" in reason

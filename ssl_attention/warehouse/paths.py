@@ -25,7 +25,7 @@ CATALOG_FILE = "attention.duckdb"
 
 
 class WarehouseLocationError(ValueError):
-    pass
+    """A warehouse or images location that is not a local path or file:// URL."""
 
 
 def resolve_warehouse(location: str | os.PathLike[str] | None = None) -> Path:
@@ -35,16 +35,21 @@ def resolve_warehouse(location: str | os.PathLike[str] | None = None) -> Path:
     plain renames cannot give; docs/scaling.md describes how to run there.
     """
     raw = os.fspath(location) if location is not None else os.environ.get(ENV_VAR) or str(DEFAULT_WAREHOUSE)
-    raw = raw.strip()
+    return local_path(raw, "warehouse")
+
+
+def local_path(location: str, what: str) -> Path:
+    """A plain path or ``file://`` URL -> absolute path; any other scheme is refused, naming ``what`` it is."""
+    raw = location.strip()
     if "://" in raw:
         url = urlparse(raw)
         if url.scheme != "file":
             raise WarehouseLocationError(
-                f"warehouse {raw!r}: only local paths and file:// URLs are supported here "
+                f"{what} {raw!r}: only local paths and file:// URLs are supported here "
                 f"(got scheme {url.scheme!r}); see docs/scaling.md for object storage"
             )
         if url.netloc not in ("", "localhost"):
-            raise WarehouseLocationError(f"warehouse {raw!r}: file:// URLs must name a local path")
+            raise WarehouseLocationError(f"{what} {raw!r}: file:// URLs must name a local path")
         raw = unquote(url.path)
     return Path(raw).expanduser().resolve()
 
