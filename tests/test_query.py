@@ -491,3 +491,56 @@ def test_views_can_be_created_on_any_connection(warehouse):
     present = create_views(con, warehouse)
     assert all(present.values())
     assert con.execute("SELECT count(DISTINCT model) FROM head_stats").fetchall() == [(6,)]
+
+
+# --- ad-hoc SQL from Python: the process connection's views -----------------------------------------------
+
+
+def test_sql_over_the_process_connections_views(wh, warehouse, image_ids):
+    """``Warehouse.sql`` answers from views on the process connection, parameters bound, equal to the rows
+    read straight from the Parquet files."""
+    counts = wh.sql(
+        "SELECT model, count(*) AS n FROM attention_maps WHERE method = $method GROUP BY model ORDER BY model",
+        {"method": "rollout"},
+    ).to_pylist()
+    expected = sorted(
+        (model, read_partition(warehouse, "attention_maps", model, "rollout").num_rows)
+        for model, spec in registry.MODELS.items()
+        if "rollout" in spec.methods
+    )
+    assert [(r["model"], r["n"]) for r in counts] == expected
+    cells = wh.sql("SELECT value FROM map_cells('clip', 'cls', ?, 1, 2)", [image_ids[0]])["value"].to_numpy()
+    np.testing.assert_array_equal(cells, wh.map(image_ids[0], "clip", "cls", 1, 2).values.ravel())
+    assert wh.sql("SELECT current_setting('threads') AS t").num_rows == 1
+    with pytest.raises(QueryError, match="SQL failed: Parser Error"):
+        wh.sql("SELEC 1")
+    hive_types = wh.sql("SELECT typeof(model) AS t FROM attention_maps LIMIT 1").to_pylist()
+    assert hive_types == [{"t": "VARCHAR"}]
+
+
+def test_sql_views_follow_the_disk_and_stay_per_warehouse(tmp_path, warehouse, wh):
+    """A warehouse filled after its views were made is seen; two warehouses in one process keep their
+    own views; each thread has its own cursor."""
+    late = open_warehouse(tmp_path / "later")
+    assert late.sql("SELECT count(*) AS n FROM attention_maps").to_pylist() == [{"n": 0}]
+    shutil.copytree(warehouse, tmp_path / "later")
+    total = sum(
+        read_partition(warehouse, "attention_maps", m, method).num_rows
+        for m, s in registry.MODELS.items()
+        for method in s.methods
+    )
+    assert late.sql("SELECT count(*) AS n FROM attention_maps").to_pylist() == [{"n": total}]
+    assert wh.sql("SELECT count(*) AS n FROM attention_maps").to_pylist() == [{"n": total}]
+    shutil.rmtree(tmp_path / "later" / "attention_maps")
+    assert late.sql("SELECT count(*) AS n FROM attention_maps").to_pylist() == [{"n": 0}]
+    assert wh.sql("SELECT count(*) AS n FROM attention_maps").to_pylist() == [{"n": total}]
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(wh.sql("SELECT count(*) AS n FROM images")["n"][0].as_py()))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [5] * 4

@@ -4,9 +4,11 @@
     wh = open_warehouse("data/warehouse")
     grid = wh.head_grid(image_id, "dinov2", "cls", layer=11)   # grid.maps: (13, 16, 16) float32, fused first
 
-The API reads each partition file directly (the file named by the validated model and method); SQL users get
-the same tables as DuckDB views: ``ssl-attention sql`` or the ``attention.duckdb`` catalog file
-(``write_catalog``); see docs/sql.md.
+    wh.sql("SELECT model, avg(entropy) FROM head_stats WHERE layer = $layer GROUP BY model", {"layer": 0})
+
+The map and statistics functions read each partition file directly (the file named by the validated model
+and method); ``wh.sql`` and SQL users get the tables as DuckDB views: on the process connection,
+``ssl-attention sql`` or the ``attention.duckdb`` catalog file (``write_catalog``); see docs/sql.md.
 """
 
 from ssl_attention.query.api import Warehouse, open_warehouse

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from ssl_attention.query import maps, statistics
+import duckdb
+import pyarrow as pa
+
+from ssl_attention.query import connection, maps, statistics
+from ssl_attention.query.errors import QueryError
 from ssl_attention.query.handle import WarehouseHandle, handle_for
 from ssl_attention.query.results import (
     AttentionMap,
@@ -93,6 +98,19 @@ class Warehouse(WarehouseHandle):
     ) -> dict[str, float | None]:
         """All statistics of one map (see docs/sql.md for the formulas)."""
         return statistics.head_statistics(self, image_id, model, method, layer, head)
+
+    # --- ad-hoc SQL ---------------------------------------------------------------------------------------
+
+    def sql(self, query: str, params: dict[str, Any] | list[Any] | None = None) -> pa.Table:
+        """Run ``query`` over this warehouse's views (``images``, ``attention_maps``, ``head_stats``,
+        ``models``, ``inputs``, ``errors``, ``methods``, ``attention_cells``, ``map_cells(...)``; docs/sql.md)
+        and return an Arrow table. Bind values as ``$name``/``?`` parameters, never by formatting them into
+        the text. Unlike ``ssl-attention sql`` this is not sandboxed: it is for code you write yourself.
+        """
+        try:
+            return connection.views_cursor(self.root).sql(query, params=params).to_arrow_table()
+        except duckdb.Error as exc:
+            raise QueryError(f"SQL failed: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def open_warehouse(location: str | os.PathLike[str] | None = None) -> Warehouse:

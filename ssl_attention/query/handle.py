@@ -2,9 +2,9 @@
 of user input.
 
 Every query reads one partition file directly (``read_parquet($path)``, the path built from validated names),
-not the SQL views: naming the file is the partition pruning, and there is no view to create or keep in step
-with the disk. The views (``views.py``) are for SQL users: the ``ssl-attention sql`` shell and the
-``attention.duckdb`` catalog file.
+not the SQL views: naming the file is the partition pruning, and the read can check that file's identity
+around the query. The views (``views.py``) are for SQL: ``Warehouse.sql`` (on the process connection), the
+``ssl-attention sql`` shell and the ``attention.duckdb`` catalog file.
 
 Metadata (model rows, the layers/heads/grids of a partition, the image catalog) is cached per file version:
 each lookup ``stat``s the file and re-reads it only when its (inode, mtime, size) changed, which an atomic
