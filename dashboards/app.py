@@ -11,9 +11,8 @@ import contextlib
 import html
 import io
 import logging
-import time
-from collections.abc import Iterator
-from functools import partial
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,14 @@ import holoviews as hv
 import numpy as np
 import panel as pn
 import param
-from bokeh.document import Document
 from bokeh.models import CustomJSTickFormatter
 from PIL import Image
 
-from dashboards import data, export, figures, state, views
-from dashboards.glossary import empty_warehouse_markdown, glossary_markdown
+from dashboards import data, export, figures, state, url_sync, views
+from dashboards.glossary import empty_warehouse_markdown, glossary_markdown, unsupported_warehouse_markdown
 from ssl_attention.query import STATISTICS, EmptyWarehouseError, HeadGrid, LayerHeadMaps, QueryError
 from ssl_attention.render import COLORMAPS, overlay
-from ssl_attention.warehouse.paths import WarehouseLocationError, resolve_warehouse
+from ssl_attention.warehouse.paths import DEFAULT_WAREHOUSE, ENV_VAR, WarehouseLocationError, resolve_warehouse
 
 hv.extension("bokeh", logo=False)
 pn.extension(notifications=False)
@@ -68,7 +66,8 @@ STAT_LABELS = {
 COMPARE_METHODS = {"CLS-like (cls · probe · Grad-CAM)": "cls", "Mean attention": "mean", "Rollout": "rollout"}
 SCOPES = {"This image": "image", "Mean over all images": "all"}
 
-# URL query keys -> viewer parameters (selection keys are resolved by state.from_query, the rest by param)
+# URL query keys -> viewer parameters (selection keys are resolved by state.from_query, the rest by param;
+# dashboards/url_sync.py keeps the URL and the view in step)
 DISPLAY_KEYS = {
     "cmap": "cmap",
     "opacity": "opacity",
@@ -79,28 +78,6 @@ DISPLAY_KEYS = {
     "compare": "compare_method",
     "tab": "tab",
 }
-
-
-class UrlState(param.Parameterized):
-    """The URL query, untyped: whatever a link holds arrives here and is validated by the viewer."""
-
-    image = param.Parameter(default=None)
-    model = param.Parameter(default=None)
-    method = param.Parameter(default=None)
-    layer = param.Parameter(default=None)
-    head = param.Parameter(default=None)
-    cmap = param.Parameter(default=None)
-    opacity = param.Parameter(default=None)
-    scale = param.Parameter(default=None)
-    stat = param.Parameter(default=None)
-    scope = param.Parameter(default=None)
-    depth = param.Parameter(default=None)
-    compare = param.Parameter(default=None)
-    tab = param.Parameter(default=None)
-
-
-URL_KEYS = tuple(p for p in UrlState.param if p != "name")
-URL_DELAY_MS = 400  # the URL follows the view once it has not changed for this long (see _sync_url)
 
 
 def _message_plot(text: str, width: int = 400, height: int = 120) -> hv.Text:
@@ -171,6 +148,7 @@ class AttentionExplorer(pn.viewable.Viewer):
         self._grid_strip = figures.TileStrip(self._on_grid_tile, 80, columns=64, name="head-grid")
         self._thumbs = figures.TileStrip(self._on_thumb_tile, THUMB_PX, THUMB_COLUMNS, "thumbnails", captions=False)
         self._slider_labels: dict[str, str] = {}
+        self.browser_url = url_sync.BrowserUrl()  # wired by _sync_url when served
         self.param.image.objects = {i.file_name: i.image_id for i in self._index.images}
         self.param.model.objects = {info.label: slug for slug, info in self._index.models.items()}
         self._build_widgets()
@@ -234,7 +212,7 @@ class AttentionExplorer(pn.viewable.Viewer):
         )
         self._apply(requested)
 
-    def apply_query(self, query: dict[str, Any]) -> None:
+    def apply_query(self, query: Mapping[str, Any]) -> None:
         """Restore a view from URL values; anything invalid keeps its default."""
         self._apply(state.from_query(query, self._index))
         for key, name in DISPLAY_KEYS.items():
@@ -518,6 +496,8 @@ class AttentionExplorer(pn.viewable.Viewer):
             blended = overlay(self._rgb(image_key, entry.model), entry.map.values, alpha=opacity, cmap=cmap)
             label = self._index.models[entry.model].layer_label(entry.layer)
             caption = f"**{entry.model}** · {entry.method} · {label} (depth {entry.depth:.2f})"
+            if entry.model in self._loaded.random_weights:
+                caption += "<br>⚠ **random weights**"
             png = pn.pane.PNG(_png(blended), width=200, height=200, fixed_aspect=True)
             cards.append(pn.Column(pn.pane.Markdown(caption, margin=(0, 5)), png, width=215))
         missing = "".join(f"\n- {m}: {why}" for m, why in comparison.missing.items())
@@ -554,7 +534,7 @@ class AttentionExplorer(pn.viewable.Viewer):
         captions = (self._map_title(None), self._map_title(s.head))
         self._png_download.filename = export.file_stem(view, s.head) + ".png"
         rgb = self._rgb(s.image, s.model)
-        return export.view_png(view, rgb, s.head, self.opacity, self.cmap, vmaxes, title, captions)
+        return export.view_png(view, rgb, s.head, self.opacity, self.cmap, vmaxes, title, captions, shared)
 
     def _build_csv(self) -> io.BytesIO:
         view = self._view_maps()
@@ -622,16 +602,25 @@ class AttentionExplorer(pn.viewable.Viewer):
             heads = f"{info.num_heads} heads per layer"
         return f"{layer}<br>{heads}"
 
-    def _banner(self, selection: state.Selection) -> str:
-        info = self._index.models[selection.model]
-        weights = self._loaded.random_weights.get(selection.model, "")
-        return (
-            f"⚠ **Random weights** — these maps come from {info.label} with randomly initialised weights "
-            f"({weights}). They show the machinery, not what a trained model attends to."
-        )
+    def _random_models(self, selection: state.Selection, tab: str) -> list[str]:
+        """The models with random weights among those whose maps are shown: every model on the compare tab,
+        the selected one elsewhere."""
+        shown = list(self._index.models) if tab == "compare" else [selection.model]
+        return [model for model in shown if model in self._loaded.random_weights]
 
-    def _is_random(self, selection: state.Selection) -> bool:
-        return selection.model in self._loaded.random_weights
+    def _banner(self, selection: state.Selection, tab: str) -> str:
+        models = self._random_models(selection, tab)
+        named = [f"{self._index.models[m].label} ({self._loaded.random_weights[m]})" for m in models]
+        if not named:  # hidden (_is_random)
+            return ""
+        if len(named) == 1:
+            source = f"these maps come from {named[0]}, with randomly initialised weights."
+        else:
+            source = f"the maps of {', '.join(named[:-1])} and {named[-1]} come from randomly initialised weights."
+        return f"⚠ **Random weights** — {source} They show the machinery, not what a trained model attends to."
+
+    def _is_random(self, selection: state.Selection, tab: str) -> bool:
+        return bool(self._random_models(selection, tab))
 
     def __panel__(self) -> pn.viewable.Viewable:
         p = self.param
@@ -715,9 +704,9 @@ class AttentionExplorer(pn.viewable.Viewer):
         tabs.param.watch(lambda event: setattr(self, "tab", TABS[event.new]), "active")
         self.param.watch(lambda event: setattr(tabs, "active", TABS.index(event.new)), "tab")
         banner = pn.pane.Alert(
-            pn.bind(self._banner, p.selection),
+            pn.bind(self._banner, p.selection, p.tab),
             alert_type="warning",
-            visible=pn.bind(self._is_random, p.selection),
+            visible=pn.bind(self._is_random, p.selection, p.tab),
             margin=(5, 10),
         )
         problem = pn.pane.Alert(p.problem, alert_type="danger", visible=p.problem.rx.bool(), margin=(5, 10))
@@ -733,6 +722,7 @@ class AttentionExplorer(pn.viewable.Viewer):
         )
         return pn.Column(
             header,
+            self.browser_url,
             banner,
             problem,
             skipped,
@@ -761,13 +751,19 @@ def skipped_markdown(root: str, skipped: dict[str, str]) -> str:
 class EmptyWarehouse(pn.viewable.Viewer):
     """Shown instead of the explorer when there is nothing to explore (never a traceback)."""
 
-    warehouse = param.String(default="")
+    warehouse = param.String(default="", doc="the location as given (a path, a URL)")
     detail = param.String(default="")
+    unsupported = param.Boolean(default=False, doc="the location is not a local path or file:// URL")
+
+    def message(self) -> str:
+        if self.unsupported:
+            return unsupported_warehouse_markdown(self.warehouse, self.detail)
+        return empty_warehouse_markdown(self.warehouse, self.detail)
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(
             pn.pane.Markdown(f"## {TITLE}"),
-            pn.pane.Alert(empty_warehouse_markdown(self.warehouse, self.detail), alert_type="info"),
+            pn.pane.Alert(self.message(), alert_type="info"),
             sizing_mode="stretch_width",
         )
 
@@ -801,68 +797,21 @@ class WarehouseProblem(pn.viewable.Viewer):
 
 
 def _sync_url(viewer: AttentionExplorer) -> None:
-    """Two-way: the URL's values restore the view; every change of the view rewrites the URL.
-
-    The browser reports its own query once the page is up (and on back/forward), possibly after the server
-    normalised it: a reported query that differs from the view is applied (invalid values fall back), then
-    the URL is rewritten to what is shown.
-    """
+    """Two-way: the URL's values restore the view; every change of the view rewrites the URL, and Back/Forward
+    bring the view of the URL back (dashboards/url_sync.py)."""
     location = pn.state.location
     if location is None:
         return
-    url = UrlState()
-    location.sync(url, list(URL_KEYS))  # parses the query; never raises (untyped parameters)
-    viewer.apply_query({k: getattr(url, k) for k in URL_KEYS if getattr(url, k) is not None})
-    writing = False
-    pending = False
+    watched = ["selection", *DISPLAY_KEYS.values()]
+    url_sync.sync_url(viewer, viewer.browser_url, location.query_params, watched)
 
-    def write(*_: Any) -> None:
-        nonlocal writing, pending
-        pending = False
-        wanted = viewer.query()
-        current = {k: str(v) for k, v in location.query_params.items()}
-        if all(current.get(k) == v for k, v in wanted.items()):
-            return
-        writing = True
-        try:
-            location.update_query(**wanted)  # all keys, also those the link did not carry
-        finally:
-            writing = False
 
-    def reported(*_: Any) -> None:
-        if writing:
-            return
-        query = location.query_params
-        if {k: str(v) for k, v in query.items() if k in URL_KEYS} != viewer.query():
-            viewer.apply_query(query)
-        write()
-
-    changed_at = 0.0
-
-    def write_when_quiet(doc: Document) -> None:
-        quiet_ms = (time.monotonic() - changed_at) * 1000
-        if quiet_ms < URL_DELAY_MS:
-            doc.add_timeout_callback(partial(write_when_quiet, doc), max(1, round(URL_DELAY_MS - quiet_ms)))
-        else:
-            write()
-
-    def write_soon(*_: Any) -> None:
-        """Rewrite the URL once the view has not changed for URL_DELAY_MS. A URL change costs the browser a
-        history entry and an echo of the new href to the server: written on every click, it competed with
-        drawing the next maps; while a user clicks through heads or layers only the last view needs it."""
-        nonlocal pending, changed_at
-        changed_at = time.monotonic()
-        doc = pn.state.curdoc
-        if doc is None or doc.session_context is None:
-            write()
-        elif not pending:
-            pending = True
-            doc.add_timeout_callback(partial(write_when_quiet, doc), URL_DELAY_MS)
-
-    write()
-    location.param.watch(reported, "search")
-    pn.state.onload(write)
-    viewer.param.watch(write_soon, ["selection", *DISPLAY_KEYS.values()])
+def warehouse_location(warehouse: str | Path | None) -> str:
+    """The location as given: the argument, else ``$SSL_ATTENTION_WAREHOUSE``, else the default (as
+    ``resolve_warehouse`` picks it), for messages about a location that cannot be used."""
+    if warehouse is not None:
+        return str(warehouse)
+    return os.environ.get(ENV_VAR) or str(DEFAULT_WAREHOUSE)
 
 
 def create_app(warehouse: str | Path | None = None) -> pn.viewable.Viewer:
@@ -870,11 +819,12 @@ def create_app(warehouse: str | Path | None = None) -> pn.viewable.Viewer:
     what-failed message when the warehouse cannot be read. Never raises: a user never sees a traceback."""
     try:
         root = resolve_warehouse(warehouse)
-    except WarehouseLocationError as exc:
-        return EmptyWarehouse(warehouse=str(warehouse or ""), detail=str(exc))
+    except WarehouseLocationError as exc:  # not a local path or file:// URL
+        return EmptyWarehouse(warehouse=warehouse_location(warehouse), detail=str(exc), unsupported=True)
     except Exception as exc:
-        log.exception("cannot locate the warehouse %s", warehouse)
-        return WarehouseProblem(warehouse=str(warehouse or ""), failed="locating it", error=data.one_line(exc))
+        location = warehouse_location(warehouse)
+        log.exception("cannot locate the warehouse %s", location)
+        return WarehouseProblem(warehouse=location, failed="locating it", error=data.one_line(exc))
     try:
         loaded = data.load_index(root)
     except EmptyWarehouseError:

@@ -12,10 +12,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from ssl_attention.render import head_grid_png, overlay
+from dashboards.views import normalise_tiles
+from ssl_attention.render import colorize, overlay
 
 PANEL_PX = 320  # side of each overlay in the PNG
 CAPTION_PX = 18
+GRID_CELL_PX = 96  # width of a head grid tile in the PNG
+GRID_CAPTION_PX = 14
+GRID_COLUMNS = 13
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,27 @@ def _panel(rgb: np.ndarray, values: np.ndarray, alpha: float, vmax: float, cmap:
     return framed
 
 
+def grid_tiles(maps: np.ndarray, shared: bool, cmap: str) -> list[np.ndarray]:
+    """The head grid's tiles as the screen draws them (dashboards/figures.py ``TileStrip``): each map scaled to
+    [0, 1] as the colour scale says (``views.normalise_tiles``), coloured with ``cmap``, opaque, no image."""
+    return [colorize(tile, 1.0, cmap) for tile in normalise_tiles(list(maps), shared)]
+
+
+def _grid(tiles: list[np.ndarray], labels: list[str]) -> Image.Image:
+    """Captioned tiles in rows of GRID_COLUMNS, each GRID_CELL_PX wide (nearest cells: as on screen)."""
+    columns = min(GRID_COLUMNS, len(tiles))
+    rows = -(-len(tiles) // columns)
+    cell_h = round(GRID_CELL_PX * tiles[0].shape[0] / tiles[0].shape[1])
+    canvas = Image.new("RGB", (columns * GRID_CELL_PX, rows * (cell_h + GRID_CAPTION_PX)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, (tile, label) in enumerate(zip(tiles, labels, strict=True)):
+        x, y = (index % columns) * GRID_CELL_PX, (index // columns) * (cell_h + GRID_CAPTION_PX)
+        scaled = Image.fromarray(tile).resize((GRID_CELL_PX, cell_h), Image.Resampling.NEAREST)
+        canvas.paste(scaled, (x, y + GRID_CAPTION_PX))
+        draw.text((x + 2, y + 1), label, fill="black")
+    return canvas
+
+
 def view_png(
     view: ViewMaps,
     rgb: np.ndarray,
@@ -89,9 +114,12 @@ def view_png(
     vmaxes: tuple[float, float],
     title: str,
     captions: tuple[str, str],
+    shared: bool = True,
 ) -> io.BytesIO:
     """Fused and selected head over the input image, side by side, above the head grid, with a title;
-    ``captions`` name the two maps. A method without heads has one map: no head panel, no grid."""
+    ``captions`` name the two maps. The overlays use ``alpha`` and the ``vmaxes`` of the screen, the grid is
+    scaled as the screen's (``shared`` or independent). A method without heads has one map: no head panel,
+    no grid."""
     index = view.heads.index(selected) if selected in view.heads else 0
     panels = [_panel(rgb, view.maps[0], alpha, vmaxes[0], cmap, captions[0])]
     if selected is not None and index:
@@ -99,8 +127,7 @@ def view_png(
     grid = Image.new("RGB", (0, 0))
     if len(view.heads) > 1:
         labels = ["fused" if h is None else f"h{h}" for h in view.heads]
-        png = head_grid_png(list(view.maps), labels, cell=96, columns=13, cmap=cmap, image=rgb)
-        grid = Image.open(io.BytesIO(png))
+        grid = _grid(grid_tiles(view.maps, shared, cmap), labels)
     width = max(sum(p.width for p in panels) + 8 * (len(panels) - 1), grid.width) + 16
     height = 24 + max(p.height for p in panels) + 8 + (grid.height + 8 if grid.height else 0)
     canvas = Image.new("RGB", (width, height), "white")
@@ -111,7 +138,7 @@ def view_png(
         canvas.paste(panel, (x, 24))
         x += panel.width + 8
     if grid.height:
-        canvas.paste(grid.convert("RGB"), (8, 24 + max(p.height for p in panels) + 8))
+        canvas.paste(grid, (8, 24 + max(p.height for p in panels) + 8))
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     buffer.seek(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ssl_attention.models.registry import METHODS, MODELS
+from ssl_attention.warehouse.paths import DEFAULT_WAREHOUSE
 
 FILL_COMMAND = "ssl-attention run --images data/samples --models all --weights random"
 
@@ -83,4 +84,18 @@ def empty_warehouse_markdown(warehouse: str, detail: str = "") -> str:
         f"```bash\n{FILL_COMMAND} --warehouse {warehouse}\n```\n\n"
         "then reload this page. Point the dashboard at another warehouse with `$SSL_ATTENTION_WAREHOUSE` or "
         f"`ssl-attention serve --warehouse DIR`.{extra}"
+    )
+
+
+def unsupported_warehouse_markdown(location: str, detail: str = "") -> str:
+    """The message shown when the warehouse location is not one the dashboard can read (``s3://`` ...)."""
+    extra = f"\n\n_Detail: {detail}_" if detail else ""
+    return (
+        "## Unsupported warehouse location\n\n"
+        f"`{location}` is not a location the dashboard can read: the warehouse must be a local path or a "
+        "`file://` URL (object stores need the setup in docs/scaling.md). Point the dashboard at a local "
+        "warehouse with `$SSL_ATTENTION_WAREHOUSE` or `ssl-attention serve --warehouse DIR`, filled for example "
+        "with the bundled sample images (offline, random weights):\n\n"
+        f"```bash\n{FILL_COMMAND} --warehouse {DEFAULT_WAREHOUSE}\n```\n\n"
+        f"then reload this page.{extra}"
     )

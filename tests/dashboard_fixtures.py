@@ -88,6 +88,15 @@ def expected_map(warehouse: Path, model: str, method: str, image_id: str, layer:
     return np.asarray(rows["map_values"][0].as_py(), dtype=np.float32).reshape(grid_h, grid_w)
 
 
+def stored_layers(warehouse: Path, model: str, method: str) -> list[int]:
+    """The layers a model/method partition holds, ascending, straight from its Parquet file."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "data.parquet"
+    return sorted(pc.unique(pq.read_table(path, columns=["layer"])["layer"]).to_pylist())
+
+
 def image_id_of(warehouse: Path, file_name: str) -> str:
     import pyarrow.parquet as pq
 

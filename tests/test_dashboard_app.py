@@ -17,7 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from ssl_attention.models.registry import MODELS
-from tests.dashboard_fixtures import RANDOM_MODEL, RANDOM_SEED, dashboard_warehouse, expected_map, image_id_of
+from tests.dashboard_fixtures import (
+    RANDOM_MODEL,
+    RANDOM_SEED,
+    dashboard_warehouse,
+    expected_map,
+    image_id_of,
+    stored_layers,
+)
 
 if TYPE_CHECKING:
     from dashboards.app import AttentionExplorer
@@ -183,12 +190,75 @@ def test_query_round_trip_and_bad_values(explorer: AttentionExplorer) -> None:
 
 def test_random_weights_are_flagged_with_their_provenance(explorer: AttentionExplorer) -> None:
     explorer.model = RANDOM_MODEL
-    assert explorer._is_random(explorer.selection)
-    banner = explorer._banner(explorer.selection)
+    assert explorer._is_random(explorer.selection, "heads")
+    banner = explorer._banner(explorer.selection, "heads")
     assert "Random weights" in banner
     assert MODELS[RANDOM_MODEL].default_weights in banner and f"seed {RANDOM_SEED}" in banner  # the architecture
     explorer.model = "clip"
-    assert not explorer._is_random(explorer.selection)
+    assert not explorer._is_random(explorer.selection, "heads")
+
+
+def _banner_alert(explorer: AttentionExplorer, layout: pn.viewable.Viewable) -> pn.pane.Alert:
+    return next(a for a in layout.select(pn.pane.Alert) if a.alert_type == "warning" and "Random" in str(a.object))
+
+
+def test_compare_tab_flags_every_compared_model_with_random_weights(
+    explorer: AttentionExplorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compare tab draws every model: the banner shows while any of them has random weights, naming them,
+    and each such card says so — whichever model is selected."""
+    explorer.param.update(model="clip", tab="compare")
+    layout = explorer.__panel__()
+    alert = _banner_alert(explorer, layout)
+    assert alert.visible
+    label = MODELS[RANDOM_MODEL].label
+    assert label in alert.object and f"seed {RANDOM_SEED}" in alert.object
+    assert MODELS["clip"].label not in alert.object  # clip's weights are real
+    compare = explorer._compare_view(explorer.selection.image, 1.0, "cls", "viridis", 0.6, "compare")
+    captions = {card.objects[0].object.split("**")[1]: card.objects[0].object for card in compare.objects[0].objects}
+    assert set(captions) == set(MODELS)
+    flagged = {model for model, caption in captions.items() if "random weights" in caption}
+    assert flagged == {RANDOM_MODEL}
+
+    explorer.tab = "heads"  # only the selected model's maps are shown: clip, real weights
+    assert not alert.visible
+    explorer.tab = "compare"
+    assert alert.visible
+
+    monkeypatch.setitem(explorer._loaded.random_weights, "siglip", "architecture of some/hub-id, seed 7")
+    banner = explorer._banner(explorer.selection, "compare")
+    assert label in banner and MODELS["siglip"].label in banner and "seed 7" in banner
+    assert not explorer._is_random(explorer.selection, "heads")
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.8, 1.0])
+def test_compare_picks_the_layer_at_the_relative_depth(
+    explorer: AttentionExplorer, warehouse: Path, depth: float
+) -> None:
+    """Each card shows its model's map at layer index round(depth * (L - 1)) of the L layers its method stores
+    (read from the Parquet files here), and its drawn pixels are that map's overlay."""
+    from PIL import Image
+
+    from dashboards import data
+    from ssl_attention.render import overlay
+
+    image = image_id_of(warehouse, "chelsea.jpg")
+    compare = explorer._compare_view(image, depth, "cls", "magma", 0.5, "compare")
+    cards = compare.objects[0].objects
+    assert len(cards) == len(MODELS)
+    for card in cards:
+        caption, png = card.objects[0].object, card.objects[1].object
+        model, method = caption.split("**")[1], caption.split(" · ")[1]
+        layers = stored_layers(warehouse, model, method)
+        position = depth * (len(layers) - 1)
+        assert position % 1 != 0.5  # no tie: the expected layer is unambiguous
+        layer = layers[round(position)]
+        info = explorer._index.models[model]
+        assert f" · {info.layer_label(layer)} (depth " in caption, (model, layer, caption)
+        drawn = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        rgb = data.input_rgb(str(warehouse), image, model)
+        expected = overlay(rgb, expected_map(warehouse, model, method, image, layer, None), alpha=0.5, cmap="magma")
+        np.testing.assert_array_equal(drawn, expected, err_msg=f"{model} at depth {depth}")
 
 
 def test_exports(explorer: AttentionExplorer, warehouse: Path) -> None:
@@ -219,7 +289,7 @@ def test_other_tabs_build_their_views(explorer: AttentionExplorer) -> None:
     assert isinstance(heat, hv.HeatMap) and len(heat) == 2 * 5  # 2 layers x (fused + 4 heads)
     assert "<table" in explorer._stats_table(explorer.selection, "statistics")
     compare = explorer._compare_view(explorer.selection.image, 0.5, "cls", "viridis", 0.6, "compare")
-    assert len(compare.objects[0].objects) == 6  # one card per model
+    assert len(compare.objects[0].objects) == 6  # one card per model (layers: test_compare_picks_the_layer_...)
 
 
 def test_hidden_tabs_do_not_follow_the_selection(explorer: AttentionExplorer) -> None:
@@ -242,6 +312,37 @@ def test_empty_or_missing_warehouse_shows_the_fill_command(tmp_path: Path) -> No
         assert isinstance(app, EmptyWarehouse)
         text = app.__panel__().objects[1].object
         assert "ssl-attention run --images data/samples --models all --weights random" in text
+
+
+FILL = "ssl-attention run --images data/samples --models all --weights random --warehouse"
+
+
+def test_a_warehouse_from_the_environment_is_named_in_the_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$SSL_ATTENTION_WAREHOUSE, not an argument: the message and the fill command name that location."""
+    from dashboards.app import EmptyWarehouse, create_app
+
+    missing = tmp_path / "from_env"
+    monkeypatch.setenv("SSL_ATTENTION_WAREHOUSE", str(missing))
+    app = create_app()
+    assert isinstance(app, EmptyWarehouse)
+    text = app.__panel__().objects[1].object
+    assert f"`{missing}` is empty or missing" in text and f"{FILL} {missing}\n" in text
+
+
+def test_an_unsupported_location_says_what_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object-store URL is neither empty nor missing: the message names it and says what a location may be."""
+    from dashboards.app import EmptyWarehouse, create_app
+
+    monkeypatch.setenv("SSL_ATTENTION_WAREHOUSE", "s3://bucket/warehouse")
+    for app in (create_app(), create_app("s3://bucket/warehouse")):
+        assert isinstance(app, EmptyWarehouse)
+        text = app.__panel__().objects[1].object
+        assert "`s3://bucket/warehouse`" in text and "``" not in text.replace("```", "")
+        assert "empty or missing" not in text
+        assert "local path" in text and "file://" in text
+        assert f"{FILL} s3://" not in text and not text.rstrip().endswith("--warehouse")
 
 
 def test_panel_serve_builds_the_app_at_slash_app(warehouse: Path) -> None:
@@ -308,7 +409,7 @@ def test_a_damaged_partition_is_left_out_with_a_note(warehouse: Path, tmp_path: 
     assert isinstance(app, AttentionExplorer)  # the other maps are still there
     assert "mean" not in app._index.models["clip"].methods and "cls" in app._index.models["clip"].methods
     assert set(app._loaded.skipped) == {"clip/mean"}
-    note = next(pane for pane in app.__panel__().objects if pane is not None and "clip/mean" in str(pane.object))
+    note = next(pane for pane in app.__panel__().objects if "clip/mean" in str(getattr(pane, "object", "")))
     assert note.visible and str(damaged) in note.object
 
 
@@ -344,3 +445,82 @@ def test_unexpected_errors_become_messages(explorer: AttentionExplorer, warehous
     monkeypatch.setattr(data, "load_index", broken)
     problem = app_module.create_app(warehouse)
     assert isinstance(problem, app_module.WarehouseProblem) and problem.error == "KeyError: 'a reader bug'"
+
+
+def _expected_tile(values: np.ndarray, top: float, cmap: str, width: int) -> np.ndarray:
+    """A head grid tile computed from the raw map: values / top on the colormap, cells upscaled to ``width``."""
+    from ssl_attention.render import colormap_lut
+
+    colours = colormap_lut(cmap)[np.round(np.clip(values / top, 0, 1) * 255).astype(int)]
+    grid_h, grid_w = values.shape
+    height = round(width * grid_h / grid_w)
+    rows = np.floor((np.arange(height) + 0.5) * grid_h / height).astype(int)
+    cols = np.floor((np.arange(width) + 0.5) * grid_w / width).astype(int)
+    return colours[rows][:, cols]
+
+
+def _contains(canvas: np.ndarray, tile: np.ndarray) -> bool:
+    height, width = tile.shape[:2]
+    ys, xs = np.nonzero(np.all(canvas == tile[0, 0], axis=-1))
+    return any(np.array_equal(canvas[y : y + height, x : x + width], tile) for y, x in zip(ys, xs, strict=True))
+
+
+def test_png_head_grid_is_scaled_as_on_screen(explorer: AttentionExplorer, warehouse: Path) -> None:
+    """The exported head grid follows the colour scale and colormap chosen on screen: shared = every tile over
+    the layer's maximum, independent = each tile over its own; the screen's grid holds the same scaled maps."""
+    from PIL import Image
+
+    from dashboards.export import GRID_CELL_PX
+
+    image = image_id_of(warehouse, "chelsea.jpg")
+    maps = [expected_map(warehouse, "dinov2", "cls", image, 1, head) for head in (None, 0, 1, 2, 3)]
+    layer_top = max(float(m.max()) for m in maps)
+    assert any(float(m.max()) < layer_top for m in maps)  # else shared and independent would look the same
+    for scale in ("shared", "independent"):
+        query = {"image": "chelsea.jpg", "model": "dinov2", "method": "cls", "layer": 1, "head": 2}
+        explorer.apply_query({**query, "cmap": "magma", "scale": scale, "opacity": 0.3})
+        canvas = np.asarray(Image.open(explorer._export_png()).convert("RGB"))
+        screen = np.flipud(explorer._grid_strip.maps.data["image"][0])  # the mosaic on screen, numpy rows
+        grid_h, grid_w = maps[0].shape
+        for k, values in enumerate(maps):
+            top = layer_top if scale == "shared" else float(values.max())
+            np.testing.assert_allclose(screen[:grid_h, k * grid_w : (k + 1) * grid_w], values / top, rtol=1e-6)
+            assert _contains(canvas, _expected_tile(values, top, "magma", GRID_CELL_PX)), (scale, k)
+            other = float(values.max()) if scale == "shared" else layer_top
+            if other != top:  # the other scale's tile is not in this export
+                assert not _contains(canvas, _expected_tile(values, other, "magma", GRID_CELL_PX)), (scale, k)
+
+
+def test_url_sync_follows_back_and_forward(explorer: AttentionExplorer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the browser reports (page up, Back, Forward) is shown; a view change pushes a history entry; a URL
+    the server completes replaces its entry (a pushed normalisation would trap Back)."""
+    from urllib.parse import parse_qsl
+
+    from dashboards.app import DISPLAY_KEYS
+    from dashboards.url_sync import sync_url
+
+    written: list[tuple[dict[str, str], bool]] = []
+    browser = explorer.browser_url
+    monkeypatch.setattr(browser, "write", lambda search, push: written.append((dict(parse_qsl(search[1:])), push)))
+    sync_url(explorer, browser, {"model": "clip", "head": 1}, ["selection", *DISPLAY_KEYS.values()])
+    assert (explorer.selection.model, explorer.selection.head) == ("clip", 1)
+    assert written == []  # nothing is written before the browser reports its URL
+
+    browser._handle_msg("?model=clip&head=1")  # the page is up, with the link's (partial) query
+    assert len(written) == 1 and written[0][1] is False  # completed in place
+    first = written[0][0]
+    assert first == explorer.query() and (first["model"], first["head"]) == ("clip", "1")
+
+    explorer.head = 3
+    assert written[-1] == ({**first, "head": "3"}, True)  # a new history entry
+    explorer.scale = "independent"
+    second = written[-1][0]
+    assert second["scale"] == "independent" and second["head"] == "3" and written[-1][1] is True
+    count = len(written)
+
+    browser._handle_msg("?" + "&".join(f"{k}={v}" for k, v in first.items()))  # Back
+    assert (explorer.selection.head, explorer.scale) == (1, "shared")
+    assert len(written) == count  # the URL already shows the view: nothing written, Forward stays possible
+    browser._handle_msg("?" + "&".join(f"{k}={v}" for k, v in second.items()))  # Forward
+    assert (explorer.selection.head, explorer.scale) == (3, "independent")
+    assert len(written) == count

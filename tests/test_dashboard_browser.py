@@ -36,6 +36,11 @@ pytestmark = pytest.mark.browser
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 SELECT = "panel.models.widgets.CustomSelect"
 COLORBARS_JS = "() => [...Bokeh.documents[0].all_models].filter(m => m.type === 'ColorBar').map(m => m.title)"
+# The top of the colour scale of the map plotted in the figure whose title starts with the argument.
+SCALE_TOP_JS = """(prefix) => {
+  const fig = [...Bokeh.documents[0].all_models].find(m => m.type === 'Plot' && m.title?.text?.startsWith(prefix));
+  return fig?.renderers.find(r => r.glyph?.type === 'Image')?.glyph.color_mapper.high ?? null;
+}"""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -221,6 +226,13 @@ def test_url_restores_a_view_and_ignores_bad_values(page: Any, server: int, ware
     assert widget(page, "Image")["value"] == image
     assert widget(page, "Model")["value"] == "siglip"
     assert widget(page, "Colormap")["value"] == "magma"
+    assert widget(page, "Colour scale")["value"] == "independent"
+    # independent: each map over its own maximum, not the layer's (fused and all heads), which shared uses
+    layer_top = max(float(expected_map(warehouse, "siglip", "probe", image, 2, h).max()) for h in (None, 0, 1, 2, 3))
+    for title, head in (("Head 2 · pooling head", 2), ("All heads (fused) · pooling head", None)):
+        own_top = float(expected_map(warehouse, "siglip", "probe", image, 2, head).max())
+        assert page.evaluate(SCALE_TOP_JS, title) == pytest.approx(own_top, rel=1e-6)
+    assert own_top < layer_top  # the fused map is the mean of the heads: below the largest head value
 
     open_app(page, server, "?model=nope&method=rollout&layer=99&head=banana&cmap=rainbow&image=gone.jpg")
     wait_for_title(page, "Attention rollout · up to block 1")
@@ -261,3 +273,45 @@ def test_random_weights_banner_follows_the_model(page: Any, server: int) -> None
     assert page.get_by_text(provenance).is_visible()
     page.get_by_label("Model").select_option("CLIP ViT-B/16 (vision tower)")
     banner.wait_for(state="hidden")
+
+
+def test_back_and_forward_bring_the_view_of_the_url_back(page: Any, server: int, warehouse: Path) -> None:
+    """After Back or Forward the widgets and the plotted maps show the view the URL names; completing the
+    opened URL and following Back/Forward add no history entries, each settled view change adds one."""
+    image = image_id_of(warehouse, "chelsea.jpg")
+    layer_top = max(float(expected_map(warehouse, "dinov2", "cls", image, 1, h).max()) for h in (None, 0, 1, 2, 3))
+    opened = page.evaluate("history.length") + 1  # the blank page, then the app
+    open_app(page, server, "?image=chelsea.jpg&model=dinov2&method=cls&layer=1&head=1")
+    wait_for_title(page, "Head 1 · block 1")
+    wait_for_query(page, head="1", cmap="viridis", scale="shared", tab="heads")  # the URL, completed ...
+    assert page.evaluate("history.length") == opened  # ... in place
+
+    page.get_by_label("Head").select_option("Head 3")
+    wait_for_query(page, head="3", scale="shared")
+    page.get_by_label("Colour scale").select_option("Independent")
+    wait_for_query(page, head="3", scale="independent")
+    fused = "All heads (fused) · block 1"
+    fused_top = float(expected_map(warehouse, "dinov2", "cls", image, 1, None).max())
+    assert fused_top < layer_top  # the two scales differ for the fused map
+    page.wait_for_function(f"(p) => Math.abs(({SCALE_TOP_JS})(p) - {fused_top!r}) < 1e-6", arg=fused)
+    assert page.evaluate("history.length") == opened + 2
+
+    page.go_back()  # head 3, shared scale
+    wait_for_query(page, head="3", scale="shared")
+    wait_for_widget(page, "Colour scale", value="shared")
+    page.wait_for_function(f"(p) => Math.abs(({SCALE_TOP_JS})(p) - {layer_top!r}) < 1e-6", arg=fused)
+
+    page.go_back()  # head 1
+    wait_for_query(page, head="1", scale="shared")
+    wait_for_widget(page, "Head", value="1")
+    plotted = plotted_array(wait_for_title(page, "Head 1 · block 1"))
+    np.testing.assert_allclose(plotted, expected_map(warehouse, "dinov2", "cls", image, 1, 1))
+
+    page.go_forward()  # head 3 again
+    wait_for_query(page, head="3", scale="shared")
+    wait_for_widget(page, "Head", value="3")
+    plotted = plotted_array(wait_for_title(page, "Head 3 · block 1"))
+    np.testing.assert_allclose(plotted, expected_map(warehouse, "dinov2", "cls", image, 1, 3))
+    page.wait_for_timeout(1000)  # longer than the server's URL delay: following Forward pushed nothing
+    assert page.evaluate("history.length") == opened + 2
+    assert page.evaluate("new URLSearchParams(location.search).get('head')") == "3"
