@@ -45,6 +45,15 @@ def load_tiny(slug: str, directory: Path):
     return load_model(slug, LoadRequest(checkpoint=directory, device="cpu"))
 
 
+def two_images(tmp_path: Path, sample_dir: Path) -> tuple[Path, Path]:
+    """(folder with a.jpg = chelsea and b.jpg = rocket, an empty warehouse path)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(sample_dir / "chelsea.jpg", folder / "a.jpg")
+    shutil.copy(sample_dir / "rocket.jpg", folder / "b.jpg")
+    return folder, tmp_path / "wh"
+
+
 # --- the full warehouse of the six tiny models ----------------------------------------------------------
 
 
@@ -219,11 +228,7 @@ def test_incremental_runs(tmp_path, sample_dir, tiny_checkpoints, make_tiny_chec
 def test_changed_file_then_recompute_writes_no_duplicate_rows(tmp_path, sample_dir, tiny_checkpoints):
     """A file whose content changed keeps a stale catalog entry (old id, same file name); a later full
     recompute must still write each image's maps once."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    shutil.copy(sample_dir / "chelsea.jpg", folder / "a.jpg")
-    shutil.copy(sample_dir / "rocket.jpg", folder / "b.jpg")
-    warehouse = tmp_path / "wh"
+    folder, warehouse = two_images(tmp_path, sample_dir)
     adapter = load_tiny("mae", tiny_checkpoints["mae"])
     catalog_images(folder, warehouse)
     extract_model(adapter, read_catalog_records(warehouse, folder), warehouse)
@@ -246,11 +251,7 @@ def test_changed_file_then_recompute_writes_no_duplicate_rows(tmp_path, sample_d
 def test_superseded_content_is_dropped_even_when_nothing_is_recomputed(tmp_path, sample_dir, tiny_checkpoints):
     """After a.jpg changes, an extraction run only computes the new content; the old content's rows
     leave every partition (they would otherwise skew averages over all images)."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    shutil.copy(sample_dir / "chelsea.jpg", folder / "a.jpg")
-    shutil.copy(sample_dir / "rocket.jpg", folder / "b.jpg")
-    warehouse = tmp_path / "wh"
+    folder, warehouse = two_images(tmp_path, sample_dir)
     adapter = load_tiny("clip", tiny_checkpoints["clip"])
     old_id = {r.file_name: r.image_id for r in catalog_images(folder, warehouse).catalog.records}["a.jpg"]
     extract_model(adapter, read_catalog_records(warehouse, folder), warehouse)
@@ -266,11 +267,7 @@ def test_superseded_content_is_dropped_even_when_nothing_is_recomputed(tmp_path,
 def test_file_that_becomes_a_copy_of_another_replaces_its_catalog_row(tmp_path, sample_dir, tiny_checkpoints):
     """b.jpg is overwritten with a.jpg's content: its old content leaves the catalog and every partition,
     and b.jpg is listed as a duplicate of a.jpg's image."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    shutil.copy(sample_dir / "chelsea.jpg", folder / "a.jpg")
-    shutil.copy(sample_dir / "rocket.jpg", folder / "b.jpg")
-    warehouse = tmp_path / "wh"
+    folder, warehouse = two_images(tmp_path, sample_dir)
     adapter = load_tiny("mae", tiny_checkpoints["mae"])
     ids = {r.file_name: r.image_id for r in catalog_images(folder, warehouse).catalog.records}
     extract_model(adapter, read_catalog_records(warehouse, folder), warehouse)
@@ -321,11 +318,7 @@ def test_file_changed_after_cataloguing_is_skipped_with_a_reason(tmp_path, sampl
     """The catalog is a run's source of truth: a file whose content changed between the scan and the
     extraction is skipped with a recorded reason (never stored under an id the catalog does not know),
     the other images are extracted, and repeating the run adds no rows."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    shutil.copy(sample_dir / "chelsea.jpg", folder / "a.jpg")
-    shutil.copy(sample_dir / "rocket.jpg", folder / "b.jpg")
-    warehouse = tmp_path / "wh"
+    folder, warehouse = two_images(tmp_path, sample_dir)
     adapter = load_tiny("mae", tiny_checkpoints["mae"])
     records = catalog_images(folder, warehouse).catalog.records
     catalogued = {r.file_name: r.image_id for r in records}

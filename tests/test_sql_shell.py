@@ -258,19 +258,9 @@ def test_empty_warehouse_runs_queries_with_no_rows(capsys, tmp_path):
     assert "no attention maps" in err
 
 
-def test_interactive_prompt(warehouse):
-    lines = iter(
-        [
-            "SELECT 40 + 2",
-            "  AS answer;",
-            ".format csv",
-            "SELECT 'x' AS y;",
-            "COPY images TO 'x.csv';",
-            ".schema methods",
-            ".bogus",
-            ".quit",
-        ]
-    )
+def run_prompt(warehouse, typed: list[str]) -> tuple[int, str, str]:
+    """Feed ``typed`` lines to the interactive prompt (then end of input): (exit code, stdout, stderr)."""
+    lines = iter(typed)
 
     def read(prompt: str) -> str:
         try:
@@ -280,12 +270,17 @@ def test_interactive_prompt(warehouse):
 
     out, err = io.StringIO(), io.StringIO()
     code = interactive(open_sandbox(warehouse), Settings(), warehouse, read=read, out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_interactive_prompt(warehouse):
+    typed = ["SELECT 40 + 2", "  AS answer;", ".format csv", "SELECT 'x' AS y;", "COPY images TO 'x.csv';"]
+    code, text, stderr = run_prompt(warehouse, [*typed, ".schema methods", ".bogus", ".quit"])
     assert code == 0
-    text = out.getvalue()
     assert " answer" in text and " 42" in text  # table, then
     assert "y\nx\n" in text  # csv after .format csv
     assert "methods: method VARCHAR, per_head BOOLEAN" in text
-    errors = err.getvalue().splitlines()
+    errors = stderr.splitlines()
     assert errors[0].startswith("error: refused: COPY") and errors[1].startswith("error: unknown or malformed")
 
 
@@ -298,27 +293,11 @@ def test_interactive_prompt_survives_statements_that_fail(warehouse, monkeypatch
         return real_run_statement(con, statement, max_rows, timeout_s)
 
     monkeypatch.setattr(sql_shell, "run_statement", run_statement)
-    lines = iter(
-        [
-            "UPDATE EXTENSIONS;",
-            "EXPLAIN /*c*/ ANALYZE SELECT 1;",
-            "SELECT 'boom';",
-            "PIVOT images ON format;",
-            "SELECT 40 + 2 AS answer;",
-        ]
-    )
-
-    def read(prompt: str) -> str:
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    out, err = io.StringIO(), io.StringIO()
-    code = interactive(open_sandbox(warehouse), Settings(), warehouse, read=read, out=out, err=err)
+    typed = ["UPDATE EXTENSIONS;", "EXPLAIN /*c*/ ANALYZE SELECT 1;", "SELECT 'boom';", "PIVOT images ON format;"]
+    code, text, stderr = run_prompt(warehouse, [*typed, "SELECT 40 + 2 AS answer;"])
     assert code == 0
-    assert "analyzed_plan" in out.getvalue() and " 42" in out.getvalue()  # the session went on to the end
-    errors = err.getvalue().splitlines()
+    assert "analyzed_plan" in text and " 42" in text  # the session went on to the end
+    errors = stderr.splitlines()
     assert len(errors) == 3, errors
     assert errors[0].startswith("error: refused: UPDATE EXTENSIONS")
     assert errors[1] == "error: boom"
