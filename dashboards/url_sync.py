@@ -5,8 +5,8 @@ to ``popstate``: after Back the address bar showed one view and the page another
 URL instead. The browser reports its query when the page is up and on every Back/Forward; the server shows
 that view, and answers with the URL to write:
 
-- a change of the view pushes an entry (written once the view has settled, see ``sync_url``), so Back
-  returns to the previous view;
+- the first change of the view after a pause pushes an entry at once, so Back, even right away, returns
+  to the view before; further changes replace that entry once the view has been still (``sync_url``);
 - a reported URL that the server had to complete or correct (missing or invalid values) is replaced, not
   pushed: a normalisation is not a navigation, and Back must not land on a URL that pushes again.
 """
@@ -39,17 +39,26 @@ class BrowserUrl(JSComponent):
     """Invisible: reports the browser's query (when rendered, and on Back/Forward) and writes the URLs it is
     sent, as a new history entry (``push``) or in place of the current one."""
 
+    # Idempotent if rendered again: one popstate listener per page and one message handler per model.
+    # A write is skipped when the page no longer shows the URL it was based on: Back/Forward came first, and
+    # the report of the new URL is on its way to the server, which then writes again from there.
     _esm = """
+    let listener = null
+    const handled = new WeakSet()
     export function render({ model }) {
-      const report = () => model.send_msg(window.location.search)
-      window.addEventListener("popstate", report)
-      model.on("remove", () => window.removeEventListener("popstate", report))
-      model.on("msg:custom", ({ search, push }) => {
-        const url = search + window.location.hash
-        if (push) window.history.pushState(null, "", url)
-        else window.history.replaceState(window.history.state, "", url)
-      })
-      report()
+      if (listener) window.removeEventListener("popstate", listener)
+      listener = () => model.send_msg(window.location.search)
+      window.addEventListener("popstate", listener)
+      if (!handled.has(model)) {
+        handled.add(model)
+        model.on("msg:custom", ({ search, push, base }) => {
+          if (window.location.search !== base) return
+          const url = search + window.location.hash
+          if (push) window.history.pushState(null, "", url)
+          else window.history.replaceState(window.history.state, "", url)
+        })
+      }
+      listener()
     }
     """
 
@@ -61,8 +70,9 @@ class BrowserUrl(JSComponent):
         if isinstance(data, str) and self.on_report is not None:
             self.on_report(data)
 
-    def write(self, search: str, push: bool) -> None:
-        self._send_msg({"search": search, "push": push})
+    def write(self, search: str, push: bool, base: str) -> None:
+        """Show ``search`` (a new history entry if ``push``), if the page still shows ``base``."""
+        self._send_msg({"search": search, "push": push, "base": base})
 
 
 def sync_url(viewer: UrlView, browser: BrowserUrl, opened: Mapping[str, Any], watched: Sequence[str]) -> None:
@@ -83,8 +93,8 @@ def sync_url(viewer: UrlView, browser: BrowserUrl, opened: Mapping[str, Any], wa
         wanted = viewer.query()
         if all(current.get(k) == v for k, v in wanted.items()):
             return
-        shown = "?" + urlencode({**current, **wanted})  # all keys, also those the link did not carry
-        browser.write(shown, push)
+        base, shown = shown, "?" + urlencode({**current, **wanted})  # all keys, also those the link did not carry
+        browser.write(shown, push, base)
 
     def reported(search: str) -> None:
         """The browser shows ``search`` (page up, Back or Forward): show its view, then complete the URL."""
@@ -104,12 +114,12 @@ def sync_url(viewer: UrlView, browser: BrowserUrl, opened: Mapping[str, Any], wa
         if quiet_ms < URL_DELAY_MS:
             doc.add_timeout_callback(partial(write_when_quiet, doc), max(1, round(URL_DELAY_MS - quiet_ms)))
         else:
-            write(push=True)
+            write(push=False)  # the burst's entry was pushed at its first change
 
     def write_soon(*_: Any) -> None:
-        """Push the URL once the view has not changed for URL_DELAY_MS. A URL change costs the browser a
-        history entry: written on every click, it competed with drawing the next maps; while a user clicks
-        through heads or layers only the last view needs an entry."""
+        """Push an entry at the first change of a burst, then replace it with the view once the view has not
+        changed for URL_DELAY_MS. A URL change costs the browser work: written on every click, it competed
+        with drawing the next maps; while a user clicks through heads or layers only the last view needs it."""
         nonlocal pending, changed_at
         if following:
             return
@@ -118,6 +128,7 @@ def sync_url(viewer: UrlView, browser: BrowserUrl, opened: Mapping[str, Any], wa
         if doc is None or doc.session_context is None:
             write(push=True)
         elif not pending:
+            write(push=True)
             pending = True
             doc.add_timeout_callback(partial(write_when_quiet, doc), URL_DELAY_MS)
 

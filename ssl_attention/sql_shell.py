@@ -79,6 +79,27 @@ class ShellError(Exception):
 # --- the sandboxed connection ------------------------------------------------------------------------------
 
 
+SPILL_PREFIX = "ssl-attention-sql-"
+
+
+def _remove_orphaned_spill_dirs() -> None:
+    """Spill directories of shells that were killed (their pid is gone) are removed by the next shell."""
+    for path in Path(tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*-*"):
+        pid = path.name[len(SPILL_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def open_sandbox(warehouse: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory connection with the warehouse views, locked down to read the warehouse only.
 
@@ -87,7 +108,8 @@ def open_sandbox(warehouse: Path) -> duckdb.DuckDBPyConnection:
     list it, but it holds nothing but this connection's own spill files.
     """
     con = duckdb.connect(":memory:")
-    spill = tempfile.mkdtemp(prefix="ssl-attention-sql-")
+    _remove_orphaned_spill_dirs()
+    spill = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-")
     weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)  # at garbage collection or exit
     create_views(con, warehouse)
     allowed = str(warehouse).rstrip("/") + "/"

@@ -500,14 +500,21 @@ def test_url_sync_follows_back_and_forward(explorer: AttentionExplorer, monkeypa
     from dashboards.url_sync import sync_url
 
     written: list[tuple[dict[str, str], bool]] = []
+    searches: list[tuple[str, str]] = []  # (base, search): each write names the URL it replaces or follows
+
+    def write(search: str, push: bool, base: str) -> None:
+        written.append((dict(parse_qsl(search[1:])), push))
+        searches.append((base, search))
+
     browser = explorer.browser_url
-    monkeypatch.setattr(browser, "write", lambda search, push: written.append((dict(parse_qsl(search[1:])), push)))
+    monkeypatch.setattr(browser, "write", write)
     sync_url(explorer, browser, {"model": "clip", "head": 1}, ["selection", *DISPLAY_KEYS.values()])
     assert (explorer.selection.model, explorer.selection.head) == ("clip", 1)
     assert written == []  # nothing is written before the browser reports its URL
 
     browser._handle_msg("?model=clip&head=1")  # the page is up, with the link's (partial) query
     assert len(written) == 1 and written[0][1] is False  # completed in place
+    assert searches[0][0] == "?model=clip&head=1"
     first = written[0][0]
     assert first == explorer.query() and (first["model"], first["head"]) == ("clip", "1")
 
@@ -516,6 +523,7 @@ def test_url_sync_follows_back_and_forward(explorer: AttentionExplorer, monkeypa
     explorer.scale = "independent"
     second = written[-1][0]
     assert second["scale"] == "independent" and second["head"] == "3" and written[-1][1] is True
+    assert [base for base, _ in searches[1:]] == [search for _, search in searches[:-1]]
     count = len(written)
 
     browser._handle_msg("?" + "&".join(f"{k}={v}" for k, v in first.items()))  # Back

@@ -20,6 +20,7 @@ import pyarrow.csv as pacsv
 import pytest
 
 from bench.browser import DOC_READY_JS, WIDGET_VALUE_JS, browser_missing_reason, launch_chromium, plotted_by_title
+from dashboards.url_sync import URL_DELAY_MS
 from ssl_attention.models.registry import MODELS
 from tests.dashboard_fixtures import (
     RANDOM_MODEL,
@@ -275,6 +276,9 @@ def test_random_weights_banner_follows_the_model(page: Any, server: int) -> None
     banner.wait_for(state="hidden")
 
 
+URL_PAUSE_MS = URL_DELAY_MS + 300
+
+
 def test_back_and_forward_bring_the_view_of_the_url_back(page: Any, server: int, warehouse: Path) -> None:
     """After Back or Forward the widgets and the plotted maps show the view the URL names; completing the
     opened URL and following Back/Forward add no history entries, each settled view change adds one."""
@@ -288,6 +292,7 @@ def test_back_and_forward_bring_the_view_of_the_url_back(page: Any, server: int,
 
     page.get_by_label("Head").select_option("Head 3")
     wait_for_query(page, head="3", scale="shared")
+    page.wait_for_timeout(URL_PAUSE_MS)  # a pause: the next change is a new history entry, not the same burst
     page.get_by_label("Colour scale").select_option("Independent")
     wait_for_query(page, head="3", scale="independent")
     fused = "All heads (fused) · block 1"
@@ -315,3 +320,11 @@ def test_back_and_forward_bring_the_view_of_the_url_back(page: Any, server: int,
     page.wait_for_timeout(1000)  # longer than the server's URL delay: following Forward pushed nothing
     assert page.evaluate("history.length") == opened + 2
     assert page.evaluate("new URLSearchParams(location.search).get('head')") == "3"
+
+    page.get_by_label("Head").select_option("Head 0")  # then Back at once, before the view has settled
+    wait_for_title(page, "Head 0 · block 1")
+    page.go_back()
+    wait_for_query(page, head="3", scale="shared")
+    wait_for_widget(page, "Head", value="3")
+    plotted = plotted_array(wait_for_title(page, "Head 3 · block 1"))
+    np.testing.assert_allclose(plotted, expected_map(warehouse, "dinov2", "cls", image, 1, 3))

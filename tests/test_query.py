@@ -33,6 +33,7 @@ from ssl_attention.query import (
     open_warehouse,
     write_catalog,
 )
+from ssl_attention.query.connection import views_cursor
 from ssl_attention.query.views import TABLES, create_views
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter
@@ -534,13 +535,53 @@ def test_sql_views_follow_the_disk_and_stay_per_warehouse(tmp_path, warehouse, w
     shutil.rmtree(tmp_path / "later" / "attention_maps")
     assert late.sql("SELECT count(*) AS n FROM attention_maps").to_pylist() == [{"n": 0}]
     assert wh.sql("SELECT count(*) AS n FROM attention_maps").to_pylist() == [{"n": total}]
-    results: list[int] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(wh.sql("SELECT count(*) AS n FROM images")["n"][0].as_py()))
-        for _ in range(4)
-    ]
+    results: list[tuple[int, object]] = []
+
+    def count_images() -> None:
+        results.append((wh.sql("SELECT count(*) AS n FROM images")["n"][0].as_py(), views_cursor(wh.root)))
+
+    threads = [threading.Thread(target=count_images) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert results == [5] * 4
+    assert [n for n, _ in results] == [5] * 4
+    assert len({id(cur) for _, cur in results}) == 4  # a cursor per thread
+    assert views_cursor(wh.root) is views_cursor(wh.root)  # and kept in the thread
+
+
+def _exit_code_of_fork(body) -> int:
+    """Run ``body() -> bool`` in a forked child: 0 if it returned True, 1 if False, 2 if it raised."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 2
+        try:
+            code = 0 if body() else 1
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() of a process with threads (DuckDB's)
+def test_sql_views_of_forked_children_follow_their_own_disk(tmp_path, warehouse):
+    """A forked child (and its child) gets a connection and views of its own: the parent's views, made while
+    the warehouse was empty, must not answer there."""
+    root = tmp_path / "forked"
+    late = open_warehouse(root)
+    assert late.sql("SELECT count(*) AS n FROM images")["n"][0].as_py() == 0
+    parents_cursor = views_cursor(late.root)
+
+    def count() -> int:
+        return late.sql("SELECT count(*) AS n FROM images")["n"][0].as_py()
+
+    def grandchild() -> bool:
+        shutil.copytree(warehouse, root)
+        return count() == 5
+
+    def child() -> bool:
+        fresh = views_cursor(late.root) is not parents_cursor
+        return fresh and count() == 0 and _exit_code_of_fork(grandchild) == 0
+
+    assert _exit_code_of_fork(child) == 0
+    assert count() == 5  # the parent's views see the files the grandchild copied

@@ -6,6 +6,7 @@ import csv
 import gc
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -310,3 +311,24 @@ def test_history_file_location(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_STATE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert history_file() == tmp_path / "home" / ".ssl_attention_history"
+
+
+def test_spill_directories_of_killed_shells_are_removed(warehouse):
+    """A shell killed with SIGKILL cannot remove its spill directory; the next shell removes it (and leaves
+    those of shells still running alone)."""
+    import tempfile
+
+    dead = subprocess.Popen(["sleep", "0"])
+    dead.wait()
+    orphan = Path(tempfile.gettempdir()) / f"{sql_shell.SPILL_PREFIX}{dead.pid}-abc"
+    running = Path(tempfile.gettempdir()) / f"{sql_shell.SPILL_PREFIX}{os.getpid()}-abc"
+    for path in (orphan, running):
+        path.mkdir(exist_ok=True)
+        (path / "spill.bin").write_bytes(b"x")
+    try:
+        open_sandbox(warehouse).close()
+        assert not orphan.exists()
+        assert (running / "spill.bin").is_file()
+    finally:
+        shutil.rmtree(orphan, ignore_errors=True)
+        shutil.rmtree(running, ignore_errors=True)

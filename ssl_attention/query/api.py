@@ -8,7 +8,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from ssl_attention.query import connection, maps, statistics
+from ssl_attention.query import maps, statistics
+from ssl_attention.query.connection import views_cursor
 from ssl_attention.query.errors import QueryError
 from ssl_attention.query.handle import WarehouseHandle, handle_for
 from ssl_attention.query.results import (
@@ -20,6 +21,7 @@ from ssl_attention.query.results import (
     ModelInfo,
     StatGrid,
 )
+from ssl_attention.query.views import CatalogPathError
 
 
 class Warehouse(WarehouseHandle):
@@ -108,7 +110,11 @@ class Warehouse(WarehouseHandle):
         the text. Unlike ``ssl-attention sql`` this is not sandboxed: it is for code you write yourself.
         """
         try:
-            return connection.views_cursor(self.root).sql(query, params=params).to_arrow_table()
+            cur = views_cursor(self.root)
+        except CatalogPathError as exc:
+            raise QueryError(f"cannot make SQL views of this warehouse: {exc}") from None
+        try:
+            return cur.sql(query, params=params).to_arrow_table()
         except duckdb.Error as exc:
             raise QueryError(f"SQL failed: {str(exc).strip().splitlines()[0]}") from exc
 

@@ -25,6 +25,21 @@ _local = threading.local()
 _views: dict[Path, tuple[str, tuple[bool, ...]]] = {}  # root -> (catalog name, which tables had files)
 
 
+_inherited: list[object] = []  # the parent's DuckDB objects in a forked child: kept, never used or destroyed
+
+
+def _reset_in_child() -> None:
+    """A forked child starts afresh: DuckDB state shared across fork() is not safe to use (destroying it
+    crashes the child, so it is kept alive), and a lock held by another thread of the parent at the fork would
+    never be released in the child."""
+    global _lock, _connection, _pid, _local, _views
+    _inherited.append((_connection, _local))
+    _lock, _connection, _pid, _local, _views = threading.Lock(), None, None, threading.local(), {}
+
+
+os.register_at_fork(after_in_child=_reset_in_child)
+
+
 def _configure(con: duckdb.DuckDBPyConnection) -> None:
     # Footers of the map partitions are parsed once, not per query. Safe with the atomic replacement:
     # DuckDB revalidates a cached footer against the open file, and a replaced file is a new inode with a new
@@ -69,20 +84,23 @@ def views_cursor(root: Path) -> duckdb.DuckDBPyConnection:
     with _lock:
         name, built = _views.get(root, (f"warehouse_{hashlib.sha256(str(root).encode()).hexdigest()[:16]}", None))
         if built != present:
+            statements = view_statements(root, dict(zip(TABLES, present, strict=True)))  # may refuse the path
             builder = con.cursor()
-            builder.execute(f"ATTACH IF NOT EXISTS ':memory:' AS {name}")  # name: hex digits, no user text
-            builder.execute(f"USE {name}")
-            for statement in view_statements(root, dict(zip(TABLES, present, strict=True))):
-                builder.execute(statement)
-            builder.close()
+            try:
+                builder.execute(f"ATTACH IF NOT EXISTS ':memory:' AS {name}")  # name: hex digits, no user text
+                builder.execute(f"USE {name}")
+                for statement in statements:
+                    builder.execute(statement)
+            finally:
+                builder.close()
             _views[root] = (name, present)
-    cursors: dict[tuple[int, str], duckdb.DuckDBPyConnection] = _local.__dict__.setdefault("views", {})
-    key = (id(con), name)
-    cur = cursors.get(key)
+    if getattr(_local, "views_parent", None) is not con:  # first use in this thread, or a new connection
+        _local.views, _local.views_parent = {}, con
+    cur = _local.views.get(name)
     if cur is None:
         cur = con.cursor()
         cur.execute(f"USE {name}")
-        cursors[key] = cur
+        _local.views[name] = cur
     return cur
 
 
