@@ -11,6 +11,7 @@ import dagster as dg
 
 from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
 from pipelines.resources import ExtractionSettings
+from ssl_attention.processes import pid_alive
 
 ALL_ASSETS = [images, attention_maps, head_stats, warehouse_catalog]
 # The CLI prints its own summary; Dagster's console logger would add stack traces for failed steps.
@@ -49,16 +50,6 @@ def instance_for_cli() -> dg.DagsterInstance:
     return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reap_dead_cli_runs(instance: dg.DagsterInstance) -> list[str]:
     """Mark runs of `ssl-attention run` whose process died (SIGKILL, power loss) as failed and free the
     concurrency-pool slots they held; otherwise a dead run keeps the `gpu` slot and the next run waits forever.
@@ -67,7 +58,7 @@ def reap_dead_cli_runs(instance: dg.DagsterInstance) -> list[str]:
     reaped = []
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: host})):
         pid = int(run.tags.get(PID_TAG, "0") or 0)
-        if pid and pid != os.getpid() and not _pid_alive(pid):
+        if pid and pid != os.getpid() and not pid_alive(pid):
             instance.report_run_failed(run, f"the process running it (pid {pid}) is gone")
             instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
             reaped.append(run.run_id)

@@ -37,6 +37,7 @@ from typing import Any, TextIO
 
 import duckdb
 
+from ssl_attention.processes import pid_alive
 from ssl_attention.query.errors import first_line
 from ssl_attention.query.views import DERIVED_VIEWS, MACROS, TABLES, create_views
 from ssl_attention.warehouse.paths import WarehouseLocationError, resolve_warehouse
@@ -86,18 +87,8 @@ def _remove_orphaned_spill_dirs() -> None:
     """Spill directories of shells that were killed (their pid is gone) are removed by the next shell."""
     for path in Path(tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*-*"):
         pid = path.name[len(SPILL_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)) and path.is_dir():
+        if pid.isdigit() and not pid_alive(int(pid)) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def open_sandbox(warehouse: Path) -> duckdb.DuckDBPyConnection:

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ssl_attention.processes import pid_alive
 from ssl_attention.warehouse.paths import DATA_FILE
 
 TEMP_SUFFIX = ".parquet.tmp"
@@ -41,16 +42,6 @@ class WriteStats:
     path: Path
     rows: int
     bytes: int
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_temp_files(directory: Path) -> list[Path]:
@@ -69,7 +60,7 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
             continue
         if pid == os.getpid():
             continue
-        if pid < 0 or not _pid_alive(pid) or age > STALE_AFTER_S:
+        if pid < 0 or not pid_alive(pid) or age > STALE_AFTER_S:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
