@@ -27,7 +27,7 @@ from PIL import Image
 from ssl_attention.extraction import catalog_images, extract_model, read_catalog_records
 from ssl_attention.models.adapters import ViTAdapter
 from ssl_attention.models.loading import LoadRequest, load_model
-from ssl_attention.models.registry import MODELS
+from ssl_attention.registry import MODELS
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 

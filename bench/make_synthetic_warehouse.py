@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from ssl_attention.models.registry import MODELS
 from ssl_attention.query import write_catalog
+from ssl_attention.registry import MODELS
 from ssl_attention.stats import write_head_stats
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter, write_table_atomic

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ssl_attention.models.registry import METHODS, MODELS
+from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.warehouse.paths import DEFAULT_WAREHOUSE
 
 FILL_COMMAND = "ssl-attention run --images data/samples --models all --weights random"
@@ -61,7 +61,7 @@ map and the head to the same maximum (compare magnitudes); *independent* scales 
 def glossary_markdown() -> str:
     """Methods and models from the registry, then the concepts."""
     methods = "\n".join(
-        f"| `{spec.name}` | {spec.label} | {'yes' if spec.per_head else 'no (fused only)'} | {spec.description} |"
+        f"| `{spec.name}` | {spec.label} | {'yes' if spec.per_head else 'no (fused only)'} | {spec.glossary} |"
         for spec in METHODS.values()
     )
     models = "\n".join(

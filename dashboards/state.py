@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ssl_attention.models.registry import METHODS
 from ssl_attention.query import ImageInfo
+from ssl_attention.registry import METHODS
 
 FUSED_LABEL = "All heads (fused)"
 FUSED_VALUE = -1  # the head selector's value for the fused map (widgets cannot hold None)

@@ -13,8 +13,8 @@ import warnings
 from pathlib import Path
 
 from ssl_attention.images import DEFAULT_MAX_PIXELS
-from ssl_attention.models.registry import MODELS, UnknownNameError, parse_model_list
 from ssl_attention.models.weights import WEIGHT_MODES, CheckpointError, parse_checkpoints
+from ssl_attention.registry import MODELS, UnknownNameError, parse_model_list
 from ssl_attention.warehouse.paths import ENV_VAR, WarehouseLocationError, local_path, resolve_warehouse
 
 EXIT_USAGE = 2

@@ -8,7 +8,7 @@ import dagster as dg
 
 from ssl_attention.extraction import ModelRunReport
 from ssl_attention.images import ImageIssue
-from ssl_attention.models.registry import METHODS
+from ssl_attention.registry import METHODS
 from ssl_attention.render import head_grid_png
 from ssl_attention.validation import CheckOutcome
 

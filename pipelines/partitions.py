@@ -2,6 +2,6 @@
 
 import dagster as dg
 
-from ssl_attention.models.registry import MODELS
+from ssl_attention.registry import MODELS
 
 MODEL_PARTITIONS = dg.StaticPartitionsDefinition(list(MODELS))

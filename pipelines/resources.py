@@ -11,8 +11,8 @@ from pydantic import Field
 from ssl_attention.extraction import DEFAULT_BATCH_SIZE
 from ssl_attention.images import DEFAULT_MAX_PIXELS
 from ssl_attention.models.loading import LoadRequest
-from ssl_attention.models.registry import MODELS
 from ssl_attention.models.weights import DEFAULT_SEED, WEIGHT_MODES, parse_checkpoints
+from ssl_attention.registry import MODELS
 from ssl_attention.warehouse.paths import local_path, resolve_warehouse
 
 IMAGES_ENV = "SSL_ATTENTION_IMAGES"

@@ -9,7 +9,7 @@ import dagster as dg
 from pipelines.jobs import extraction_job
 from pipelines.resources import ExtractionSettings
 from ssl_attention.images import SUPPORTED_EXTENSIONS, iter_candidate_files
-from ssl_attention.models.registry import MODELS
+from ssl_attention.registry import MODELS
 from ssl_attention.warehouse.paths import WarehouseLocationError, partition_file
 
 

@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from ssl_attention.attention_maps import MapBlock
 from ssl_attention.images import (
     DEFAULT_MAX_PIXELS,
     Catalog,
@@ -33,6 +32,7 @@ from ssl_attention.images import (
     load_image,
     scan_images,
 )
+from ssl_attention.methods.blocks import MapBlock
 from ssl_attention.models.adapters import ModelAdapter
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter, write_table_atomic

@@ -15,14 +15,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ssl_attention.models.registry import METHODS, MODELS
+from ssl_attention.registry import METHODS, MODELS, get_method
 from ssl_attention.warehouse.paths import partition_file
 
 MASS_TOLERANCE = 1e-4
 FUSED_TOLERANCE = 1e-5
-# Rows that are softmax rows (cls, probe), means of softmax rows (mean) or rows of a row-stochastic
-# product (rollout): patches + prefix = 1. Grad-CAM maps sum to 1 or, where the cam is all zero, to 0.
-MASS_METHODS = ("cls", "mean", "probe", "rollout")
 MAX_EXAMPLES = 5
 
 
@@ -44,7 +41,8 @@ class CheckOutcome:
 CHECK_NAMES = {
     "complete": "every (image, layer, head) present, fused included",
     "values_in_range": "map values finite and in [0, 1]",
-    "mass_sums_to_one": f"patch mass + prefix mass = 1 ± {MASS_TOLERANCE:g} (cls, mean, probe, rollout)",
+    "mass_sums_to_one": f"patch mass + prefix mass = 1 ± {MASS_TOLERANCE:g} (methods whose rows are "
+    "softmax rows, their means or products)",
     "fused_is_head_mean": f"fused map = mean of the head maps ± {FUSED_TOLERANCE:g}",
     "grid_matches_config": "grid_h × grid_w = map length, and every image has the model's grid "
     "(input size / patch size, as recorded in the models table)",
@@ -72,10 +70,8 @@ class ModelFacts:
         return cls(row["num_layers"], row["num_heads"], row["patch_size"], row["input_h"], row["input_w"])
 
 
-def expected_layers(model: str, method: str, facts: ModelFacts) -> list[int]:
-    if method == "probe":
-        return [facts.num_layers]  # SigLIP's pooling head: one past the last block
-    return list(range(facts.num_layers))
+def expected_layers(method: str, facts: ModelFacts) -> list[int]:
+    return get_method(method).stored_layers(facts.num_layers)
 
 
 def _row_groups(path: Path) -> Iterator[pa.Table]:
@@ -98,7 +94,7 @@ def check_method_partition(warehouse: Path, model: str, method: str) -> list[Che
         return list(outcomes.values())
     per_head = METHODS[method].per_head
     heads = [None, *range(facts.num_heads)] if per_head else [None]
-    layers = expected_layers(model, method, facts)
+    layers = expected_layers(method, facts)
     expected_keys = {(layer, head) for layer in layers for head in heads}
     weights_ids: set[str] = set()
     seen_images: set[str] = set()
@@ -163,7 +159,7 @@ def _check_image(
             f"image {image_id}: values outside [0, 1] or not finite (min {np.nanmin(flat):.3g}, "
             f"max {np.nanmax(flat):.3g})"
         )
-    if method in MASS_METHODS:
+    if get_method(method).mass_sums_to_one:
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         sums = np.add.reduceat(flat.astype(np.float64), offsets[:-1]) if len(flat) else np.zeros(0)
         total = sums + rows["prefix_mass"].to_numpy()

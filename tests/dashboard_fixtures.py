@@ -43,8 +43,8 @@ def dashboard_warehouse(tiny_warehouse: Path, destination: Path) -> Path:
 def random_provenance(slug: str) -> Any:
     """What ``--weights random`` records for ``slug``: the hub model's architecture, seed 0, and the fingerprint
     of the bundled config it is built from (as ``ssl_attention.models.loading`` computes it)."""
-    from ssl_attention.models.registry import MODELS
     from ssl_attention.models.weights import CONFIG_DIR, Provenance, file_fingerprint
+    from ssl_attention.registry import MODELS
 
     configs = sorted((CONFIG_DIR / slug).glob("*.json"))
     fingerprint = file_fingerprint(*configs)

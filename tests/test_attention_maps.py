@@ -11,17 +11,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_attention.attention_maps import (
-    AttentionShapeError,
-    TokenLayout,
-    check_attentions,
-    rollout_block,
-    vit_map_blocks,
-)
 from ssl_attention.images import load_image
+from ssl_attention.methods.blocks import AttentionShapeError, MapBlock, TokenLayout, check_attentions
+from ssl_attention.methods.passes import ViTPass
+from ssl_attention.methods.rollout import rollout_block
 from ssl_attention.models.loading import LoadRequest, load_model
-from ssl_attention.models.registry import MODELS
+from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.warehouse.paths import partition_file
+
+
+def vit_map_blocks(
+    attentions: list[torch.Tensor], layout: TokenLayout, methods: list[str], pooling: torch.Tensor | None = None
+) -> dict[str, MapBlock]:
+    """Each method's block through the registry's compute, as the adapter calls it."""
+    names = [f"block {i}" for i in range(len(attentions) + 1)]
+    forward = ViTPass(attentions=attentions, layout=layout, layer_names=names, pooling_attention=pooling)
+    return {m: METHODS[m].compute(forward)[0] for m in methods}
+
 
 PER_HEAD = [(slug, m) for slug, spec in MODELS.items() for m in spec.methods if m in ("cls", "mean", "probe")]
 MASS_ONE = [
@@ -148,7 +154,7 @@ def test_siglip_layout_has_no_cls_method_and_probe_needs_capture():
     with pytest.raises(AttentionShapeError):
         vit_map_blocks([attn], layout, ["probe"])
     probe = torch.softmax(torch.randn(1, 2, 1, 4), dim=-1)
-    block = vit_map_blocks([attn], layout, ["probe"], probe_attention=probe, probe_layer=1)["probe"]
+    block = vit_map_blocks([attn], layout, ["probe"], pooling=probe)["probe"]
     assert block.layers == [1]
     torch.testing.assert_close(block.values[0, 0, 1:], probe[0, :, 0], atol=0, rtol=0)
     torch.testing.assert_close(block.values[0, 0, 0], probe[0, :, 0].mean(0), atol=1e-7, rtol=0)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
-from ssl_attention.models.registry import METHODS, MODELS
+from ssl_attention.registry import METHODS, MODELS
 from tests.pipeline_helpers import checkpoint_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl_attention.models.registry import MODELS
+from ssl_attention.registry import MODELS
 from ssl_attention.validation import CHECK_NAMES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from ssl_attention.models.registry import MODELS
+from ssl_attention.registry import MODELS
 from tests.dashboard_fixtures import (
     RANDOM_MODEL,
     RANDOM_SEED,

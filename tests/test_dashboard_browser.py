@@ -21,7 +21,7 @@ import pytest
 
 from bench.browser import DOC_READY_JS, WIDGET_VALUE_JS, browser_missing_reason, launch_chromium, plotted_by_title
 from dashboards.url_sync import URL_DELAY_MS
-from ssl_attention.models.registry import MODELS
+from ssl_attention.registry import MODELS
 from tests.dashboard_fixtures import (
     RANDOM_MODEL,
     RANDOM_SEED,

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from ssl_attention.extraction import catalog_images, extract_model, read_catalog_records
 from ssl_attention.models.loading import LoadRequest, load_model
-from ssl_attention.models.registry import METHODS, MODELS
+from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.warehouse.paths import DATA_FILE, partition_file
 
 MAP_KEY = ("image_id", "layer", "head")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_attention.gradcam import grad_cam
 from ssl_attention.images import load_image
+from ssl_attention.methods.gradcam import grad_cam
 from ssl_attention.warehouse.paths import partition_file
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from ssl_attention.models.loading import LoadRequest, load_model, resolve_device
-from ssl_attention.models.registry import MODELS, UnknownNameError, parse_model_list
 from ssl_attention.models.weights import (
     CheckpointError,
     WeightsUnavailableError,
     forget_hub_check,
     parse_checkpoints,
 )
+from ssl_attention.registry import MODELS, UnknownNameError, parse_model_list
 from ssl_attention.warehouse.paths import partition_file
 
 VALID = list(MODELS)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
 from pipelines.runner import run_extraction
-from ssl_attention.models.registry import MODELS
+from ssl_attention.registry import MODELS
 from tests.pipeline_helpers import checkpoint_args, read_partition, tiny_settings
 
 ALL_ASSETS = [images, attention_maps, head_stats, warehouse_catalog]

@@ -9,7 +9,7 @@ import dagster as dg
 from pipelines.definitions import defs
 from pipelines.resources import ExtractionSettings
 from pipelines.sensors import new_images_sensor
-from ssl_attention.models.registry import MODELS
+from ssl_attention.registry import MODELS
 
 
 def _tick(settings: ExtractionSettings, cursor: str | None) -> dg.SensorResult:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from ssl_attention.models import registry
+from ssl_attention import registry
 from ssl_attention.models.weights import Provenance
 from ssl_attention.query import (
     EmptyWarehouseError,

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from ssl_attention.models.registry import MODELS
+from ssl_attention.registry import MODELS
 from ssl_attention.validation import CHECK_NAMES, check_method_partition, check_model, merge_outcomes
 
 

@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ssl_attention.attention_maps import MapBlock, TokenLayout, check_attentions, vit_map_blocks
-from ssl_attention.gradcam import grad_cam
-from ssl_attention.models.registry import ModelSpec
+from ssl_attention.methods.blocks import MapBlock, TokenLayout, check_attentions
+from ssl_attention.methods.gradcam import grad_cam
+from ssl_attention.methods.passes import CNNPass, ForwardPass, ViTPass
 from ssl_attention.models.weights import Provenance
+from ssl_attention.registry import ModelSpec, get_method
 
 CNN_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -91,8 +92,20 @@ class ModelAdapter:
         rgb = (pixel_values.detach() * std + mean).clamp(0, 1)
         return (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
-    def run(self, pixel_values: torch.Tensor) -> dict[str, list[MapBlock]]:
+    def forward(self, pixel_values: torch.Tensor) -> ForwardPass:
+        """The one forward pass (Grad-CAM: forward and backward) every method of the model reads."""
         raise NotImplementedError
+
+    def run(self, pixel_values: torch.Tensor) -> dict[str, list[MapBlock]]:
+        """Every method of the model, computed from one forward pass, in registry order."""
+        forward = self.forward(pixel_values)
+        blocks: dict[str, list[MapBlock]] = {}
+        for name in self.spec.methods:
+            method = get_method(name)  # an unknown name raises, naming the valid ones
+            if method.family != self.spec.family:
+                raise ValueError(f"{self.spec.slug}: method {name!r} needs a {method.family} model")
+            blocks[name] = method.compute(forward)
+        return blocks
 
 
 def _normalisation(preprocess: Any) -> tuple[list[float], list[float]]:
@@ -131,16 +144,15 @@ class ViTAdapter(ModelAdapter):
         return int(size[0] if isinstance(size, list | tuple) else size)
 
     @property
-    def layer_names(self) -> list[str]:
-        names = [f"block {i}" for i in range(self.num_layers)]
-        if "probe" in self.spec.methods:
-            names.append("pooling head")
-        return names
+    def needs_pooling_head(self) -> bool:
+        return any(get_method(m).needs_pooling_head for m in self.spec.methods)
 
     @property
-    def probe_layer(self) -> int:
-        """SigLIP's pooling head sits after the last encoder block: it gets layer index L."""
-        return self.num_layers
+    def layer_names(self) -> list[str]:
+        names = [f"block {i}" for i in range(self.num_layers)]
+        if self.needs_pooling_head:
+            names.append("pooling head")  # stored at layer index L, one past the last block
+        return names
 
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
         height, width = pixel_values.shape[-2:]
@@ -154,7 +166,7 @@ class ViTAdapter(ModelAdapter):
     def _call_kwargs(self, pixel_values: torch.Tensor, layout: TokenLayout) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
         batch = pixel_values.shape[0]
-        if self.spec.slug == "mae":
+        if self.spec.patch_order == "identity_noise":
             # ViTMAE shuffles patches by argsort(noise) and keeps the first (1 - mask_ratio) of them.
             # noise = arange(N) makes the shuffle the identity, so token i is raster patch i.
             kwargs["noise"] = (
@@ -162,18 +174,18 @@ class ViTAdapter(ModelAdapter):
                 .unsqueeze(0)
                 .expand(batch, -1)
             )
-        if self.spec.slug in ("mae", "clip", "siglip"):
+        if self.spec.position_interpolation == "flag":
             image_size = self.config.image_size
             expected = image_size if isinstance(image_size, list | tuple) else (image_size, image_size)
             if tuple(pixel_values.shape[-2:]) != tuple(expected):
                 kwargs["interpolate_pos_encoding"] = True
         return kwargs
 
-    def run(self, pixel_values: torch.Tensor) -> dict[str, list[MapBlock]]:
+    def forward(self, pixel_values: torch.Tensor) -> ViTPass:
         layout = self.layout(pixel_values)
         captured: dict[str, torch.Tensor] = {}
         hooks = []
-        if "probe" in self.spec.methods:
+        if self.needs_pooling_head:
             head = getattr(self.module, "head", None)
             if head is None or not hasattr(head, "attention"):
                 raise ValueError(f"{self.spec.slug}: the probe method needs the pooling head (vision_use_head)")
@@ -186,19 +198,13 @@ class ViTAdapter(ModelAdapter):
         finally:
             for hook in hooks:
                 hook.remove()
-        attentions = out.attentions
-        check_attentions(attentions, layout, self.num_layers, self.num_heads, pixel_values.shape[0])
-        blocks = vit_map_blocks(
-            attentions,
-            layout,
-            self.spec.methods,
-            probe_attention=captured.get("probe"),
-            probe_layer=self.probe_layer,
+        check_attentions(out.attentions, layout, self.num_layers, self.num_heads, pixel_values.shape[0])
+        return ViTPass(
+            attentions=out.attentions,
+            layout=layout,
+            layer_names=self.layer_names,
+            pooling_attention=captured.get("probe"),
         )
-        for name, block in blocks.items():
-            block.layer_names = [self.layer_names[i] for i in block.layers]
-            del name
-        return {name: [block] for name, block in blocks.items()}
 
 
 def _capture_probe(attention: nn.MultiheadAttention, captured: dict[str, torch.Tensor]) -> list[Any]:
@@ -234,25 +240,6 @@ class CNNAdapter(ModelAdapter):
     def layer_names(self) -> list[str]:
         return list(CNN_STAGES)
 
-    def run(self, pixel_values: torch.Tensor) -> dict[str, list[MapBlock]]:
+    def forward(self, pixel_values: torch.Tensor) -> CNNPass:
         with full_float32(self.device):
-            result = grad_cam(self.module, pixel_values, CNN_STAGES)
-        blocks = []
-        for index, cam in enumerate(result.maps):
-            batch, grid_h, grid_w = cam.shape
-            zeros = torch.zeros(batch, 1, 1, device=cam.device)
-            blocks.append(
-                MapBlock(
-                    values=cam.reshape(batch, 1, 1, grid_h * grid_w),
-                    prefix_mass=zeros,
-                    register_mass=zeros,
-                    layers=[index],
-                    per_head=False,
-                    grid_h=grid_h,
-                    grid_w=grid_w,
-                    layer_names=[CNN_STAGES[index]],
-                    raw_scale=result.raw_scale[:, index].reshape(batch, 1, 1),
-                    target_class=result.target_class,
-                )
-            )
-        return {"gradcam": blocks}
+            return CNNPass(gradcam=grad_cam(self.module, pixel_values, CNN_STAGES), stage_names=self.layer_names)

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from ssl_attention.models.adapters import CNN_STAGES, CNNAdapter, ModelAdapter, ViTAdapter
-from ssl_attention.models.registry import MODELS, ModelSpec, UnknownNameError
 from ssl_attention.models.weights import (
     CONFIG_DIR,
     DEFAULT_SEED,
@@ -36,6 +35,7 @@ from ssl_attention.models.weights import (
     hub_reachable,
     remedies,
 )
+from ssl_attention.registry import MODELS, ModelSpec, UnknownNameError
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +102,13 @@ def _vit_model_class(spec: ModelSpec, model_type: str) -> Any:
             f"{spec.slug} expects a checkpoint of model_type {' or '.join(spec.accepted_model_types)}, "
             f"got {model_type!r}"
         )
-    if spec.slug == "clip":
-        return transformers.CLIPVisionModel
-    if spec.slug == "siglip":
-        return transformers.SiglipVisionModel
-    return transformers.AutoModel
+    return getattr(transformers, spec.model_class)
 
 
-def _vit_processor(source: str | Path, **kwargs: Any) -> Any:
+def _vit_processor(spec: ModelSpec, source: str | Path, **kwargs: Any) -> Any:
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(str(source), **kwargs)
+    return AutoImageProcessor.from_pretrained(str(source), **spec.processor_defaults, **kwargs)
 
 
 def _model_type(source: str | Path, **kwargs: Any) -> str:
@@ -121,16 +117,11 @@ def _model_type(source: str | Path, **kwargs: Any) -> str:
     return AutoConfig.from_pretrained(str(source), **kwargs).model_type
 
 
-def _prepare_config_kwargs(spec: ModelSpec) -> dict[str, Any]:
-    # MAE: never drop patches. The identity patch order is enforced at call time (noise = arange).
-    return {"mask_ratio": 0.0} if spec.slug == "mae" else {}
-
-
 def _load_vit(spec: ModelSpec, source: str | Path, **hub_kwargs: Any) -> tuple[nn.Module, Any]:
     model_type = _model_type(source, **hub_kwargs)
     cls = _vit_model_class(spec, model_type)
-    module = cls.from_pretrained(str(source), attn_implementation="eager", **_prepare_config_kwargs(spec), **hub_kwargs)
-    processor = _vit_processor(source, **hub_kwargs)
+    module = cls.from_pretrained(str(source), attn_implementation="eager", **spec.config_overrides, **hub_kwargs)
+    processor = _vit_processor(spec, source, **hub_kwargs)
     return module, processor
 
 
@@ -200,11 +191,11 @@ def _load_random(spec: ModelSpec, seed: int) -> tuple[nn.Module, Any, Provenance
             return module, _timm_transform(module), provenance
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(config_dir), **_prepare_config_kwargs(spec))
+        config = AutoConfig.from_pretrained(str(config_dir), **spec.config_overrides)
         cls = _vit_model_class(spec, config.model_type)
         build = getattr(cls, "from_config", None) or cls._from_config  # Auto classes vs concrete ones
         module = build(config, attn_implementation="eager")
-    return module, _vit_processor(config_dir), provenance
+    return module, _vit_processor(spec, config_dir), provenance
 
 
 def _load_pretrained(spec: ModelSpec) -> tuple[nn.Module, Any, Provenance]:
@@ -217,13 +208,13 @@ def _load_pretrained(spec: ModelSpec) -> tuple[nn.Module, Any, Provenance]:
         if not hub_reachable():
             raise WeightsUnavailableError(
                 f"{spec.slug}: pretrained weights {hub_id} are not in the local Hugging Face cache and the hub "
-                f"cannot be reached. {remedies(spec.slug, hub_id)}"
+                f"cannot be reached. {remedies(spec, hub_id)}"
             ) from None
         try:
             module, processor = _load_vit(spec, hub_id)
         except Exception as exc:  # gated repo, missing token, HTTP errors: all end the same way for the user
             raise WeightsUnavailableError(
-                f"{spec.slug}: could not download {hub_id}: {exc}. {remedies(spec.slug, hub_id)}"
+                f"{spec.slug}: could not download {hub_id}: {exc}. {remedies(spec, hub_id)}"
             ) from exc
     revision = getattr(module.config, "_commit_hash", None)
     return module, processor, Provenance(mode="pretrained", source=hub_id, revision=revision)
@@ -247,13 +238,13 @@ def _load_pretrained_timm(spec: ModelSpec) -> tuple[nn.Module, Any, Provenance]:
         if not hub_reachable():
             raise WeightsUnavailableError(
                 f"{spec.slug}: pretrained weights {repo} are not in the local Hugging Face cache and the hub "
-                f"cannot be reached. {remedies(spec.slug, repo)}"
+                f"cannot be reached. {remedies(spec, repo)}"
             )
         try:
             module = timm.create_model(spec.default_weights, pretrained=True)
         except Exception as exc:
             raise WeightsUnavailableError(
-                f"{spec.slug}: could not download {repo}: {exc}. {remedies(spec.slug, repo)}"
+                f"{spec.slug}: could not download {repo}: {exc}. {remedies(spec, repo)}"
             ) from exc
         hit = try_to_load_from_cache(repo, "model.safetensors")
         revision = Path(hit).parent.name if isinstance(hit, str) else None

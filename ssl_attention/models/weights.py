@@ -9,7 +9,11 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from ssl_attention.registry import ModelSpec
 
 WEIGHT_MODES = ("auto", "pretrained", "random")
 DEFAULT_SEED = 0
@@ -60,11 +64,12 @@ class CheckpointError(ValueError):
     """A local checkpoint directory that cannot be used; the message says what is missing."""
 
 
-def remedies(slug: str, hub_id: str) -> str:
+def remedies(spec: ModelSpec, hub_id: str) -> str:
+    slug = spec.slug
     gated = (
-        " DINOv3 is gated: accept its licence on https://huggingface.co/" + hub_id + " and log in with "
+        f" {spec.label} is gated: accept its licence on https://huggingface.co/{hub_id} and log in with "
         "`hf auth login` (formerly `huggingface-cli login`) or set HF_TOKEN."
-        if slug == "dinov3"
+        if spec.gated
         else ""
     )
     return (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ssl_attention.models import registry
+from ssl_attention import registry
 
 
 class QueryError(ValueError):

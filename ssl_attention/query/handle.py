@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 import duckdb
 
-from ssl_attention.models.registry import MODELS
 from ssl_attention.query import connection
 from ssl_attention.query.errors import (
     EmptyWarehouseError,
@@ -36,6 +35,7 @@ from ssl_attention.query.errors import (
     format_values,
 )
 from ssl_attention.query.results import ImageInfo, ModelInfo, StoredProvenance
+from ssl_attention.registry import MODELS
 from ssl_attention.warehouse.paths import DATA_FILE, partition_file, resolve_warehouse
 
 T = TypeVar("T")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ssl_attention import registry
 from ssl_attention.models.weights import Provenance
 from ssl_attention.query.errors import QueryError
 
@@ -83,11 +84,8 @@ class ModelInfo:
 
     @property
     def default_method(self) -> str:
-        """cls, else probe, else gradcam, else the first method: the most comparable map across models."""
-        for method in ("cls", "probe", "gradcam"):
-            if method in self.methods:
-                return method
-        return self.methods[0]
+        """The most comparable map across models (the registry's role preference: CLS-like, then saliency)."""
+        return registry.default_method(self.methods)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import duckdb
 
-from ssl_attention.models.registry import METHODS, MODELS
+from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.paths import PARTITION_DEPTH, table_glob
 

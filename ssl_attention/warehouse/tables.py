@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from ssl_attention.attention_maps import MapBlock
 from ssl_attention.images import Catalog, ImageIssue
+from ssl_attention.methods.blocks import MapBlock
 from ssl_attention.models.weights import Provenance
 from ssl_attention.warehouse import schema
 

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from ssl_attention.methods.blocks import MapBlock
+
+if TYPE_CHECKING:  # passes.py imports GradCamResult from here
+    from ssl_attention.methods.passes import CNNPass
 
 
 @dataclass
@@ -63,3 +69,27 @@ def grad_cam(model: nn.Module, pixel_values: torch.Tensor, stages: Sequence[str]
         target_score=target_score.detach(),
         logits=logits.detach(),
     )
+
+
+def gradcam_maps(forward: CNNPass) -> list[MapBlock]:
+    """One fused-only MapBlock per stage (each stage has its own grid)."""
+    result = forward.gradcam
+    blocks = []
+    for index, cam in enumerate(result.maps):
+        batch, grid_h, grid_w = cam.shape
+        zeros = torch.zeros(batch, 1, 1, device=cam.device)
+        blocks.append(
+            MapBlock(
+                values=cam.reshape(batch, 1, 1, grid_h * grid_w),
+                prefix_mass=zeros,
+                register_mass=zeros,
+                layers=[index],
+                per_head=False,
+                grid_h=grid_h,
+                grid_w=grid_w,
+                layer_names=[forward.stage_names[index]],
+                raw_scale=result.raw_scale[:, index].reshape(batch, 1, 1),
+                target_class=result.target_class,
+            )
+        )
+    return blocks
