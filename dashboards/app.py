@@ -11,7 +11,6 @@ import contextlib
 import html
 import io
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from dashboards import data, export, figures, state, url_sync, views
 from dashboards.glossary import empty_warehouse_markdown, glossary_markdown, unsupported_warehouse_markdown
 from ssl_attention.query import STATISTICS, EmptyWarehouseError, HeadGrid, LayerHeadMaps, QueryError
 from ssl_attention.render import COLORMAPS, overlay
-from ssl_attention.warehouse.paths import DEFAULT_WAREHOUSE, ENV_VAR, WarehouseLocationError, resolve_warehouse
+from ssl_attention.settings import resolve_warehouse, warehouse_location
+from ssl_attention.warehouse.paths import WarehouseLocationError
 
 hv.extension("bokeh", logo=False)
 pn.extension(notifications=False)
@@ -804,14 +804,6 @@ def _sync_url(viewer: AttentionExplorer) -> None:
         return
     watched = ["selection", *DISPLAY_KEYS.values()]
     url_sync.sync_url(viewer, viewer.browser_url, location.query_params, watched)
-
-
-def warehouse_location(warehouse: str | Path | None) -> str:
-    """The location as given: the argument, else ``$SSL_ATTENTION_WAREHOUSE``, else the default (as
-    ``resolve_warehouse`` picks it), for messages about a location that cannot be used."""
-    if warehouse is not None:
-        return str(warehouse)
-    return os.environ.get(ENV_VAR) or str(DEFAULT_WAREHOUSE)
 
 
 def create_app(warehouse: str | Path | None = None) -> pn.viewable.Viewer:

@@ -1,6 +1,5 @@
 """The extraction as Dagster assets: images -> attention_maps (per model) -> head_stats -> warehouse_catalog."""
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -15,20 +14,20 @@ from pipelines.resources import ExtractionSettings
 from ssl_attention.extraction import WeightsDowngradeError, catalog_images, extract_model, read_catalog_records
 from ssl_attention.models.loading import load_model
 from ssl_attention.models.weights import CheckpointError, WeightsUnavailableError
+from ssl_attention.settings import pool_override
 from ssl_attention.validation import CHECK_NAMES, check_model, merge_outcomes
 from ssl_attention.warehouse.paths import WarehouseLocationError
 
 GPU_POOL = "gpu"  # one step at a time may hold the accelerator (dagster_home/dagster.yaml sets the limit)
-POOL_ENV = "SSL_ATTENTION_POOL"
 
 
 def extraction_pool() -> str | None:
     """The concurrency pool of extraction steps: `gpu` where CUDA is available, so one step at a time holds
     the accelerator; none on a CPU-only machine, so partitions extract in parallel. $SSL_ATTENTION_POOL
     overrides it (a pool name, or `none`)."""
-    override = os.environ.get(POOL_ENV)
+    override = pool_override()
     if override is not None:
-        return None if override.strip().lower() in ("", "none") else override.strip()
+        return override or None
     return GPU_POOL if torch.cuda.is_available() else None
 
 

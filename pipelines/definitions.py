@@ -1,24 +1,16 @@
 """Wires the project's Dagster definitions; the pieces live in their own modules."""
 
-import os
-
 import dagster as dg
 
 from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
 from pipelines.jobs import extraction_job
-from pipelines.resources import IMAGES_ENV, ExtractionSettings
+from pipelines.resources import ExtractionSettings
 from pipelines.sensors import new_images_sensor
-from ssl_attention.warehouse.paths import ENV_VAR as WAREHOUSE_ENV
+from ssl_attention.settings import environment_fields
 
-# EnvVar where the variable is set (the launchpad then shows where the value comes from); otherwise the
-# resource falls back to data/samples and data/warehouse.
-extraction_settings = ExtractionSettings(
-    **{
-        field: dg.EnvVar(var)
-        for field, var in (("images_dir", IMAGES_ENV), ("warehouse", WAREHOUSE_ENV))
-        if os.environ.get(var)
-    }
-)
+# EnvVar where the variable is set (the launchpad then shows where the value comes from); an empty location
+# falls back to the environment, then to data/samples and data/warehouse, when a run resolves it.
+extraction_settings = ExtractionSettings(**{field: dg.EnvVar(var) for field, var in environment_fields().items()})
 
 defs = dg.Definitions(
     assets=[images, attention_maps, head_stats, warehouse_catalog],

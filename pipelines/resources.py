@@ -1,53 +1,28 @@
-"""Run configuration, editable in the launchpad; each field falls back to an environment variable."""
+"""The `extraction` resource: the run settings as Dagster config, editable in the launchpad.
 
-from __future__ import annotations
+Its fields are inherited from ``ssl_attention.settings.ExtractionFields`` (the fields of the one settings
+model, with their types, defaults, descriptions and checks), so a bad value (``weights: nonsense``,
+``batch_size: 0``, ``device: tpu``) is refused when the resource is configured, and ``weights`` shows as an
+enum. Empty ``images_dir`` / ``warehouse`` fall back to the environment when a run resolves them.
+"""
 
-import os
-from pathlib import Path
+from typing import Self
 
 import dagster as dg
-from pydantic import Field
 
-from ssl_attention.extraction import DEFAULT_BATCH_SIZE
-from ssl_attention.images import DEFAULT_MAX_PIXELS
 from ssl_attention.models.loading import LoadRequest
-from ssl_attention.models.weights import DEFAULT_SEED, WEIGHT_MODES, parse_checkpoints
-from ssl_attention.registry import MODELS
-from ssl_attention.warehouse.paths import local_path, resolve_warehouse
-
-IMAGES_ENV = "SSL_ATTENTION_IMAGES"
-DEFAULT_IMAGES = Path("data") / "samples"
+from ssl_attention.settings import ExtractionFields, Settings
 
 
-class ExtractionSettings(dg.ConfigurableResource):
-    """Where images come from, where maps go, and how models are loaded and run.
+class ExtractionSettings(dg.ConfigurableResource, ExtractionFields):
+    """Where images come from, where maps go, and how models are loaded and run."""
 
-    Empty ``images_dir``/``warehouse`` fall back to $SSL_ATTENTION_IMAGES / $SSL_ATTENTION_WAREHOUSE, then
-    to ``data/samples`` / ``data/warehouse``. Both may be a path or a ``file://`` URL.
-    """
-
-    images_dir: str = Field(
-        default="", description="Folder of input images (searched recursively): a path or a file:// URL."
-    )
-    warehouse: str = Field(default="", description="Warehouse root: a path or a file:// URL.")
-    weights: str = Field(default="auto", description="auto | pretrained | random")
-    checkpoints: list[str] = Field(
-        default_factory=list, description="Local checkpoints as MODEL=DIR; they override `weights` per model."
-    )
-    seed: int = Field(default=DEFAULT_SEED, description="Seed of random-weights mode.")
-    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, description="Images per forward pass.")
-    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="Decompression-bomb guard.")
-    recompute: bool = Field(default=False, description="Recompute images already extracted with these weights.")
-
-    def images_path(self) -> Path:
-        return local_path(self.images_dir or os.environ.get(IMAGES_ENV) or str(DEFAULT_IMAGES), "images folder")
-
-    def warehouse_path(self) -> Path:
-        return resolve_warehouse(self.warehouse or None)
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        """The resource of a validated run's settings (all but its model list: a run's partitions)."""
+        return cls(**settings.model_dump(include=set(ExtractionFields.model_fields)))
 
     def load_request(self, model: str) -> LoadRequest:
-        if self.weights not in WEIGHT_MODES:
-            raise ValueError(f"unknown weights mode {self.weights!r}; valid: {', '.join(WEIGHT_MODES)}")
-        checkpoints = parse_checkpoints(self.checkpoints, list(MODELS))
-        return LoadRequest(weights=self.weights, checkpoint=checkpoints.get(model), seed=self.seed, device=self.device)
+        return LoadRequest(
+            weights=self.weights, checkpoint=self.checkpoint_dirs().get(model), seed=self.seed, device=self.device
+        )

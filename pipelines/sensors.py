@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 
 import dagster as dg
 
@@ -10,6 +9,7 @@ from pipelines.jobs import extraction_job
 from pipelines.resources import ExtractionSettings
 from ssl_attention.images import SUPPORTED_EXTENSIONS, iter_candidate_files
 from ssl_attention.registry import MODELS
+from ssl_attention.settings import sensor_interval_s
 from ssl_attention.warehouse.paths import WarehouseLocationError, partition_file
 
 
@@ -36,7 +36,7 @@ def sensor_models(settings: ExtractionSettings) -> list[str]:
 
 @dg.sensor(
     job=extraction_job,
-    minimum_interval_seconds=int(os.environ.get("SSL_ATTENTION_SENSOR_INTERVAL", "60")),
+    minimum_interval_seconds=sensor_interval_s(),
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="When image files in the images folder change, run the extraction for each model the warehouse "
     "already holds (all six for an empty warehouse); only images not yet extracted with the same weights are "

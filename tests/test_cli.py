@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import main
+from ssl_attention.cli import main
 from ssl_attention.registry import METHODS, MODELS
 from tests.pipeline_helpers import checkpoint_args
 
@@ -26,10 +26,10 @@ def test_unknown_model_lists_the_valid_ones(capsys):
 
 
 def test_unknown_weights_mode_and_flag_are_refused(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["run", "--weights", "bogus"])
-    assert exc.value.code == 2
-    assert "random" in capsys.readouterr().err
+    assert main(["run", "--weights", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "--weights" in err and "'bogus'" in err
+    assert all(f"'{mode}'" in err for mode in ("auto", "pretrained", "random"))
     with pytest.raises(SystemExit) as exc:
         main(["run", "--no-such-flag"])
     assert exc.value.code == 2
@@ -86,7 +86,7 @@ def _expected_shape(slug: str) -> tuple[int, int, int]:
 def test_readme_main_command_fills_every_partition(tmp_path):
     """The README's main job: every model, random weights, offline, into a fresh warehouse."""
     warehouse = tmp_path / "wh"
-    command = [sys.executable, "-m", "pipelines.cli", "run", "--images", "data/samples", "--models", "all"]
+    command = [sys.executable, "-m", "ssl_attention.cli", "run", "--images", "data/samples", "--models", "all"]
     command += ["--weights", "random", "--warehouse", str(warehouse)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -155,7 +155,7 @@ def test_serve_starts_the_dashboard_on_a_free_port(tiny_warehouse):
     import time
     import urllib.request
 
-    command = [sys.executable, "-m", "pipelines.cli", "serve", "--warehouse", str(tiny_warehouse), "--port", "0"]
+    command = [sys.executable, "-m", "ssl_attention.cli", "serve", "--warehouse", str(tiny_warehouse), "--port", "0"]
     server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = server.stdout.readline()
@@ -177,3 +177,26 @@ def test_serve_starts_the_dashboard_on_a_free_port(tiny_warehouse):
     finally:
         server.terminate()
         server.wait(20)
+
+
+def test_the_library_core_never_imports_the_pipeline_or_the_dashboard():
+    """Only ssl_attention/cli may import pipelines/ or dashboards/ (the rule in its docstring); and it does."""
+    import ast
+
+    def imported(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+        return names
+
+    package = REPO / "ssl_attention"
+    offenders = {
+        path.relative_to(REPO).as_posix(): sorted(imported(path) & {"pipelines", "dashboards"})
+        for path in package.rglob("*.py")
+        if package / "cli" not in path.parents and imported(path) & {"pipelines", "dashboards"}
+    }
+    assert offenders == {}
+    assert "pipelines" in set().union(*(imported(p) for p in (package / "cli").glob("*.py")))

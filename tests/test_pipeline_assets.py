@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.assets import POOL_ENV, attention_maps, extraction_pool, head_stats, images, warehouse_catalog
+from pipelines.assets import attention_maps, extraction_pool, head_stats, images, warehouse_catalog
 from pipelines.definitions import defs
 from ssl_attention.registry import METHODS, MODELS
+from ssl_attention.settings import POOL_ENV
 from ssl_attention.validation import CHECK_NAMES
 from tests.pipeline_helpers import read_partition, tiny_settings
 from tests.test_validation import CORRUPTIONS

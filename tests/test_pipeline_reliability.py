@@ -209,7 +209,7 @@ def test_a_killed_cli_run_does_not_block_the_next_one(tmp_path, tiny_checkpoints
     env = {**os.environ, "DAGSTER_HOME": str(home), "SSL_ATTENTION_POOL": "gpu"}  # as on a CUDA machine
     folder = _noise_images(tmp_path / "images", 300)
     warehouse = tmp_path / "wh"
-    command = [sys.executable, "-m", "pipelines.cli", "run", "--images", str(folder), "--models", "mae"]
+    command = [sys.executable, "-m", "ssl_attention.cli", "run", "--images", str(folder), "--models", "mae"]
     command += ["--weights", "pretrained", "--checkpoint", f"mae={tiny_checkpoints['mae']}"]
     command += ["--warehouse", str(warehouse), "--batch-size", "1", "--device", "cpu"]
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ssl_attention.sql_shell import open_sandbox, parse_statements, run_statement
+from ssl_attention.query.sandbox import open_sandbox, parse_statements, run_statement
 from tests.sql_helpers import build_sql_warehouse
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "sql.md"

@@ -1,4 +1,4 @@
-"""``ssl-attention sql``: read-only refusals, the sandbox, output formats, row cap, time limit, prompt."""
+"""``ssl-attention sql``: read-only refusals, the sandbox, output formats, row cap, time limit, stdin scripts."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from ssl_attention import sql_shell
-from ssl_attention.sql_shell import Settings, history_file, interactive, open_sandbox, sql_main
+from ssl_attention.cli import sql as sql_cli
+from ssl_attention.query import sandbox
+from ssl_attention.query.sandbox import open_sandbox
 from tests.sql_helpers import build_sql_warehouse
 
 
@@ -28,7 +29,7 @@ def warehouse(tiny_warehouse: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = sql_main(list(argv))
+    code = sql_cli.main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -208,17 +209,19 @@ def test_time_limit_interrupts_a_slow_query(capsys, warehouse):
     assert elapsed < 5, elapsed
 
 
-def test_ctrl_c_cancels_a_running_query(warehouse):
+def test_ctrl_c_cancels_a_running_query(tmp_path):
     slow = "SELECT sum(a.range * b.range) FROM range(100000000) AS a, range(100000000) AS b"
     child = subprocess.Popen(
-        [sys.executable, "-m", "ssl_attention.sql_shell", slow, "--warehouse", str(warehouse)],
+        [sys.executable, "-m", "ssl_attention.cli", "sql", slow, "--warehouse", str(tmp_path / "empty")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # CI shells may ignore SIGINT
     )
     try:
-        time.sleep(2.0)  # imports done, query running (it would take minutes)
+        note = child.stderr.readline()  # printed once the sandbox is open, just before the query starts
+        assert note.startswith("note: no attention maps"), note
+        time.sleep(1.0)  # the query is running (it would take minutes)
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=15)
     finally:
@@ -259,58 +262,41 @@ def test_empty_warehouse_runs_queries_with_no_rows(capsys, tmp_path):
     assert "no attention maps" in err
 
 
-def run_prompt(warehouse, typed: list[str]) -> tuple[int, str, str]:
-    """Feed ``typed`` lines to the interactive prompt (then end of input): (exit code, stdout, stderr)."""
-    lines = iter(typed)
-
-    def read(prompt: str) -> str:
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    out, err = io.StringIO(), io.StringIO()
-    code = interactive(open_sandbox(warehouse), Settings(), warehouse, read=read, out=out, err=err)
-    return code, out.getvalue(), err.getvalue()
+def test_a_script_on_stdin_runs_every_statement(capsys, warehouse, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("SELECT 40 + 2 AS answer;\n-- a comment\nSELECT 'x' AS y;\n"))
+    code, out, err = run(capsys, "--warehouse", str(warehouse), "--format", "csv")
+    assert code == 0 and err == "" and out == "answer\n42\ny\nx\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("SELECT 1 AS a; COPY images TO 'x.csv';"))
+    code, out, err = run(capsys, "--warehouse", str(warehouse))
+    assert_one_line_error(code, err, "refused: COPY")
+    assert out == ""  # the whole script is checked before its first statement runs
 
 
-def test_interactive_prompt(warehouse):
-    typed = ["SELECT 40 + 2", "  AS answer;", ".format csv", "SELECT 'x' AS y;", "COPY images TO 'x.csv';"]
-    code, text, stderr = run_prompt(warehouse, [*typed, ".schema methods", ".bogus", ".quit"])
-    assert code == 0
-    assert " answer" in text and " 42" in text  # table, then
-    assert "y\nx\n" in text  # csv after .format csv
-    assert "methods: method VARCHAR, per_head BOOLEAN" in text
-    errors = stderr.splitlines()
-    assert errors[0].startswith("error: refused: COPY") and errors[1].startswith("error: unknown or malformed")
+def test_no_query_at_a_terminal_points_to_duckdbs_own_client(capsys, warehouse, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal(""))
+    code, out, err = run(capsys, "--warehouse", str(warehouse))
+    assert_one_line_error(code, err, "no query given", f"duckdb -readonly {warehouse}/attention.duckdb")
+    assert out == ""
 
 
-def test_interactive_prompt_survives_statements_that_fail(warehouse, monkeypatch):
-    real_run_statement = sql_shell.run_statement
+def test_a_failing_statement_of_a_script_is_a_one_line_error_after_the_ones_before(capsys, warehouse, monkeypatch):
+    real_run_statement = sandbox.run_statement
 
-    def run_statement(con, statement, max_rows, timeout_s):  # an error that no gate turned into a ShellError
+    def run_statement(con, statement, max_rows, timeout_s):  # an error that no gate turned into a SandboxError
         if "boom" in statement.query:
             raise duckdb.InvalidInputException("boom\nLINE 1: ...")
         return real_run_statement(con, statement, max_rows, timeout_s)
 
-    monkeypatch.setattr(sql_shell, "run_statement", run_statement)
-    typed = ["UPDATE EXTENSIONS;", "EXPLAIN /*c*/ ANALYZE SELECT 1;", "SELECT 'boom';", "PIVOT images ON format;"]
-    code, text, stderr = run_prompt(warehouse, [*typed, "SELECT 40 + 2 AS answer;"])
-    assert code == 0
-    assert "analyzed_plan" in text and " 42" in text  # the session went on to the end
-    errors = stderr.splitlines()
-    assert len(errors) == 3, errors
-    assert errors[0].startswith("error: refused: UPDATE EXTENSIONS")
-    assert errors[1] == "error: boom"
-    assert errors[2].startswith("error: refused: PIVOT without an IN list")
-
-
-def test_history_file_location(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    assert history_file() == tmp_path / "state" / "ssl_attention" / "history"
-    monkeypatch.delenv("XDG_STATE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert history_file() == tmp_path / "home" / ".ssl_attention_history"
+    monkeypatch.setattr(sql_cli, "run_statement", run_statement)
+    query = "EXPLAIN /*c*/ ANALYZE SELECT 1; SELECT 40 + 2 AS answer; SELECT 'boom'; SELECT 7 AS never"
+    code, out, err = run(capsys, query, "--warehouse", str(warehouse))
+    assert_one_line_error(code, err, "boom")
+    assert err.strip() == "error: boom"
+    assert "analyzed_plan" in out and " 42" in out and "never" not in out
 
 
 def test_spill_directories_of_killed_shells_are_removed(warehouse):
@@ -320,8 +306,8 @@ def test_spill_directories_of_killed_shells_are_removed(warehouse):
 
     dead = subprocess.Popen(["sleep", "0"])
     dead.wait()
-    orphan = Path(tempfile.gettempdir()) / f"{sql_shell.SPILL_PREFIX}{dead.pid}-abc"
-    running = Path(tempfile.gettempdir()) / f"{sql_shell.SPILL_PREFIX}{os.getpid()}-abc"
+    orphan = Path(tempfile.gettempdir()) / f"{sandbox.SPILL_PREFIX}{dead.pid}-abc"
+    running = Path(tempfile.gettempdir()) / f"{sandbox.SPILL_PREFIX}{os.getpid()}-abc"
     for path in (orphan, running):
         path.mkdir(exist_ok=True)
         (path / "spill.bin").write_bytes(b"x")
@@ -332,3 +318,24 @@ def test_spill_directories_of_killed_shells_are_removed(warehouse):
     finally:
         shutil.rmtree(orphan, ignore_errors=True)
         shutil.rmtree(running, ignore_errors=True)
+
+
+def test_duckdbs_own_client_reads_the_catalog_read_only(warehouse):
+    """The documented interactive route, `duckdb -readonly <warehouse>/attention.duckdb` (PyPI's duckdb-cli,
+    an older DuckDB than the Python module): it opens the catalog and sees the same rows as the shell."""
+    client = shutil.which("duckdb") or shutil.which("duckdb", path=str(Path(sys.executable).parent))
+    if client is None:
+        pytest.skip("the DuckDB CLI is not installed (pip install duckdb-cli)")
+    query = "SELECT model, count(*) AS n FROM attention_maps GROUP BY model ORDER BY model"
+    shown = subprocess.run(
+        [client, "-readonly", "-csv", str(warehouse / "attention.duckdb"), "-c", query],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    expected = duckdb.execute(
+        "SELECT model, count(*) AS n FROM read_parquet($files, hive_partitioning = true) GROUP BY model ORDER BY model",
+        {"files": f"{warehouse}/attention_maps/*/*/data.parquet"},
+    ).fetchall()
+    assert list(csv.reader(io.StringIO(shown.stdout)))[1:] == [[model, str(n)] for model, n in expected]

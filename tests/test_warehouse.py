@@ -15,11 +15,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from ssl_attention.settings import WAREHOUSE_ENV as ENV_VAR
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter, remove_stale_temp_files, write_table_atomic
 from ssl_attention.warehouse.paths import (
     DATA_FILE,
-    ENV_VAR,
     WarehouseLocationError,
     partition_dir,
     partition_file,

@@ -26,7 +26,6 @@ from ssl_attention.models.adapters import CNN_STAGES, CNNAdapter, ModelAdapter, 
 from ssl_attention.models.weights import (
     CONFIG_DIR,
     DEFAULT_SEED,
-    WEIGHT_MODES,
     CheckpointError,
     Provenance,
     WeightsUnavailableError,
@@ -36,28 +35,28 @@ from ssl_attention.models.weights import (
     remedies,
 )
 from ssl_attention.registry import MODELS, ModelSpec, UnknownNameError
+from ssl_attention.settings import WeightsMode, check_device, check_weights
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """What the user asked for, per model."""
+    """What the user asked for, per model (the Dagster resource builds it from ``ssl_attention.settings``;
+    the values are checked by the settings' own checks when the model is loaded)."""
 
-    weights: str = "auto"  # auto | pretrained | random
+    weights: WeightsMode = "auto"
     checkpoint: Path | None = None  # overrides ``weights`` when given
     seed: int = DEFAULT_SEED
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
+    if check_device(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu" or device.startswith("cuda"):
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine; valid: auto, cpu")
-        return torch.device(device)
-    raise ValueError(f"unknown device {device!r}; valid devices: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; valid: auto, cpu")
+    return torch.device(device)
 
 
 def load_model(slug: str, request: LoadRequest | None = None) -> ModelAdapter:
@@ -66,8 +65,7 @@ def load_model(slug: str, request: LoadRequest | None = None) -> ModelAdapter:
     spec = MODELS.get(slug)
     if spec is None:
         raise UnknownNameError(f"unknown model {slug!r}; valid models: {', '.join(MODELS)}")
-    if request.weights not in WEIGHT_MODES:
-        raise UnknownNameError(f"unknown weights mode {request.weights!r}; valid: {', '.join(WEIGHT_MODES)}")
+    check_weights(request.weights)
     device = resolve_device(request.device)
 
     if request.checkpoint is not None:

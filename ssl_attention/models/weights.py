@@ -15,7 +15,6 @@ from urllib.parse import urlparse
 if TYPE_CHECKING:
     from ssl_attention.registry import ModelSpec
 
-WEIGHT_MODES = ("auto", "pretrained", "random")
 DEFAULT_SEED = 0
 CONFIG_DIR = Path(__file__).parent / "configs"
 

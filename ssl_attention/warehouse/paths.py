@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-ENV_VAR = "SSL_ATTENTION_WAREHOUSE"
 DEFAULT_WAREHOUSE = Path("data") / "warehouse"
 DATA_FILE = "data.parquet"
 CATALOG_FILE = "attention.duckdb"
@@ -32,10 +31,12 @@ def resolve_warehouse(location: str | os.PathLike[str] | None = None) -> Path:
     """``--warehouse`` if given, else ``$SSL_ATTENTION_WAREHOUSE``, else ``data/warehouse``; an absolute path.
 
     Accepts plain paths and ``file://`` URLs. Object stores (``s3://`` ...) need a commit protocol that
-    plain renames cannot give; docs/scaling.md describes how to run there.
+    plain renames cannot give; docs/scaling.md describes how to run there. The environment is read in
+    ``ssl_attention.settings`` (imported here, not at the top: it builds on this module).
     """
-    raw = os.fspath(location) if location is not None else os.environ.get(ENV_VAR) or str(DEFAULT_WAREHOUSE)
-    return local_path(raw, "warehouse")
+    from ssl_attention.settings import resolve_warehouse as resolve
+
+    return resolve(location)
 
 
 def local_path(location: str, what: str) -> Path:
