@@ -26,7 +26,8 @@ def write_catalog(warehouse: str | os.PathLike[str]) -> Path:
     target = root / CATALOG_FILE
     temp = root / f".{CATALOG_FILE}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
     try:
-        con = duckdb.connect(str(temp))
+        # an older storage format: the DuckDB CLI on PyPI (duckdb-cli 1.4/1.5) reads it; the file holds views only
+        con = duckdb.connect(str(temp), config={"storage_compatibility_version": "v1.4.0"})
         try:
             create_views(con, root)
             con.execute("CHECKPOINT")
