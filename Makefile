@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 WAREHOUSE ?= data/warehouse
 
-.PHONY: install demo test lint ui dashboard bench
+.PHONY: install demo test lint ui dashboard bench shell
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,7 @@ demo: install
 	@echo "Dagster UI:  DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dagster dev -w workspace.yaml   (http://127.0.0.1:3000)"
 	@echo "Dashboard:   $(BIN)/ssl-attention serve --warehouse $(WAREHOUSE)                       (http://127.0.0.1:5006/app)"
 	@echo "SQL:         $(BIN)/ssl-attention sql --warehouse $(WAREHOUSE) \"SELECT * FROM models\""
+	@echo "SQL prompt:  duckdb -readonly $(WAREHOUSE)/attention.duckdb   (DuckDB's client: make shell installs it)"
 
 lint: install
 	$(BIN)/ruff check .
@@ -39,3 +40,7 @@ ui: install
 
 dashboard: install
 	$(BIN)/ssl-attention serve --warehouse $(WAREHOUSE)
+
+shell: install
+	$(BIN)/python -m pip install --quiet -e '.[shell]'
+	@echo "then: $(BIN)/duckdb -readonly $(WAREHOUSE)/attention.duckdb"

@@ -1,4 +1,9 @@
-"""Headless runs of the Dagster definitions (the CLI's `run`): the same assets, in-process."""
+"""Headless runs of the Dagster definitions: the same assets, in-process (what `ssl-attention run` executes).
+
+Dagster code, so it lives with the definitions: it materializes the assets, reads their events and checks,
+and manages the instance (reaping runs of killed processes). ``ssl_attention/cli/run.py`` builds the
+resource from the validated settings and prints the outcome.
+"""
 
 from __future__ import annotations
 
