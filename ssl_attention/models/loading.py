@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """What the user asked for, per model (the Dagster resource builds it from ``ssl_attention.settings``;
-    the values are checked by the settings' own checks when the model is loaded)."""
+    """What the user asked for, per model. The Dagster resource builds it from the validated settings;
+    ``load_model`` checks a hand-made one with the same checks (``ssl_attention.settings``)."""
 
     weights: WeightsMode = "auto"
     checkpoint: Path | None = None  # overrides ``weights`` when given
