@@ -164,7 +164,7 @@ def pct(values: list[float], q: float) -> float:
 def image_names(warehouse: Path, count: int) -> list[str]:
     from ssl_attention.query import open_warehouse
 
-    return [i.file_name for i in open_warehouse(warehouse).image_list()[:count]]
+    return [i.file_name for i in open_warehouse(warehouse).images()[:count]]
 
 
 def run_round(pages: list[Any], active: int, switches: int, heads: int, layers: int, seed: int) -> list[dict]:

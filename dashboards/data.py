@@ -26,7 +26,7 @@ from ssl_attention.query import (
     Warehouse,
     open_warehouse,
 )
-from ssl_attention.query.handle import file_key
+from ssl_attention.query.reads import file_key
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _load_index(root: str) -> Loaded:
     models: dict[str, ModelInfo] = {}
     random_weights: dict[str, str] = {}
     skipped: dict[str, str] = {}
-    for info in wh.model_list():
+    for info in wh.models():
         layers: dict[str, tuple[int, ...]] = {}
         names: dict[int, str] = {}
         for method in info.methods:
@@ -99,7 +99,7 @@ def _load_index(root: str) -> Loaded:
         )
         if info.provenance.mode == "random":
             random_weights[info.slug] = f"architecture of {info.provenance.source}, seed {info.provenance.seed}"
-    return Loaded(Path(root), WarehouseIndex(models, tuple(wh.image_list())), random_weights, skipped)
+    return Loaded(Path(root), WarehouseIndex(models, tuple(wh.images())), random_weights, skipped)
 
 
 def _version(root: str, table: str, **keys: str) -> str:

@@ -36,15 +36,15 @@ from ssl_attention.methods.blocks import MapBlock
 from ssl_attention.models.adapters import ModelAdapter
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter, write_table_atomic
-from ssl_attention.warehouse.paths import DATA_FILE, partition_dir, partition_file
+from ssl_attention.warehouse.paths import DATA_FILE, iter_partitions, partition_dir, partition_file
 from ssl_attention.warehouse.tables import (
     catalog_table,
     copy_rows_except,
     errors_table,
+    image_ids_by_weights,
     input_rows,
     map_rows,
     now_utc,
-    partition_keys,
     provenance_columns,
 )
 
@@ -118,12 +118,10 @@ def _known_files(table: pa.Table, folder: Path) -> dict[str, tuple[ImageRecord, 
 
 def read_errors(warehouse: Path) -> list[dict[str, str]]:
     """Every recorded skip: source (``catalog`` or a model), file name and reason."""
-    root = Path(warehouse) / "errors"
     rows = []
-    for path in sorted(root.glob(f"source=*/{DATA_FILE}")):
-        source = path.parent.name.split("=", 1)[1]
-        for row in pq.read_table(path, columns=["file_name", "reason"]).to_pylist():
-            rows.append({"source": source, **row})
+    for partition in iter_partitions(warehouse, "errors"):
+        for row in pq.read_table(partition.path, columns=["file_name", "reason"]).to_pylist():
+            rows.append({**partition.keys, **row})
     return rows
 
 
@@ -197,7 +195,7 @@ class WorkPlan:
 def plan_work(
     records: Sequence[ImageRecord], partitions: dict[str, Path], weights_id: str, recompute: bool
 ) -> WorkPlan:
-    states = {name: partition_keys(d / DATA_FILE) for name, d in partitions.items()}
+    states = {name: image_ids_by_weights(d / DATA_FILE) for name, d in partitions.items()}
     existing = {name: set().union(*state.values()) for name, state in states.items()}
     weights = set().union(*(set(state) for state in states.values()))
     other_weights = bool(weights - {weights_id})

@@ -1,7 +1,8 @@
 """Finding, identifying and safely decoding input images.
 
-Every file under the input folder (recursively, hidden files and folders excluded) is either catalogued
-as an ``ImageRecord`` or reported as an ``ImageIssue`` with a reason; one bad file never stops the rest.
+Every file under the input folder (recursively; hidden files and folders, and JSON sidecars such as annotation
+files, excluded) is either catalogued as an ``ImageRecord`` or reported as an ``ImageIssue`` with a reason;
+one bad file never stops the rest.
 Images are identified by the SHA-256 of their bytes, so a renamed file keeps its id and a changed file
 gets a new one.
 """
@@ -25,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+SIDECAR_EXTENSIONS = (".json",)  # annotation files kept beside the images: neither catalogued nor reported
 SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF")
 # Decompression-bomb guard: images with more pixels than this are refused (about 8000 x 8000).
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -220,6 +222,8 @@ def scan_images(
     seen: dict[str, ImageRecord] = {}
     for path in iter_candidate_files(folder):
         rel = path.relative_to(folder).as_posix()
+        if not path.is_dir() and path.name.lower().endswith(SIDECAR_EXTENSIONS):
+            continue
         if not path.is_dir() and not path.name.lower().endswith(SUPPORTED_EXTENSIONS):
             issues.append(ImageIssue(rel, f"unsupported file extension (valid: {', '.join(SUPPORTED_EXTENSIONS)})"))
             continue

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter, WriteStats
-from ssl_attention.warehouse.paths import DATA_FILE, partition_dir, partition_file
+from ssl_attention.warehouse.paths import iter_partitions, partition_dir, partition_file
 
 AREA_MASS = 0.6  # DINO keeps the patches holding 60% of the attention mass
 TOP_FRACTION_DIVISOR = 100  # top-1%: the ceil(N / 100) largest cells
@@ -254,21 +254,17 @@ def write_head_stats(warehouse: Path, model: str) -> dict[str, WriteStats]:
     Streams the maps row group by row group (a few images at a time); memory does not grow with images.
     """
     warehouse = Path(warehouse)
-    model_dir = partition_dir(warehouse, "attention_maps", model=model)
-    if not any(model_dir.glob(f"method=*/{DATA_FILE}")):
+    sources = list(iter_partitions(warehouse, "attention_maps", model=model))
+    if not sources:
         return {}  # nothing extracted for this model yet
     input_h, input_w = read_input_size(warehouse, model)
     results: dict[str, WriteStats] = {}
     computed_at = dt.datetime.now(dt.UTC)
-    method_dirs = sorted(model_dir.glob("method=*")) if model_dir.is_dir() else []
-    for method_dir in method_dirs:
-        source = method_dir / DATA_FILE
-        if not source.is_file():
-            continue
-        method = method_dir.name.split("=", 1)[1]
-        target = partition_dir(warehouse, "head_stats", model=model, method=method)
+    for source in sources:
+        method = source.keys["method"]
+        target = partition_dir(warehouse, "head_stats", **source.keys)
         with PartitionWriter(target, schema.HEAD_STATS, cluster_by="image_id") as writer:
-            for group in _row_groups_by_image(source):
+            for group in _row_groups_by_image(source.path):
                 writer.write(head_stats_table(group, input_h, input_w, computed_at))
             results[method] = writer.commit()
     return results

@@ -37,6 +37,7 @@ from ssl_attention.query.connection import views_cursor
 from ssl_attention.query.views import TABLES, create_views
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter
+from ssl_attention.warehouse.paths import iter_partitions
 from tests.sql_helpers import build_sql_warehouse, fused_first, grid_of, read_partition, select
 
 VIEWS = (*TABLES, "methods", "attention_cells")
@@ -196,6 +197,17 @@ def test_stat_grid_of_one_image_and_over_all_images(wh, warehouse, image_ids):
         (lambda wh, i: wh.stat_grid("dinov2", "cls", "bogus"), UnknownNameError, "valid statistics: entropy,"),
         (lambda wh, i: wh.heads("clip", "nope"), UnknownNameError, "valid methods"),
         (lambda wh, i: wh.map(i, None, "cls", 0), QueryError, "model must be a non-empty string"),
+        # every query goes through the same checks, in the same order (model, method, head, layer)
+        (lambda wh, i: wh.model("dinov9"), UnknownNameError, "valid models: dinov2, dinov3, mae, clip"),
+        (lambda wh, i: wh.facts("clip", "probe"), UnknownNameError, "valid methods: cls, mean, rollout"),
+        (lambda wh, i: wh.layer_head_maps(i, "siglip", "cls"), UnknownNameError, "valid methods: mean, probe"),
+        (lambda wh, i: wh.stat_grid("mae", "gradcam", "entropy"), UnknownNameError, "valid methods: cls, mean"),
+        (lambda wh, i: wh.head_statistics(i, "dinov2", "cls", 9, 0), UnknownNameError, "valid layers: 0, 1"),
+        (lambda wh, i: wh.head_statistics(i, "dinov2", "cls", 9, 9), UnknownNameError, "valid heads: 0..3"),
+        (lambda wh, i: wh.head_statistics(i, "clip", "rollout", 0, 0), QueryError, "rollout is a fused-only"),
+        (lambda wh, i: wh.input_image(i, "dinov9"), UnknownNameError, "valid models"),
+        (lambda wh, i: wh.compare_models(i, methods={"clip": "probe"}), UnknownNameError, "valid methods: cls"),
+        (lambda wh, i: wh.head_grid(i, "dinov2", "cls", None), QueryError, "layer must be an integer, got None"),
     ],
 )
 def test_invalid_requests_name_the_valid_values(wh, image_ids, call, error, message):
@@ -208,6 +220,17 @@ def test_invalid_requests_name_the_valid_values(wh, image_ids, call, error, mess
 
 def test_numpy_integers_are_accepted(wh, image_ids):
     assert wh.map(image_ids[0], "dinov2", "cls", np.int64(1), np.int16(2)).head == 2
+
+
+def test_one_model_and_the_facts_of_its_partition(wh, warehouse):
+    assert wh.model("siglip") == {m.slug: m for m in wh.models()}["siglip"]
+    table = read_partition(warehouse, "attention_maps", "resnet50", "gradcam")
+    facts = wh.facts("resnet50", "gradcam")
+    assert facts.layers == tuple(sorted(set(table["layer"].to_pylist()))) == wh.layers("resnet50", "gradcam")
+    assert facts.grids == {0: (16, 16), 1: (8, 8), 2: (4, 4), 3: (2, 2)} and facts.heads == ()
+    assert facts.has_gradcam_columns and not wh.facts("clip", "cls").has_gradcam_columns
+    clip_heads = read_partition(warehouse, "attention_maps", "clip", "cls")["head"].drop_null().to_pylist()
+    assert wh.facts("clip", "cls").heads == tuple(sorted(set(clip_heads))) == (0, 1, 2, 3)
 
 
 def test_missing_head_stats_and_unextracted_images(tmp_path, warehouse, image_ids):
@@ -331,8 +354,8 @@ def test_catalog_file_opens_in_any_duckdb_client(warehouse, image_ids):
         kinds = dict(con.execute("SELECT table_name, table_type FROM information_schema.tables").fetchall())
         assert set(kinds) == set(VIEWS) and set(kinds.values()) == {"VIEW"}
         counts = dict(con.execute("SELECT model, count(*) FROM attention_maps GROUP BY model").fetchall())
-        files = (warehouse / "attention_maps" / "model=dinov2").glob("method=*/data.parquet")
-        assert counts["dinov2"] == sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        files = [p.path for p in iter_partitions(warehouse, "attention_maps", model="dinov2")]
+        assert len(files) == 3 and counts["dinov2"] == sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         cells = con.execute(
             "SELECT \"row\", col, value FROM map_cells('clip', 'cls', ?, 1, 2)", [image_ids[0]]
         ).fetchall()

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ssl_attention.query.sandbox import open_sandbox, parse_statements, run_statement
+from ssl_attention.warehouse.paths import iter_partitions
 from tests.sql_helpers import build_sql_warehouse
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "sql.md"
@@ -56,9 +57,9 @@ class Map:
 class Reference:
     def __init__(self, warehouse: Path) -> None:
         self.maps: list[Map] = []
-        for path in sorted((warehouse / "attention_maps").glob("model=*/method=*/data.parquet")):
-            model, method = (part.split("=", 1)[1] for part in path.parts[-3:-1])
-            for r in pq.read_table(path).to_pylist():
+        for partition in iter_partitions(warehouse, "attention_maps"):
+            model, method = partition.keys["model"], partition.keys["method"]
+            for r in pq.read_table(partition.path).to_pylist():
                 self.maps.append(
                     Map(
                         model,
@@ -74,8 +75,8 @@ class Reference:
                     )
                 )
         self.models = {}
-        for path in (warehouse / "models").glob("model=*/data.parquet"):
-            self.models[path.parent.name.split("=", 1)[1]] = pq.read_table(path).to_pylist()[0]
+        for partition in iter_partitions(warehouse, "models"):
+            self.models[partition.keys["model"]] = pq.read_table(partition.path).to_pylist()[0]
         self.files = {
             r["image_id"]: r["file_name"] for r in pq.read_table(warehouse / "images/data.parquet").to_pylist()
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
@@ -20,10 +21,14 @@ from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter, remove_stale_temp_files, write_table_atomic
 from ssl_attention.warehouse.paths import (
     DATA_FILE,
+    TABLES,
     WarehouseLocationError,
+    has_partitions,
+    iter_partitions,
     partition_dir,
     partition_file,
     resolve_warehouse,
+    table_glob,
 )
 
 SCHEMA = pa.schema([pa.field("i", pa.int64(), nullable=False), pa.field("payload", pa.string())])
@@ -72,9 +77,87 @@ def test_resolve_warehouse_rejects_remote_locations(location, monkeypatch):
 def test_partition_layout(tmp_path):
     path = partition_file(tmp_path, "attention_maps", model="clip", method="cls")
     assert path == tmp_path / "attention_maps" / "model=clip" / "method=cls" / DATA_FILE
+    assert partition_file(tmp_path, "images") == tmp_path / "images" / DATA_FILE
     for bad in ("", "a/b", ".hidden"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="invalid partition value"):
             partition_dir(tmp_path, "attention_maps", model=bad)
+    with pytest.raises(ValueError, match=r"partitioned by \(model, method\)"):
+        partition_dir(tmp_path, "attention_maps", method="cls")  # not a leading run of the keys
+    with pytest.raises(ValueError, match="missing: method"):
+        partition_file(tmp_path, "attention_maps", model="clip")
+    with pytest.raises(ValueError, match="unknown warehouse table 'maps'; tables: images, attention_maps"):
+        partition_file(tmp_path, "maps")
+
+
+def test_tables_match_the_schemas_and_keys_are_not_file_columns():
+    assert set(TABLES) == set(schema.SCHEMAS)
+    for table, keys in TABLES.items():
+        assert not set(keys) & set(schema.SCHEMAS[table].names), table
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+def test_iter_partitions_yields_exactly_the_partitions_with_their_key_values(tmp_path):
+    maps = tmp_path / "attention_maps"
+    expected = {
+        ("b", "x"): _touch(maps / "model=b" / "method=x" / DATA_FILE),
+        ("a", "y"): _touch(maps / "model=a" / "method=y" / DATA_FILE),
+        ("a", "x"): _touch(maps / "model=a" / "method=x" / DATA_FILE),
+    }
+    # what is not a partition: stray files and folders, wrong keys or depths, hidden and empty values, temp files
+    _touch(maps / "README.txt")
+    _touch(maps / "model=a" / "notes" / DATA_FILE)
+    _touch(maps / "model=a" / "method=x" / ".123-abc.parquet.tmp")
+    _touch(maps / "model=c" / DATA_FILE)
+    _touch(maps / "other=q" / "method=x" / DATA_FILE)
+    _touch(maps / "model=" / "method=x" / DATA_FILE)
+    _touch(maps / "model=.hidden" / "method=x" / DATA_FILE)
+    _touch(maps / "model=d")  # a file named like a partition folder
+    (maps / "model=a" / "method=z").mkdir()  # a partition folder without its data file
+    _touch(maps / "model=a" / "method=w" / "data.parquet" / "oops")  # data.parquet that is a folder
+
+    found = list(iter_partitions(tmp_path, "attention_maps"))
+    assert [(p.keys["model"], p.keys["method"]) for p in found] == [("a", "x"), ("a", "y"), ("b", "x")]
+    assert {(p.keys["model"], p.keys["method"]): p.path for p in found} == expected
+    assert all(p.table == "attention_maps" and list(p.keys) == ["model", "method"] for p in found)
+    assert all(p.path == partition_file(tmp_path, "attention_maps", **p.keys) for p in found)
+
+    pinned = list(iter_partitions(tmp_path, "attention_maps", model="a"))
+    assert [dict(p.keys) for p in pinned] == [{"model": "a", "method": "x"}, {"model": "a", "method": "y"}]
+    assert list(iter_partitions(tmp_path, "attention_maps", model="zzz")) == []
+    with pytest.raises(ValueError, match="leading run"):
+        list(iter_partitions(tmp_path, "attention_maps", method="x"))
+    assert has_partitions(tmp_path, "attention_maps") and not has_partitions(tmp_path, "head_stats")
+
+
+def test_iter_partitions_of_unpartitioned_and_one_key_tables(tmp_path):
+    assert list(iter_partitions(tmp_path / "nowhere", "images")) == []
+    _touch(tmp_path / "images" / DATA_FILE)
+    _touch(tmp_path / "images" / "source=x" / DATA_FILE)  # no keys: only the table's own file counts
+    (images,) = iter_partitions(tmp_path, "images")
+    assert (images.keys, images.path) == ({}, tmp_path / "images" / DATA_FILE)
+    for source in ("mae", "catalog"):
+        _touch(tmp_path / "errors" / f"source={source}" / DATA_FILE)
+    assert [p.keys["source"] for p in iter_partitions(tmp_path, "errors")] == ["catalog", "mae"]
+
+
+def test_a_table_or_key_added_to_tables_is_laid_out_iterated_and_globbed(tmp_path, monkeypatch):
+    """Adding a table (or a key, such as a shard) is one entry of TABLES: paths, iteration and the views'
+    glob follow it."""
+    monkeypatch.setitem(TABLES, "alignment", ("model", "method", "shard"))
+    path = partition_file(tmp_path, "alignment", model="clip", method="cls", shard="0")
+    assert path == tmp_path / "alignment" / "model=clip" / "method=cls" / "shard=0" / DATA_FILE
+    _touch(path)
+    _touch(partition_file(tmp_path, "alignment", model="clip", method="cls", shard="1"))
+    _touch(tmp_path / "alignment" / "model=clip" / "method=cls" / DATA_FILE)  # one level short
+    found = [dict(p.keys) for p in iter_partitions(tmp_path, "alignment", model="clip")]
+    assert found == [{"model": "clip", "method": "cls", "shard": s} for s in ("0", "1")]
+    globbed = sorted(Path(p) for p in glob.glob(table_glob(tmp_path, "alignment")))
+    assert globbed == [p.path for p in iter_partitions(tmp_path, "alignment")]
 
 
 # --- atomic replacement ---------------------------------------------------------------------------------

@@ -6,12 +6,16 @@
 
     wh.sql("SELECT model, avg(entropy) FROM head_stats WHERE layer = $layer GROUP BY model", {"layer": 0})
 
-The map and statistics functions read each partition file directly (the file named by the validated model
-and method); ``wh.sql`` and SQL users get the tables as DuckDB views: on the process connection,
-``ssl-attention sql`` or the ``attention.duckdb`` catalog file (``write_catalog``); see docs/sql.md.
+``Warehouse`` (``warehouse.py``) is the one class to call. Its map and statistics methods read each partition
+file directly (the file named by the validated model and method); ``wh.sql`` and SQL users get the tables as
+DuckDB views: on the process connection, ``ssl-attention sql`` or the ``attention.duckdb`` catalog file
+(``write_catalog``); see docs/sql.md.
+
+Modules: ``warehouse`` (the API), ``selection`` (argument checks), ``reads`` (whole-version file reads),
+``metadata`` (model rows, partition facts, catalog), ``maps`` and ``statistics`` (SQL and result building),
+``results`` (the returned dataclasses), ``views``/``connection``/``catalog`` (SQL views), ``errors``.
 """
 
-from ssl_attention.query.api import Warehouse, open_warehouse
 from ssl_attention.query.catalog import write_catalog
 from ssl_attention.query.connection import connection, cursor
 from ssl_attention.query.errors import (
@@ -33,7 +37,8 @@ from ssl_attention.query.results import (
     StatGrid,
     StoredProvenance,
 )
-from ssl_attention.query.statistics import STATISTICS
+from ssl_attention.query.warehouse import Warehouse, open_warehouse
+from ssl_attention.stats import STATISTICS
 
 __all__ = [
     "STATISTICS",

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import duckdb
 
+from ssl_attention.warehouse.paths import TABLES, has_partitions
+
 _lock = threading.Lock()
 _connection: duckdb.DuckDBPyConnection | None = None
 _pid: int | None = None
@@ -76,10 +78,10 @@ def views_cursor(root: Path) -> duckdb.DuckDBPyConnection:
     The views are created on first use and re-created when a table gains its first files or loses its last
     (a table without files is an empty typed view; a glob view sees new partition files by itself).
     """
-    from ssl_attention.query.views import TABLES, view_statements
+    from ssl_attention.query.views import view_statements
 
     root = Path(root).resolve()
-    present = tuple(_has_files(root, table) for table in TABLES)
+    present = tuple(has_partitions(root, table) for table in TABLES)
     con = connection()
     with _lock:
         name, built = _views.get(root, (f"warehouse_{hashlib.sha256(str(root).encode()).hexdigest()[:16]}", None))
@@ -102,9 +104,3 @@ def views_cursor(root: Path) -> duckdb.DuckDBPyConnection:
         cur.execute(f"USE {name}")
         _local.views[name] = cur
     return cur
-
-
-def _has_files(root: Path, table: str) -> bool:
-    from ssl_attention.query.views import has_files
-
-    return has_files(root, table)

@@ -1,30 +1,22 @@
-"""Map queries: one map, the head grid of a layer, all layers x heads, one image across models, input image.
+"""Map results from the rows of one partition file: one map, the head grid of a layer, all layers x heads.
 
-Each query reads one partition file, named by validated (model, method) — explicit partition pruning — and
-filters on ``image_id`` (row-group statistics prune to the one row group holding the image) and ``layer``.
+``Warehouse`` validates the request (a ``Selection``), reads the rows with the SQL built here (``map_sql``:
+the partition named by (model, method), filtered on ``image_id`` -- row-group statistics prune to the one
+row group holding the image -- and ``layer``) and hands them to the builders below, which only reshape.
 Parameters are bound with ``$name``; no user text reaches the SQL.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from ssl_attention.query.errors import MissingDataError, QueryError
-from ssl_attention.query.results import (
-    AttentionMap,
-    ComparedMap,
-    Comparison,
-    HeadGrid,
-    LayerHeadMaps,
-    StoredProvenance,
-)
-
-if TYPE_CHECKING:
-    from ssl_attention.query.handle import PartitionFacts, WarehouseHandle
+from ssl_attention.query.errors import QueryError
+from ssl_attention.query.metadata import PartitionFacts
+from ssl_attention.query.results import AttentionMap, HeadGrid, LayerHeadMaps, StoredProvenance
+from ssl_attention.query.selection import Selection
 
 # Only what the dashboard needs: every extra column is decoded for the whole row group (~0.5 ms each).
 # Layer names and provenance come from the partition's cached facts (weights_id is added when a partition
@@ -32,18 +24,20 @@ if TYPE_CHECKING:
 _COLUMNS = "layer, head, grid_h, grid_w, map_values, prefix_mass, register_mass"
 _GRADCAM_COLUMNS = ", raw_scale, target_class"
 
+ONE_FUSED = "image_id = $image_id AND layer = $layer AND head IS NULL"
+ONE_HEAD = "image_id = $image_id AND layer = $layer AND head = $head"
+ONE_LAYER = "image_id = $image_id AND layer = $layer"
+ALL_LAYERS = "image_id = $image_id"
 
-def _select(where: str, order: str, with_weights: bool, gradcam: bool) -> str:
-    columns = _COLUMNS + (_GRADCAM_COLUMNS if gradcam else "") + (", weights_id" if with_weights else "")
+INPUT_SQL = "SELECT jpeg FROM read_parquet($path) WHERE image_id = $image_id LIMIT 1"
+
+
+def map_sql(facts: PartitionFacts, where: str, order: str = "") -> str:
+    """The map query over ``$path``: the columns this partition needs, ``where`` one of the filters above."""
+    columns = _COLUMNS + (_GRADCAM_COLUMNS if facts.has_gradcam_columns else "")
+    if facts.single_provenance is None:
+        columns += ", weights_id"
     return f"SELECT {columns} FROM read_parquet($path) WHERE {where}" + (f" ORDER BY {order}" if order else "")
-
-
-_ONE_FUSED = "image_id = $image_id AND layer = $layer AND head IS NULL"
-_ONE_HEAD = "image_id = $image_id AND layer = $layer AND head = $head"
-_LAYER = "image_id = $image_id AND layer = $layer"
-_ALL_LAYERS = "image_id = $image_id"
-
-_INPUT_SQL = "SELECT jpeg FROM read_parquet($path) WHERE image_id = $image_id LIMIT 1"
 
 
 class Rows:
@@ -72,13 +66,6 @@ class Rows:
         return Rows({name: column[rows] for name, column in self.columns.items()})
 
 
-def _query(
-    wh: WarehouseHandle, path: Path, facts: PartitionFacts, where: str, order: str, params: dict[str, object]
-) -> Rows:
-    sql = _select(where, order, facts.single_provenance is None, facts.has_gradcam_columns)
-    return Rows(wh.read_numpy(path, sql, params))
-
-
 def _provenance(facts: PartitionFacts, rows: Rows) -> StoredProvenance:
     single = facts.single_provenance
     return single if single is not None else facts.provenances[rows.value("weights_id")]
@@ -98,95 +85,69 @@ def _float_or_none(value: object) -> float | None:
     return None if value is None else float(value)  # type: ignore[arg-type]
 
 
-def attention_map(
-    wh: WarehouseHandle, image_id: str, model: str, method: str, layer: int, head: int | None = None
-) -> AttentionMap:
-    info = wh.require_model(model)
-    method = wh.require_method(info, method)
-    head = wh.require_head(info, method, head)
-    layer = wh.require_layer(info, method, layer)
-    image_id = wh.require_image_id(image_id)
-    facts = wh.facts(model, method)
-    path = wh.path("attention_maps", model=model, method=method)
-    params: dict[str, object] = {"image_id": image_id, "layer": layer}
-    if head is None:
-        table = _query(wh, path, facts, _ONE_FUSED, "", params)
-    else:
-        table = _query(wh, path, facts, _ONE_HEAD, "", params | {"head": head})
-    if table.num_rows == 0:
-        raise wh.missing_image(image_id, model, method)
+def _one_layer_of(sel: Selection, image_id: str) -> dict[str, Any]:
+    """The fields that say what a one-layer result is of: image, model, method, layer and its name."""
+    layer = sel.layer
+    return {
+        "image_id": image_id,
+        "model": sel.model,
+        "method": sel.method,
+        "layer": layer,
+        "layer_name": sel.facts.layer_names.get(layer) if layer is not None else None,
+    }
+
+
+def attention_map(sel: Selection, image_id: str, rows: Rows) -> AttentionMap:
+    """One map from its one row (``ONE_FUSED`` or ``ONE_HEAD``)."""
     return AttentionMap(
-        image_id=image_id,
-        model=model,
-        method=method,
-        layer=layer,
-        layer_name=facts.layer_names.get(layer),
-        head=head,
-        values=_grids(table)[0],
-        prefix_mass=float(table.value("prefix_mass")),
-        register_mass=float(table.value("register_mass")),
-        raw_scale=_float_or_none(table.value("raw_scale")) if "raw_scale" in table.columns else None,
-        target_class=table.value("target_class") if "target_class" in table.columns else None,
-        provenance=_provenance(facts, table),
+        **_one_layer_of(sel, image_id),
+        head=sel.head,
+        values=_grids(rows)[0],
+        prefix_mass=float(rows.value("prefix_mass")),
+        register_mass=float(rows.value("register_mass")),
+        raw_scale=_float_or_none(rows.value("raw_scale")) if "raw_scale" in rows.columns else None,
+        target_class=rows.value("target_class") if "target_class" in rows.columns else None,
+        provenance=_provenance(sel.facts, rows),
     )
 
 
-def head_grid(wh: WarehouseHandle, image_id: str, model: str, method: str, layer: int) -> HeadGrid:
-    info = wh.require_model(model)
-    method = wh.require_method(info, method)
-    layer = wh.require_layer(info, method, layer)
-    image_id = wh.require_image_id(image_id)
-    facts = wh.facts(model, method)
-    path = wh.path("attention_maps", model=model, method=method)
-    table = _query(wh, path, facts, _LAYER, "head NULLS FIRST", {"image_id": image_id, "layer": layer})
-    if table.num_rows == 0:
-        raise wh.missing_image(image_id, model, method)
+def head_grid(sel: Selection, image_id: str, rows: Rows) -> HeadGrid:
+    """The fused map and every head of one layer, from the layer's rows ordered fused first (``ONE_LAYER``)."""
     return HeadGrid(
-        image_id=image_id,
-        model=model,
-        method=method,
-        layer=layer,
-        layer_name=facts.layer_names.get(layer),
-        heads=table.optional_ints("head"),
-        maps=_grids(table),
-        prefix_mass=_floats(table, "prefix_mass"),
-        register_mass=_floats(table, "register_mass"),
-        provenance=_provenance(facts, table),
+        **_one_layer_of(sel, image_id),
+        heads=rows.optional_ints("head"),
+        maps=_grids(rows),
+        prefix_mass=_floats(rows, "prefix_mass"),
+        register_mass=_floats(rows, "register_mass"),
+        provenance=_provenance(sel.facts, rows),
     )
 
 
-def layer_head_maps(wh: WarehouseHandle, image_id: str, model: str, method: str) -> LayerHeadMaps:
-    info = wh.require_model(model)
-    method = wh.require_method(info, method)
-    image_id = wh.require_image_id(image_id)
-    facts = wh.facts(model, method)
-    path = wh.path("attention_maps", model=model, method=method)
-    table = _query(wh, path, facts, _ALL_LAYERS, "layer, head NULLS FIRST", {"image_id": image_id})
-    if table.num_rows == 0:
-        raise wh.missing_image(image_id, model, method)
-    layers_column = np.asarray(table["layer"])
+def layer_head_maps(sel: Selection, image_id: str, rows: Rows) -> LayerHeadMaps:
+    """Every layer's head grid, from the image's rows ordered by layer, fused first (``ALL_LAYERS``)."""
+    layers_column = np.asarray(rows["layer"])
     layers = tuple(int(v) for v in np.unique(layers_column))
     per_layer, names, prefix = [], [], []
     heads: tuple[int | None, ...] = ()
     for layer in layers:  # a dozen layers at most: one selection each, maps stay vectorised
-        part = table.select(np.flatnonzero(layers_column == layer))
+        part = rows.select(np.flatnonzero(layers_column == layer))
         layer_heads = part.optional_ints("head")
         if heads and layer_heads != heads:
-            raise QueryError(f"{model}/{method}: image {image_id} has different heads in layer {layer}")
+            raise QueryError(f"{sel.model}/{sel.method}: image {image_id} has different heads in layer {layer}")
         heads = layer_heads
         per_layer.append(_grids(part))
-        names.append(facts.layer_names.get(layer))
+        names.append(sel.facts.layer_names.get(layer))
         prefix.append(_floats(part, "prefix_mass"))
     return LayerHeadMaps(
         image_id=image_id,
-        model=model,
-        method=method,
+        model=sel.model,
+        method=sel.method,
         layers=layers,
         layer_names=tuple(names),
         heads=heads,
         per_layer=tuple(per_layer),
         prefix_mass=np.stack(prefix),
-        provenance=_provenance(facts, table),
+        provenance=_provenance(sel.facts, rows),
     )
 
 
@@ -196,56 +157,6 @@ def layer_at_depth(layers: tuple[int, ...], depth: float) -> int:
     return layers[min(max(index, 0), len(layers) - 1)]
 
 
-def compare_models(
-    wh: WarehouseHandle,
-    image_id: str,
-    depth: float = 1.0,
-    methods: dict[str, str] | None = None,
-    models: list[str] | None = None,
-) -> Comparison:
-    """The fused map of one image in every model at a relative depth (0 = first layer, 1 = last).
-
-    Per model the method is ``methods[model]`` if given, else the model's default (cls, else probe, else
-    gradcam). Models that lack the image are listed in ``missing`` rather than failing the comparison.
-    """
-    if isinstance(depth, bool) or not isinstance(depth, int | float) or not 0.0 <= float(depth) <= 1.0:
-        raise QueryError(f"depth must be a number in 0..1, got {depth!r}")
-    image_id = wh.require_image_id(image_id)
-    methods = dict(methods or {})
-    wanted = models if models is not None else [m.slug for m in wh.models()]
-    infos = [wh.require_model(m) for m in wanted]
-    for slug in methods:
-        if slug not in {i.slug for i in infos}:
-            raise QueryError(f"methods names model {slug!r}, which is not compared ({format_list(wanted)})")
-    if image_id not in wh.image_index():
-        raise wh.missing_image(image_id, infos[0].slug if infos else "")
-    entries, missing = [], {}
-    for info in infos:
-        method = wh.require_method(info, methods.get(info.slug, info.default_method))
-        layers = wh.facts(info.slug, method).layers
-        layer = layer_at_depth(layers, float(depth))
-        try:
-            found = attention_map(wh, image_id, info.slug, method, layer, None)
-        except MissingDataError as exc:  # this model has not seen the image: show the others
-            missing[info.slug] = str(exc)
-            continue
-        own_depth = layers.index(layer) / (len(layers) - 1) if len(layers) > 1 else 1.0
-        entries.append(ComparedMap(info.slug, method, layer, own_depth, found))
-    return Comparison(image_id=image_id, depth=float(depth), entries=tuple(entries), missing=missing)
-
-
-def format_list(values: list[str]) -> str:
-    return ", ".join(values) if values else "(none)"
-
-
-def input_image(wh: WarehouseHandle, image_id: str, model: str) -> bytes:
-    """The model's input image (after its own preprocessing), as JPEG bytes."""
-    info = wh.require_model(model)
-    image_id = wh.require_image_id(image_id)
-    path = wh.path("inputs", model=info.slug)
-    if not path.is_file():
-        raise wh.missing_image(image_id, info.slug)
-    rows = wh.read_dicts(path, _INPUT_SQL, {"image_id": image_id})
-    if not rows:
-        raise wh.missing_image(image_id, info.slug)
-    return bytes(rows[0]["jpeg"])
+def relative_depth(layers: tuple[int, ...], layer: int) -> float:
+    """A layer's own relative depth, its index / (L - 1) (1.0 for a single layer)."""
+    return layers.index(layer) / (len(layers) - 1) if len(layers) > 1 else 1.0

@@ -1,58 +1,42 @@
-"""Queries over the ``head_stats`` table: one statistic as a layers x heads grid, one map's statistics."""
+"""Queries over the ``head_stats`` table: one statistic as a layers x heads grid, one map's statistics.
+
+The SQL is built here from the fixed whitelist ``STATISTICS`` (identifiers, never user text) and run by
+``Warehouse`` on the validated model's ``head_stats`` file; ``stat_grid`` only places the rows in the grid.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-from ssl_attention.query.errors import MissingDataError, UnknownNameError, format_values
 from ssl_attention.query.results import StatGrid
+from ssl_attention.query.selection import Selection
 from ssl_attention.query.views import quote_ident
 from ssl_attention.stats import STATISTICS
 
-if TYPE_CHECKING:
-    from ssl_attention.query.handle import WarehouseHandle
 
-
-def require_stat(stat: object) -> str:
-    if stat not in STATISTICS:
-        raise UnknownNameError(f"unknown statistic {stat!r}; valid statistics: {format_values(STATISTICS, 20)}")
-    return stat  # type: ignore[return-value]
-
-
-def _stats_path(wh: WarehouseHandle, model: str, method: str) -> Path:
-    path = wh.path("head_stats", model=model, method=method)
-    if not path.is_file():
-        raise MissingDataError(
-            f"no head statistics for {model}/{method} yet; materialize the head_stats asset "
-            f"(or call ssl_attention.stats.write_head_stats) for {model}"
-        )
-    return path
-
-
-def stat_grid(wh: WarehouseHandle, model: str, method: str, stat: str, image_id: str | None = None) -> StatGrid:
-    """``stat`` for every layer x (fused + heads): of ``image_id``, or the mean over all images (None)."""
-    info = wh.require_model(model)
-    method = wh.require_method(info, method)
-    column = quote_ident(require_stat(stat))  # an identifier from the fixed whitelist, never user text
-    path = _stats_path(wh, model, method)
-    if image_id is None:
-        sql = f"""SELECT layer, head, avg({column}) AS value, count({column}) AS n
-FROM read_parquet($path) GROUP BY layer, head"""
-        params: dict[str, object] = {}
-    else:
-        image_id = wh.require_image_id(image_id)
-        sql = f"""SELECT layer, head, {column} AS value, CAST({column} IS NOT NULL AS BIGINT) AS n
+def stat_grid_sql(stat: str, one_image: bool) -> str:
+    """``layer, head, value, n`` of a whitelisted ``stat``: of ``$image_id``, or averaged over all images."""
+    column = quote_ident(stat)
+    if one_image:
+        return f"""SELECT layer, head, {column} AS value, CAST({column} IS NOT NULL AS BIGINT) AS n
 FROM read_parquet($path) WHERE image_id = $image_id"""
-        params = {"image_id": image_id}
-    result = wh.read_numpy(path, sql, params)
-    if image_id is not None and len(result["layer"]) == 0:
-        raise wh.missing_image(image_id, model, method)
-    facts = wh.facts(model, method)
-    layers = facts.layers
-    heads: tuple[int | None, ...] = (None, *facts.heads)
+    return f"""SELECT layer, head, avg({column}) AS value, count({column}) AS n
+FROM read_parquet($path) GROUP BY layer, head"""
+
+
+def head_statistics_sql(fused: bool) -> str:
+    """Every statistic of one map: ``$image_id``, ``$layer`` and (unless ``fused``) ``$head``."""
+    columns = ", ".join(quote_ident(name) for name in STATISTICS)
+    condition = "head IS NULL" if fused else "head = $head"
+    return f"SELECT {columns} FROM read_parquet($path) WHERE image_id = $image_id AND layer = $layer AND {condition}"
+
+
+def stat_grid(sel: Selection, stat: str, image_id: str | None, result: dict[str, Any]) -> StatGrid:
+    """Place ``stat_grid_sql``'s rows in a (layers, fused + heads) grid; NaN and count 0 where none."""
+    layers = sel.facts.layers
+    heads: tuple[int | None, ...] = (None, *sel.facts.heads)
     values = np.full((len(layers), len(heads)), np.nan)
     counts = np.zeros((len(layers), len(heads)), dtype=np.int64)
     layer_pos = {layer: i for i, layer in enumerate(layers)}
@@ -71,25 +55,4 @@ FROM read_parquet($path) WHERE image_id = $image_id"""
         if layer in layer_pos and key in head_pos:
             values[layer_pos[layer], head_pos[key]] = value
             counts[layer_pos[layer], head_pos[key]] = n
-    return StatGrid(model, method, stat, image_id, layers, heads, values, counts)
-
-
-def head_statistics(
-    wh: WarehouseHandle, image_id: str, model: str, method: str, layer: int, head: int | None = None
-) -> dict[str, float | None]:
-    """Every statistic of one map (``head=None``: the fused map), NULLs as None."""
-    info = wh.require_model(model)
-    method = wh.require_method(info, method)
-    head = wh.require_head(info, method, head)
-    layer = wh.require_layer(info, method, layer)
-    image_id = wh.require_image_id(image_id)
-    columns = ", ".join(quote_ident(name) for name in STATISTICS)
-    condition = "head IS NULL" if head is None else "head = $head"
-    sql = f"SELECT {columns} FROM read_parquet($path) WHERE image_id = $image_id AND layer = $layer AND {condition}"
-    params: dict[str, object] = {"image_id": image_id, "layer": layer}
-    if head is not None:
-        params["head"] = head
-    rows = wh.read_dicts(_stats_path(wh, model, method), sql, params)
-    if not rows:
-        raise wh.missing_image(image_id, model, method)
-    return rows[0]
+    return StatGrid(sel.model, sel.method, stat, image_id, layers, heads, values, counts)

@@ -1,6 +1,7 @@
 """DDL of the SQL views over the warehouse, shared by the SQL shell's connection and the catalog file.
 
-The Python query API does not use them: it reads each partition file directly (``handle.py``).
+The Python query API does not use them: it reads each partition file directly (``warehouse.py``). The views
+are one per table of ``warehouse.paths.TABLES`` (same name, partition keys first), plus ``DERIVED_VIEWS``.
 
 Every identifier here comes from fixed tuples in this module or the warehouse schema; the only literals are
 the warehouse's own absolute path and the model registry's constants, quoted by ``quote_literal``. A table
@@ -17,22 +18,10 @@ import duckdb
 
 from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.warehouse import schema
-from ssl_attention.warehouse.paths import PARTITION_DEPTH, table_glob
-
-TABLES = ("images", "attention_maps", "head_stats", "models", "inputs", "errors")
-"""The warehouse tables exposed as views of the same name."""
+from ssl_attention.warehouse.paths import TABLES, has_partitions, table_glob
 
 DERIVED_VIEWS = ("methods", "attention_cells")
 MACROS = ("map_cells",)
-
-PARTITION_KEYS: dict[str, tuple[str, ...]] = {
-    "attention_maps": ("model", "method"),
-    "head_stats": ("model", "method"),
-    "inputs": ("model",),
-    "models": ("model",),
-    "images": (),
-    "errors": ("source",),
-}
 
 _GLOB_CHARACTERS = set("*?[]{}")
 
@@ -56,17 +45,9 @@ def duckdb_types(table: str) -> tuple[tuple[str, str], ...]:
     return tuple((name, str(kind)) for name, kind in zip(relation.columns, relation.types, strict=True))
 
 
-def has_files(root: Path, table: str) -> bool:
-    depth = PARTITION_DEPTH[table]
-    base = Path(root) / table
-    if depth == 0:
-        return (base / "data.parquet").is_file()
-    return next(iter(base.glob("/".join(["*"] * depth) + "/data.parquet")), None) is not None
-
-
 def _source(root: Path, table: str, present: bool) -> str:
     """A FROM-able source with the partition keys first, then the file columns."""
-    keys = PARTITION_KEYS[table]
+    keys = TABLES[table]
     columns = duckdb_types(table)
     if not present:
         casts = [f"CAST(NULL AS VARCHAR) AS {quote_ident(k)}" for k in keys]
@@ -77,7 +58,7 @@ def _source(root: Path, table: str, present: bool) -> str:
         raise CatalogPathError(
             f"the warehouse path {root_text!r} contains glob characters ({''.join(_GLOB_CHARACTERS)})"
         )
-    glob = quote_literal(table_glob(root, table, PARTITION_DEPTH[table]))
+    glob = quote_literal(table_glob(root, table))
     if keys:
         types = ", ".join(f"{quote_literal(k)}: 'VARCHAR'" for k in keys)
         reader = f"read_parquet({glob}, hive_partitioning = true, hive_types = {{{types}}})"
@@ -148,7 +129,7 @@ ORDER BY "row", col"""
 def create_views(con: duckdb.DuckDBPyConnection, root: Path) -> dict[str, bool]:
     """Create (or replace) the views of ``root`` on ``con``; returns which tables had files."""
     root = Path(root).resolve()
-    present = {t: has_files(root, t) for t in TABLES}
+    present = {t: has_partitions(root, t) for t in TABLES}
     for statement in view_statements(root, present):
         con.execute(statement)
     return present

@@ -150,7 +150,7 @@ def errors_table(
     )
 
 
-def partition_keys(path: Path) -> dict[str, set[str]]:
+def image_ids_by_weights(path: Path) -> dict[str, set[str]]:
     """weights_id -> image ids present in one partition file ({} when the file does not exist)."""
     if not path.is_file():
         return {}

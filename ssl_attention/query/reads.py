@@ -1,0 +1,88 @@
+"""Reads of one partition file, whole-version: DuckDB on this thread's cursor, the file's identity checked around.
+
+Every query of the Python API reads one named file (``read_parquet($path)``), not the SQL views: naming the
+file is the partition pruning, and the read can check that file's identity before and after the query.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+
+from ssl_attention.query.connection import cursor
+from ssl_attention.query.errors import MissingDataError, QueryError, UnreadableFileError, first_line
+
+T = TypeVar("T")
+FileKey = tuple[int, int, int] | None
+
+READ_ATTEMPTS = 5
+
+
+def file_key(path: Path) -> FileKey:
+    """Identity of one version of a file, (inode, mtime ns, size); None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def read(path: Path, sql: str, params: dict[str, Any], fetch: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    """Run ``sql`` (with ``$path`` bound to ``path``) and ``fetch`` its result, on one file version.
+
+    DuckDB may open a file more than once in a query (parallel scans, DISTINCT over dictionaries), so a
+    query that overlaps an atomic replacement can fail ("TProtocolException: Invalid data") or, in
+    principle, mix versions. The file's (inode, mtime, size) is taken before and after: if it changed,
+    the query is run again; if not, every open saw the same version and the result is whole.
+
+    A file that fails to read without being replaced (corrupt, truncated, wrong schema, no permission)
+    raises ``UnreadableFileError`` naming the file and the first line of DuckDB's message.
+    """
+    for _ in range(READ_ATTEMPTS):
+        before = file_key(path)
+        if before is None:
+            raise MissingDataError(f"{path} is not in the warehouse (any more); refresh and retry")
+        try:
+            result = fetch(cursor().execute(sql, {**params, "path": str(path)}))
+        except duckdb.Error as exc:
+            if file_key(path) != before:
+                continue  # replaced while we read: read the new version
+            raise UnreadableFileError(f"cannot read {path}: {first_line(exc)}") from exc
+        if file_key(path) == before:
+            return result
+    raise QueryError(f"{path} was rewritten {READ_ATTEMPTS} times while being read; try again")
+
+
+def read_dicts(path: Path, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The rows as dicts (for small results: metadata, one map's statistics)."""
+
+    def fetch(cur: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    return read(path, sql, params or {}, fetch)
+
+
+def read_numpy(path: Path, sql: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The result as numpy columns (``fetchnumpy``: the cheapest way out of DuckDB for a few rows)."""
+    return read(path, sql, params or {}, lambda cur: cur.fetchnumpy())
+
+
+class VersionCache:
+    """Values derived from a file, kept per file version: a lookup ``stat``s the file and loads again only when
+    its (inode, mtime, size) changed, which an atomic replacement always changes."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, ...], tuple[FileKey, Any]] = {}
+
+    def get(self, key: tuple[str, ...], version: FileKey, load: Callable[[], T]) -> T:
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        value = load()
+        self._entries[key] = (version, value)
+        return value

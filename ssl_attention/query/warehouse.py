@@ -1,0 +1,323 @@
+"""The query API: ``open_warehouse(...)`` and its ``Warehouse``, the one class users (and the dashboard) call.
+
+Each query validates its arguments once (``_resolve``: model, method, head, layer, in that order, each error
+naming the valid values), reads one partition file (``reads``: one whole file version, identity checked
+around the read) and builds its result (``maps``, ``statistics``: reshaping only). Metadata (model rows,
+partition facts, the image catalog) is cached per file version; map queries themselves are not cached here.
+``sql`` runs over the SQL views instead (``views.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from ssl_attention.query import maps, statistics
+from ssl_attention.query.connection import views_cursor
+from ssl_attention.query.errors import (
+    EmptyWarehouseError,
+    MissingDataError,
+    QueryError,
+    UnknownNameError,
+    fill_command,
+    format_values,
+)
+from ssl_attention.query.maps import Rows
+from ssl_attention.query.metadata import PartitionFacts, model_info, read_facts, read_images, read_model_row
+from ssl_attention.query.reads import VersionCache, file_key, read_dicts, read_numpy
+from ssl_attention.query.results import (
+    AttentionMap,
+    ComparedMap,
+    Comparison,
+    HeadGrid,
+    ImageInfo,
+    LayerHeadMaps,
+    ModelInfo,
+    StatGrid,
+)
+from ssl_attention.query.selection import (
+    Selection,
+    check_depth,
+    check_head,
+    check_layer,
+    check_method,
+    check_name,
+    check_stat,
+)
+from ssl_attention.query.views import CatalogPathError
+from ssl_attention.registry import MODELS
+from ssl_attention.warehouse.paths import iter_partitions, partition_file, resolve_warehouse
+
+_EVERY_LAYER = object()  # ``_resolve``'s default: no layer asked for
+
+
+class Warehouse:
+    """Read-only queries over one warehouse root. Thread-safe; get it with ``open_warehouse``.
+
+    Errors are ``QueryError`` (a ``ValueError``) with a message fit for a user: ``UnknownNameError`` names
+    the valid values, ``MissingDataError`` says what to run, ``EmptyWarehouseError`` gives the fill command,
+    ``UnreadableFileError`` names a damaged file.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self._cache = VersionCache()
+
+    # --- what is there ----------------------------------------------------------------------------------
+
+    def is_empty(self) -> bool:
+        """True when no model has any attention maps."""
+        return not self.models()
+
+    def images(self) -> list[ImageInfo]:
+        """Catalogued images (id, file name, size, thumbnail JPEG), ordered by file name."""
+        path = self.path("images")
+        key = file_key(path)
+        if key is None:
+            return []
+        return self._cache.get(("images",), key, lambda: read_images(path))
+
+    def image_index(self) -> dict[str, ImageInfo]:
+        """``images()`` by image id."""
+        key = file_key(self.path("images"))
+        return self._cache.get(("image_index",), key, lambda: {i.image_id: i for i in self.images()})
+
+    def models(self) -> list[ModelInfo]:
+        """Models with maps in the warehouse, registry order."""
+        infos = [self._model_info(slug) for slug in self._model_slugs()]
+        return [info for info in infos if info is not None and info.methods]
+
+    def model(self, model: object) -> ModelInfo:
+        """One model with maps; an unknown one is an ``UnknownNameError`` naming the valid models."""
+        check_name("model", model)
+        info = self._model_info(model) if model in self._model_slugs() else None  # type: ignore[arg-type]
+        if info is None or not info.methods:
+            valid = [m.slug for m in self.models()]
+            if not valid:
+                raise EmptyWarehouseError(
+                    f"the warehouse at {self.root} holds no attention maps yet; fill it with: {fill_command(self.root)}"
+                )
+            raise UnknownNameError(f"unknown model {model!r}; valid models: {format_values(valid)}")
+        return info
+
+    def methods(self, model: str) -> tuple[str, ...]:
+        return self.model(model).methods
+
+    def layers(self, model: str, method: str) -> tuple[int, ...]:
+        return self._resolve(model, method).facts.layers
+
+    def heads(self, model: str, method: str) -> tuple[int, ...]:
+        """Head indices 0..H-1 of a per-head method; () for rollout, gradcam and the CNN."""
+        sel = self._resolve(model, method)
+        return tuple(range(sel.info.num_heads)) if sel.info.has_heads(sel.method) else ()
+
+    def facts(self, model: str, method: str) -> PartitionFacts:
+        """What the (model, method) maps partition holds: layers and their names, grids, heads, provenance."""
+        return self._resolve(model, method).facts
+
+    def path(self, table: str, **keys: str) -> Path:
+        """The data file of one partition of this warehouse (``warehouse.paths.partition_file``)."""
+        return partition_file(self.root, table, **keys)
+
+    # --- maps ---------------------------------------------------------------------------------------------
+
+    def map(self, image_id: str, model: str, method: str, layer: int, head: int | None = None) -> AttentionMap:
+        """One map, (grid_h, grid_w) float32; ``head=None`` is the fused map."""
+        sel = self._resolve(model, method, layer, head)
+        image_id = check_name("image_id", image_id)
+        if sel.head is None:
+            rows = self._read_maps(sel, image_id, maps.ONE_FUSED, layer=sel.layer)
+        else:
+            rows = self._read_maps(sel, image_id, maps.ONE_HEAD, layer=sel.layer, head=sel.head)
+        return maps.attention_map(sel, image_id, rows)
+
+    def head_grid(self, image_id: str, model: str, method: str, layer: int) -> HeadGrid:
+        """Fused + every head of one layer: ``maps`` (H+1, grid_h, grid_w), fused first."""
+        sel = self._resolve(model, method, layer)
+        image_id = check_name("image_id", image_id)
+        rows = self._read_maps(sel, image_id, maps.ONE_LAYER, "head NULLS FIRST", layer=sel.layer)
+        return maps.head_grid(sel, image_id, rows)
+
+    def layer_head_maps(self, image_id: str, model: str, method: str) -> LayerHeadMaps:
+        """All layers x (fused + heads): ``maps`` (L, H+1, grid_h, grid_w) (``per_layer`` for Grad-CAM)."""
+        sel = self._resolve(model, method)
+        image_id = check_name("image_id", image_id)
+        rows = self._read_maps(sel, image_id, maps.ALL_LAYERS, "layer, head NULLS FIRST")
+        return maps.layer_head_maps(sel, image_id, rows)
+
+    def compare_models(
+        self,
+        image_id: str,
+        depth: float = 1.0,
+        methods: dict[str, str] | None = None,
+        models: list[str] | None = None,
+    ) -> Comparison:
+        """One image's fused map in every model at relative depth 0..1 (layer round(depth * (L-1))).
+
+        Per model the method is ``methods[model]`` if given, else the model's default (``ModelInfo.
+        default_method``). Models that lack the image are listed in ``missing`` rather than failing.
+        """
+        depth = check_depth(depth)
+        image_id = check_name("image_id", image_id)
+        methods = dict(methods or {})
+        wanted = models if models is not None else [m.slug for m in self.models()]
+        infos = [self.model(m) for m in wanted]
+        for slug in methods:
+            if slug not in {i.slug for i in infos}:
+                raise QueryError(f"methods names model {slug!r}, which is not compared ({format_values(wanted)})")
+        if image_id not in self.image_index():
+            raise self._missing_image(image_id, infos[0].slug if infos else "")
+        entries, missing = [], {}
+        for info in infos:
+            sel = self._resolve(info.slug, methods.get(info.slug, info.default_method))
+            layer = maps.layer_at_depth(sel.facts.layers, depth)
+            try:
+                found = self.map(image_id, info.slug, sel.method, layer)
+            except MissingDataError as exc:  # this model has not seen the image: show the others
+                missing[info.slug] = str(exc)
+                continue
+            own_depth = maps.relative_depth(sel.facts.layers, layer)
+            entries.append(ComparedMap(info.slug, sel.method, layer, own_depth, found))
+        return Comparison(image_id=image_id, depth=depth, entries=tuple(entries), missing=missing)
+
+    def input_image(self, image_id: str, model: str) -> bytes:
+        """What the model saw (after its preprocessing), as JPEG bytes."""
+        info = self.model(model)
+        image_id = check_name("image_id", image_id)
+        path = self.path("inputs", model=info.slug)
+        rows = read_dicts(path, maps.INPUT_SQL, {"image_id": image_id}) if path.is_file() else []
+        if not rows:
+            raise self._missing_image(image_id, info.slug)
+        return bytes(rows[0]["jpeg"])
+
+    # --- statistics -------------------------------------------------------------------------------------
+
+    def stat_grid(self, model: str, method: str, stat: str, image_id: str | None = None) -> StatGrid:
+        """One statistic over layers x (fused + heads), of one image or averaged over all (None)."""
+        sel = self._resolve(model, method)
+        stat = check_stat(stat)
+        path = self._stats_file(sel)
+        if image_id is None:
+            return statistics.stat_grid(sel, stat, None, read_numpy(path, statistics.stat_grid_sql(stat, False)))
+        image_id = check_name("image_id", image_id)
+        result = read_numpy(path, statistics.stat_grid_sql(stat, True), {"image_id": image_id})
+        if len(result["layer"]) == 0:
+            raise self._missing_image(image_id, sel.model, sel.method)
+        return statistics.stat_grid(sel, stat, image_id, result)
+
+    def head_statistics(
+        self, image_id: str, model: str, method: str, layer: int, head: int | None = None
+    ) -> dict[str, float | None]:
+        """All statistics of one map (``head=None``: the fused map; see docs/sql.md for the formulas)."""
+        sel = self._resolve(model, method, layer, head)
+        image_id = check_name("image_id", image_id)
+        params: dict[str, object] = {"image_id": image_id, "layer": sel.layer}
+        if sel.head is not None:
+            params["head"] = sel.head
+        rows = read_dicts(self._stats_file(sel), statistics.head_statistics_sql(sel.head is None), params)
+        if not rows:
+            raise self._missing_image(image_id, sel.model, sel.method)
+        return rows[0]
+
+    # --- ad-hoc SQL ---------------------------------------------------------------------------------------
+
+    def sql(self, query: str, params: dict[str, Any] | list[Any] | None = None) -> pa.Table:
+        """Run ``query`` over this warehouse's views (``images``, ``attention_maps``, ``head_stats``,
+        ``models``, ``inputs``, ``errors``, ``methods``, ``attention_cells``, ``map_cells(...)``; docs/sql.md)
+        and return an Arrow table. Bind values as ``$name``/``?`` parameters, never by formatting them into
+        the text. Unlike ``ssl-attention sql`` this is not sandboxed: it is for code you write yourself.
+        """
+        try:
+            cur = views_cursor(self.root)
+        except CatalogPathError as exc:
+            raise QueryError(f"cannot make SQL views of this warehouse: {exc}") from None
+        try:
+            return cur.sql(query, params=params).to_arrow_table()
+        except duckdb.Error as exc:
+            raise QueryError(f"SQL failed: {str(exc).strip().splitlines()[0]}") from exc
+
+    # --- metadata, validation and reads -------------------------------------------------------------------
+
+    def _model_slugs(self) -> list[str]:
+        """Models with a models row, registry order first."""
+        found = {p.keys["model"] for p in iter_partitions(self.root, "models")}
+        return [m for m in MODELS if m in found] + sorted(found - set(MODELS))
+
+    def _model_info(self, slug: str) -> ModelInfo | None:
+        path = self.path("models", model=slug)
+        key = file_key(path)
+        if key is None:
+            return None
+        row = self._cache.get(("model_row", slug), key, lambda: read_model_row(path))
+        if row is None:
+            return None
+        available = tuple(m for m in row["methods"] if self.path("attention_maps", model=slug, method=m).is_file())
+        return model_info(slug, row, available)
+
+    def _facts(self, model: str, method: str) -> PartitionFacts:
+        path = self.path("attention_maps", model=model, method=method)
+        key = file_key(path)
+        if key is None:
+            raise MissingDataError(f"no {model}/{method} maps in the warehouse at {self.root}")
+        return self._cache.get(("facts", model, method), key, lambda: read_facts(path))
+
+    def _resolve(self, model: object, method: object, layer: object = _EVERY_LAYER, head: object = None) -> Selection:
+        """The one validation of (model, method[, layer][, head]) every query goes through, in that order of
+        checks: model, method, head, layer. ``head=None`` is the fused map; a layer not given is every layer."""
+        info = self.model(model)
+        method = check_method(info, method)
+        head = check_head(info, method, head)
+        facts = self._facts(info.slug, method)
+        index = None if layer is _EVERY_LAYER else check_layer(info, method, facts, layer)
+        path = self.path("attention_maps", model=info.slug, method=method)
+        return Selection(info, method, facts, path, index, head)
+
+    def _read_maps(self, sel: Selection, image_id: str, where: str, order: str = "", **params: object) -> Rows:
+        """The selection's map rows of one image (``where``: one of ``maps``' filters); none is an error."""
+        rows = Rows(read_numpy(sel.path, maps.map_sql(sel.facts, where, order), {"image_id": image_id, **params}))
+        if rows.num_rows == 0:
+            raise self._missing_image(image_id, sel.model, sel.method)
+        return rows
+
+    def _stats_file(self, sel: Selection) -> Path:
+        path = self.path("head_stats", model=sel.model, method=sel.method)
+        if not path.is_file():
+            raise MissingDataError(
+                f"no head statistics for {sel.model}/{sel.method} yet; materialize the head_stats asset "
+                f"(or call ssl_attention.stats.write_head_stats) for {sel.model}"
+            )
+        return path
+
+    def _missing_image(self, image_id: str, model: str, method: str | None = None) -> QueryError:
+        """The error for an image that returned no rows: unknown, or known but not extracted here."""
+        index = self.image_index()
+        if image_id not in index:
+            shown = [f"{i.image_id} ({i.file_name})" for i in list(index.values())[:5]]
+            more = f", … ({len(index)} images; list them with images())" if len(index) > 5 else ""
+            valid = ", ".join(shown) if shown else "(none: the images table is empty)"
+            return UnknownNameError(f"unknown image {image_id!r}; valid images: {valid}{more}")
+        where = f"{model}/{method}" if method else model
+        return MissingDataError(
+            f"image {image_id} ({index[image_id].file_name}) has no {where} data yet; "
+            f"run the extraction for {model}: {fill_command(self.root)} --models {model}"
+        )
+
+
+_warehouses: dict[Path, Warehouse] = {}
+_warehouses_lock = threading.Lock()
+
+
+def open_warehouse(location: str | os.PathLike[str] | None = None) -> Warehouse:
+    """The process-wide ``Warehouse`` of ``location`` (``--warehouse`` value, else ``$SSL_ATTENTION_WAREHOUSE``,
+    else ``data/warehouse``). A missing or empty warehouse opens fine and answers with empty lists."""
+    root = resolve_warehouse(location)
+    with _warehouses_lock:
+        warehouse = _warehouses.get(root)
+        if warehouse is None:
+            warehouse = _warehouses[root] = Warehouse(root)
+    return warehouse
