@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from ssl_attention.alignment.geometry import InputTransform, observed_transform
 from ssl_attention.images import (
     DEFAULT_MAX_PIXELS,
     Catalog,
@@ -300,7 +301,10 @@ def extract_model(
                         report.preview_input = display[0]
                     if pending is not None:
                         pending.result()
-                    pending = pool.submit(_write_batch, adapter, blocks, ids, display, writers, report)
+                    transforms = [
+                        observed_transform(adapter.preprocess, r.width, r.height, *display.shape[1:3]) for r in loaded
+                    ]
+                    pending = pool.submit(_write_batch, adapter, blocks, ids, display, transforms, writers, report)
                     report.images_extracted += len(loaded)
                     del pixel_values
                 if progress is not None:
@@ -400,6 +404,7 @@ def _write_batch(
     blocks: dict[str, list[MapBlock]],
     ids: list[str],
     display: np.ndarray,
+    transforms: list[InputTransform],
     writers: dict[str, PartitionWriter],
     report: ModelRunReport,
 ) -> None:
@@ -417,7 +422,7 @@ def _write_batch(
             )
             writers[method].write(table)  # one image per call; the writer clusters by image_id on commit
             report.rows_extracted += table.num_rows
-    writers["inputs"].write(input_rows(ids, display, adapter.provenance.weights_id))
+    writers["inputs"].write(input_rows(ids, display, adapter.provenance.weights_id, transforms))
 
 
 def _preview(blocks: dict[str, list[MapBlock]]) -> dict[str, np.ndarray]:

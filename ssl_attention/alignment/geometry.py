@@ -365,3 +365,19 @@ def feature_targets(regions: Any, transform: InputTransform, grid_h: int, grid_w
         visible_fraction=seen / full if full > 0 else 0.0,
         scored=seen > 0,
     )
+
+
+def observed_transform(preprocess: Any, width: int, height: int, input_h: int, input_w: int) -> InputTransform:
+    """The transform of a (width, height) image that came out of ``preprocess`` at (input_h, input_w).
+
+    ``input_transform`` of the processor's settings when its output size is the one observed; otherwise the
+    size was set for this call (a per-image resolution: resize to the size asked for, no crop) and the
+    transform is the plain resize to (input_w, input_h). Settings this module does not understand also
+    fall back to the plain resize, which is exact for every preprocessing without a crop."""
+    try:
+        transform = input_transform(preprocess, width, height)
+    except ValueError:
+        transform = None
+    if transform is not None and (transform.input_h, transform.input_w) == (input_h, input_w):
+        return transform
+    return InputTransform(input_w / width, input_h / height, 0, 0, input_w, input_h)

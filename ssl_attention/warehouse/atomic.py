@@ -130,6 +130,9 @@ class PartitionWriter:
             raise RuntimeError("writer is closed")
         if table.num_rows == 0:
             return
+        for column in self.schema:  # a nullable column added since an older file was written: NULL
+            if column.name not in table.column_names and column.nullable:
+                table = table.append_column(column, pa.nulls(table.num_rows, column.type))
         table = table.select(self.schema.names).cast(self.schema)
         for part in self._split_by_key(table):
             self._writer.write_table(part, row_group_size=max(part.num_rows, 1))

@@ -64,7 +64,10 @@ TABLES: dict[str, tuple[str, ...]] = {
     "head_stats": ("model", "method"),
     "models": ("model",),  # one row of model facts
     "inputs": ("model",),  # each model's input image, as it saw it
-    "errors": ("source",),  # source: "catalog" or a model slug
+    "errors": ("source",),  # source: "catalog", "annotations" or a model slug
+    "annotations": (),  # regions of the annotation file, in original-image pixels
+    "alignment": ("model", "method"),  # every map (and two baselines) scored against every feature
+    "head_ranking": ("model", "method"),  # aggregates of alignment, with bootstrap CIs (stored)
 }
 """Every warehouse table and its partition keys, outermost first (the views are made in this order)."""
 

@@ -44,6 +44,12 @@ INPUTS = pa.schema(
         pa.field("input_w", pa.int16(), nullable=False),
         pa.field("jpeg", pa.binary(), nullable=False),  # the preprocessed input, de-normalised, as JPEG
         pa.field("weights_id", pa.string(), nullable=False),
+        # the geometry of the preprocessing (alignment.geometry.InputTransform): a point x of the original
+        # image (after EXIF orientation) lands at x * scale_x - crop_left in the input; NULL in older files
+        pa.field("scale_x", pa.float64()),
+        pa.field("scale_y", pa.float64()),
+        pa.field("crop_left", pa.int32()),
+        pa.field("crop_top", pa.int32()),
     ]
 )
 
@@ -123,6 +129,75 @@ HEAD_STATS = pa.schema(
     ]
 )
 
+ANNOTATIONS = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("file_name", pa.string(), nullable=False),  # the catalogue's name, relative to the images folder
+        pa.field("region_id", pa.int32(), nullable=False),  # position among the image's entries in the file
+        pa.field("feature", pa.string(), nullable=False),
+        pa.field("feature_id", pa.int32(), nullable=False),  # COCO category id or WikiChurches meta index
+        pa.field("parent_features", pa.list_(pa.string()), nullable=False),  # every ancestor, nearest first
+        pa.field("x0", pa.float64(), nullable=False),  # original-image pixels after EXIF orientation
+        pa.field("y0", pa.float64(), nullable=False),
+        pa.field("x1", pa.float64(), nullable=False),
+        pa.field("y1", pa.float64(), nullable=False),
+        pa.field("polygon", pa.list_(pa.list_(pa.float64()))),  # COCO polygons [x1, y1, x2, y2, ...], same pixels
+        pa.field("source_file", pa.string(), nullable=False),  # the annotation file's name
+        pa.field("source_hash", pa.string(), nullable=False),  # SHA-256 of its bytes
+        pa.field("format", pa.string(), nullable=False),  # coco | wikichurches
+        pa.field("loaded_at", TIMESTAMP, nullable=False),
+    ]
+)
+
+ALIGNMENT = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("head", pa.int16()),  # NULL = the fused map (and the baselines)
+        pa.field("map_kind", pa.string(), nullable=False),  # map | uniform | centre_gaussian
+        pa.field("feature", pa.string(), nullable=False),  # "all" = the union of every region of the image
+        pa.field("grid_h", pa.int16(), nullable=False),
+        pa.field("grid_w", pa.int16(), nullable=False),
+        pa.field("num_regions", pa.int32(), nullable=False),
+        # the metrics (formulas: docs/sql.md); NULL when every region lies outside the model's view
+        pa.field("iou_50", pa.float64()),
+        pa.field("iou_75", pa.float64()),
+        pa.field("iou_90", pa.float64()),
+        pa.field("iou_95", pa.float64()),
+        pa.field("coverage", pa.float64()),
+        pa.field("pointing_hit", pa.bool_()),
+        pa.field("kl", pa.float64()),
+        pa.field("mse", pa.float64()),
+        pa.field("area_fraction", pa.float64(), nullable=False),  # union area in the view / view area
+        pa.field("visible_fraction", pa.float64(), nullable=False),  # union in the view / union before the crop
+        pa.field("weights_id", pa.string(), nullable=False),  # of the maps scored
+        pa.field("maps_extracted_at", TIMESTAMP, nullable=False),  # of the image's maps: a re-extraction rescores
+        pa.field("targets_hash", pa.string(), nullable=False),  # the image's regions and transform
+        pa.field("annotations_hash", pa.string(), nullable=False),  # the annotation file's SHA-256
+        pa.field("computed_at", TIMESTAMP, nullable=False),
+    ]
+)
+
+HEAD_RANKING = pa.schema(
+    [
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("feature", pa.string(), nullable=False),
+        pa.field("map_kind", pa.string(), nullable=False),
+        pa.field("head", pa.int16()),  # NULL for the fused map and the baselines
+        pa.field("entry", pa.string(), nullable=False),  # "head 3" | "fused" | "uniform" | "centre_gaussian"
+        pa.field("n_images", pa.int32(), nullable=False),  # images with a score
+        pa.field("mean", pa.float64()),
+        pa.field("median", pa.float64()),
+        pa.field("ci_low", pa.float64()),  # seeded percentile bootstrap of the mean, 95 %
+        pa.field("ci_high", pa.float64()),
+        pa.field("higher_is_better", pa.bool_(), nullable=False),  # false for kl and mse
+        pa.field("rank", pa.int32()),  # 1 = best mean among every entry of (layer, metric, feature)
+        pa.field("head_rank", pa.int32()),  # the same among the heads only (NULL for the others)
+        pa.field("computed_at", TIMESTAMP, nullable=False),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "attention_maps": ATTENTION_MAPS,
     "head_stats": HEAD_STATS,
@@ -130,4 +205,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "models": MODELS,
     "images": IMAGES,
     "errors": ERRORS,
+    "annotations": ANNOTATIONS,
+    "alignment": ALIGNMENT,
+    "head_ranking": HEAD_RANKING,
 }

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ssl_attention.alignment.geometry import InputTransform
 from ssl_attention.images import Catalog, ImageIssue
 from ssl_attention.methods.blocks import MapBlock
 from ssl_attention.models.weights import Provenance
@@ -100,9 +101,12 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def input_rows(image_ids: Sequence[str], display: np.ndarray, weights_id: str) -> pa.Table:
-    """display: (B, H, W, 3) uint8, what the model saw."""
+def input_rows(
+    image_ids: Sequence[str], display: np.ndarray, weights_id: str, transforms: Sequence[InputTransform] = ()
+) -> pa.Table:
+    """display: (B, H, W, 3) uint8, what the model saw; ``transforms``: each image's geometry (NULL if not given)."""
     batch, height, width, _ = display.shape
+    given = list(transforms) or [None] * batch
     return pa.table(
         {
             "image_id": pa.array(list(image_ids), pa.string()),
@@ -110,6 +114,15 @@ def input_rows(image_ids: Sequence[str], display: np.ndarray, weights_id: str) -
             "input_w": pa.array([width] * batch, pa.int16()),
             "jpeg": pa.array([encode_jpeg(img) for img in display], pa.binary()),
             "weights_id": pa.array([weights_id] * batch, pa.string()),
+            **{
+                name: pa.array([getattr(t, name) if t is not None else None for t in given], kind)
+                for name, kind in (
+                    ("scale_x", pa.float64()),
+                    ("scale_y", pa.float64()),
+                    ("crop_left", pa.int32()),
+                    ("crop_top", pa.int32()),
+                )
+            },
         },
         schema=schema.INPUTS,
     )
