@@ -16,11 +16,13 @@ from pathlib import Path
 
 import duckdb
 
+from ssl_attention.alignment.metrics import METRIC_COLUMNS
+from ssl_attention.alignment.ranking import LOWER_IS_BETTER
 from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.paths import TABLES, has_partitions, table_glob
 
-DERIVED_VIEWS = ("methods", "attention_cells")
+DERIVED_VIEWS = ("methods", "attention_cells", "head_feature_matrix", "exemplars")
 MACROS = ("map_cells",)
 
 _GLOB_CHARACTERS = set("*?[]{}")
@@ -95,6 +97,31 @@ def _models_view(source: str) -> str:
 FROM {source} AS m LEFT JOIN {_registry_models()} USING (model)"""
 
 
+def _head_feature_matrix_view() -> str:
+    """head_ranking without the "all" feature: one row per (model, method, layer, metric, entry, feature), with
+    the entry's rank among the features (1 = the feature it scores best on: its specialisation)."""
+    lower = ", ".join(quote_literal(m) for m in sorted(LOWER_IS_BETTER))
+    return f"""SELECT model, method, layer, metric, entry, map_kind, head, feature, n_images, mean, ci_low, ci_high,
+    head_rank,
+    CAST(rank() OVER (PARTITION BY model, method, layer, metric, entry
+        ORDER BY CASE WHEN metric IN ({lower}) THEN mean ELSE -mean END NULLS LAST) AS INTEGER) AS feature_rank
+FROM head_ranking WHERE feature <> 'all'"""
+
+
+def _exemplars_view() -> str:
+    """alignment's map rows unpivoted to (metric, value), each image ranked within its map and feature, best
+    first (lowest for kl and mse; ties by image id); unscored rows (NULL) are left out."""
+    lower = ", ".join(quote_literal(m) for m in sorted(LOWER_IS_BETTER))
+    metrics = ", ".join(quote_ident(m) for m in METRIC_COLUMNS)
+    casts = ", ".join(f"CAST({quote_ident(m)} AS DOUBLE) AS {quote_ident(m)}" for m in METRIC_COLUMNS)
+    return f"""SELECT model, method, layer, head, feature, metric, image_id, file_name, value,
+    CAST(row_number() OVER (PARTITION BY model, method, layer, head, feature, metric
+        ORDER BY CASE WHEN metric IN ({lower}) THEN value ELSE -value END, image_id) AS INTEGER) AS image_rank
+FROM (UNPIVOT (SELECT model, method, image_id, layer, head, feature, {casts} FROM alignment WHERE map_kind = 'map')
+    ON {metrics} INTO NAME metric VALUE value)
+LEFT JOIN (SELECT image_id, file_name FROM images) USING (image_id)"""
+
+
 def view_statements(root: Path, present: dict[str, bool]) -> list[str]:
     """CREATE OR REPLACE statements for every view and macro, in dependency order; ``present`` says which
     tables have files (the others get empty typed views)."""
@@ -115,6 +142,8 @@ def view_statements(root: Path, present: dict[str, bool]) -> list[str]:
 SELECT model, method, image_id, layer, head, grid_h, grid_w, {cell}, value
 FROM ({unnested} FROM attention_maps)"""
     )
+    statements.append(f"CREATE OR REPLACE VIEW head_feature_matrix AS {_head_feature_matrix_view()}")
+    statements.append(f"CREATE OR REPLACE VIEW exemplars AS {_exemplars_view()}")
     statements.append(
         f"""CREATE OR REPLACE MACRO map_cells(p_model, p_method, p_image_id, p_layer, p_head := NULL) AS TABLE
 SELECT {cell}, value

@@ -17,7 +17,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from ssl_attention.query import maps, statistics
+from ssl_attention.query import alignment, maps, statistics
+from ssl_attention.query.alignment import HeadFeatureMatrix, read_arrow
 from ssl_attention.query.connection import views_cursor
 from ssl_attention.query.errors import (
     EmptyWarehouseError,
@@ -224,11 +225,93 @@ class Warehouse:
             raise self._missing_image(image_id, sel.model, sel.method)
         return rows[0]
 
+    # --- alignment with annotations ----------------------------------------------------------------------
+
+    def alignment_features(self, model: str, method: str) -> tuple[str, ...]:
+        """Features scored for (model, method): ``all`` and every annotated feature, sorted."""
+        sel = self._resolve(model, method)
+        return self._features(sel)
+
+    def head_ranking(
+        self, model: str, method: str, layer: int, metric: str = "iou_50", feature: str = "all"
+    ) -> pa.Table:
+        """Every head, the fused map and the two baselines of one layer, ranked by their mean ``metric`` over the
+        annotated images for ``feature`` (best first): entry, n_images, mean, median, 95 % bootstrap CI, rank,
+        head_rank (docs/sql.md, "Alignment")."""
+        sel, metric, feature = self._resolve_alignment(model, method, layer, metric, feature)
+        params = {"layer": sel.layer, "metric": metric, "feature": feature}
+        return read_arrow(self._ranking_file(sel), alignment.RANKING_SQL, params)
+
+    def head_feature_matrix(self, model: str, method: str, layer: int, metric: str = "iou_50") -> HeadFeatureMatrix:
+        """Mean ``metric`` per entry (heads, fused, baselines) x feature of one layer."""
+        sel, metric, _ = self._resolve_alignment(model, method, layer, metric, "all")
+        rows = read_dicts(self._ranking_file(sel), alignment.MATRIX_SQL, {"layer": sel.layer, "metric": metric})
+        return alignment.head_feature_matrix(sel.model, sel.method, int(sel.layer or 0), metric, rows)
+
+    def exemplars(
+        self,
+        model: str,
+        method: str,
+        layer: int,
+        head: int | None,
+        feature: str = "all",
+        metric: str = "iou_50",
+        limit: int = 5,
+    ) -> pa.Table:
+        """The images where one map (``head=None``: the fused map) scores best on ``metric`` for ``feature``,
+        best first: image_id, file_name, value, coverage, iou_50, area and visible fractions."""
+        sel, metric, feature = self._resolve_alignment(model, method, layer, metric, feature, head)
+        limit = alignment.check_limit(limit)
+        params: dict[str, object] = {"layer": sel.layer, "feature": feature, "limit": limit}
+        if sel.head is not None:
+            params["head"] = sel.head
+        path = self._alignment_file(sel)
+        table = read_arrow(path, alignment.exemplars_sql(metric, sel.head is None), params)
+        index = self.image_index()
+        names = pa.array([index[i].file_name if i in index else None for i in table["image_id"].to_pylist()])
+        return table.add_column(1, "file_name", names)
+
+    def _resolve_alignment(
+        self, model: object, method: object, layer: object, metric: object, feature: object, head: object = None
+    ) -> tuple[Selection, str, str]:
+        """``_resolve`` (model, method, head, layer), then the metric and the feature, in that order."""
+        sel = self._resolve(model, method, layer, head)
+        metric = alignment.check_metric(metric)
+        feature = alignment.check_feature(feature, self._features(sel), f"{sel.model}/{sel.method}")
+        return sel, metric, feature
+
+    def _features(self, sel: Selection) -> tuple[str, ...]:
+        path = self._ranking_file(sel)
+        key = file_key(path)
+        rows = self._cache.get(
+            ("features", sel.model, sel.method), key, lambda: read_dicts(path, alignment.FEATURES_SQL)
+        )
+        return tuple(str(r["feature"]) for r in rows)
+
+    def _alignment_file(self, sel: Selection) -> Path:
+        path = self.path("alignment", model=sel.model, method=sel.method)
+        if not path.is_file():
+            raise MissingDataError(
+                f"no alignment for {sel.model}/{sel.method} yet; run with annotations: "
+                f"{fill_command(self.root)} --models {sel.model} --annotations FILE"
+            )
+        return path
+
+    def _ranking_file(self, sel: Selection) -> Path:
+        self._alignment_file(sel)
+        path = self.path("head_ranking", model=sel.model, method=sel.method)
+        if not path.is_file():
+            raise MissingDataError(
+                f"no head ranking for {sel.model}/{sel.method} yet; materialize the alignment asset for {sel.model}"
+            )
+        return path
+
     # --- ad-hoc SQL ---------------------------------------------------------------------------------------
 
     def sql(self, query: str, params: dict[str, Any] | list[Any] | None = None) -> pa.Table:
         """Run ``query`` over this warehouse's views (``images``, ``attention_maps``, ``head_stats``,
-        ``models``, ``inputs``, ``errors``, ``methods``, ``attention_cells``, ``map_cells(...)``; docs/sql.md)
+        ``models``, ``inputs``, ``errors``, ``annotations``, ``alignment``, ``head_ranking``, ``methods``,
+        ``attention_cells``, ``head_feature_matrix``, ``exemplars``, ``map_cells(...)``; docs/sql.md)
         and return an Arrow table. Bind values as ``$name``/``?`` parameters, never by formatting them into
         the text. Unlike ``ssl-attention sql`` this is not sandboxed: it is for code you write yourself.
         """
