@@ -154,7 +154,7 @@ def head_stats(context: dg.AssetExecutionContext, extraction: ExtractionSettings
 
 
 @dg.asset(
-    deps=[images, head_stats],
+    deps=[images, head_stats, dg.AssetKey("alignment")],
     kinds={"duckdb"},
     group_name="analysis",
     description="attention.duckdb in the warehouse: DuckDB views over every Parquet table, for any client.",

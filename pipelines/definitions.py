@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from pipelines.alignment_assets import alignment, annotations
 from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
 from pipelines.jobs import extraction_job
 from pipelines.resources import ExtractionSettings
@@ -13,7 +14,7 @@ from ssl_attention.settings import environment_fields
 extraction_settings = ExtractionSettings(**{field: dg.EnvVar(var) for field, var in environment_fields().items()})
 
 defs = dg.Definitions(
-    assets=[images, attention_maps, head_stats, warehouse_catalog],
+    assets=[images, attention_maps, head_stats, warehouse_catalog, annotations, alignment],
     jobs=[extraction_job],
     sensors=[new_images_sensor],
     resources={"extraction": extraction_settings},

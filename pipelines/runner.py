@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
+from pipelines.alignment_assets import alignment, annotations
 from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
 from pipelines.resources import ExtractionSettings
 from ssl_attention.processes import pid_alive
 
-ALL_ASSETS = [images, attention_maps, head_stats, warehouse_catalog]
+ALL_ASSETS = [images, attention_maps, head_stats, warehouse_catalog, annotations, alignment]
 # The CLI prints its own summary; Dagster's console logger would add stack traces for failed steps.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 PID_TAG, HOST_TAG = "ssl_attention/pid", "ssl_attention/host"
@@ -32,6 +33,7 @@ class ModelOutcome:
     error: str | None = None
     metadata: dict[str, object] = field(default_factory=dict)
     checks_failed: list[str] = field(default_factory=list)
+    alignment: dict[str, object] = field(default_factory=dict)  # metadata of the alignment asset, when it ran
 
 
 @dataclass
@@ -40,12 +42,16 @@ class RunOutcome:
     models: list[ModelOutcome]
     images_error: str | None = None
     duckdb_catalog_error: str | None = None
+    annotations: dict[str, object] = field(default_factory=dict)  # metadata of the annotations asset, when set
+    annotations_error: str | None = None
+    annotations_warnings: list[str] = field(default_factory=list)  # checks that warn (bad entries were skipped)
 
     @property
     def success(self) -> bool:
         return (
             self.images_error is None
             and self.duckdb_catalog_error is None
+            and self.annotations_error is None
             and all(m.success and not m.checks_failed for m in self.models)
         )
 
@@ -97,7 +103,8 @@ def run_extraction(
     quiet: bool = True,
     on_model_done: Callable[[ModelOutcome], None] | None = None,
 ) -> RunOutcome:
-    """Catalog, then each model's partition (a failing model does not stop the others), then the catalog."""
+    """Catalog, then the annotations (when set), then each model's partition with its alignment (a failing
+    model does not stop the others), then the DuckDB catalog."""
     instance = instance or instance_for_cli()
     if instance.is_persistent:
         reap_dead_cli_runs(instance)
@@ -124,18 +131,36 @@ def run_extraction(
         folder = settings.images_path()
         skipped = found.get("images_skipped", 0)
         return RunOutcome(images=found, models=[], images_error=f"no usable images in {folder} ({skipped} skipped)")
+    annotated: dict[str, object] = {}
+    annotations_error, annotations_warnings = None, []
+    per_model = [attention_maps, head_stats]
+    if settings.annotations.strip():  # the annotation file once, then alignment with each model
+        labels = materialize([annotations])
+        annotations_error = _failure(labels)
+        annotated = _metadata(labels, "annotations")
+        annotations_warnings = [e.check_name for e in labels.get_asset_check_evaluations() if not e.passed]
+        if annotations_error is None:
+            per_model = [attention_maps, head_stats, alignment]
     outcomes = []
     for model in models:
-        result = materialize([attention_maps, head_stats], partition_key=model)
+        result = materialize(per_model, partition_key=model)
         outcome = ModelOutcome(
             model=model,
             success=result.success,
             error=_failure(result),
             metadata=_metadata(result, "attention_maps"),
             checks_failed=[e.check_name for e in result.get_asset_check_evaluations() if not e.passed],
+            alignment=_metadata(result, "alignment"),
         )
         outcomes.append(outcome)
         if on_model_done is not None:
             on_model_done(outcome)
     final = materialize([warehouse_catalog])
-    return RunOutcome(images=_metadata(catalog, "images"), models=outcomes, duckdb_catalog_error=_failure(final))
+    return RunOutcome(
+        images=_metadata(catalog, "images"),
+        models=outcomes,
+        duckdb_catalog_error=_failure(final),
+        annotations=annotated,
+        annotations_error=annotations_error,
+        annotations_warnings=annotations_warnings,
+    )

@@ -77,7 +77,15 @@ def _model_list(value: Any) -> Any:
     return tuple(parse_model_list(value)) if isinstance(value, str) else value
 
 
+def check_annotations_file(location: str) -> str:
+    """Empty (no annotations), or an existing file (a path or a file:// URL)."""
+    if location.strip() and not local_path(location, "annotation file").is_file():
+        raise ValueError(f"annotation file {location!r} does not exist (give a COCO or WikiChurches JSON file)")
+    return location
+
+
 Device = Annotated[str, AfterValidator(check_device)]
+Annotations = Annotated[str, AfterValidator(check_annotations_file)]
 Checkpoints = Annotated[list[str], AfterValidator(_check_checkpoints)]
 ModelList = Annotated[tuple[str, ...], BeforeValidator(_model_list)]
 
@@ -112,12 +120,21 @@ class ExtractionFields(BaseModel):
         default=DEFAULT_MAX_PIXELS, ge=1, description="Images with more pixels are skipped (decompression bombs)."
     )
     recompute: bool = Field(default=False, description="Recompute images already extracted with these weights.")
+    annotations: Annotations = Field(
+        default="",
+        description="Annotation file (COCO instances JSON or WikiChurches building_parts.json): every map is "
+        "scored against its regions (tables annotations, alignment, head_ranking); empty: no alignment.",
+    )
 
     def images_path(self) -> Path:
         return resolve_images(self.images_dir)
 
     def warehouse_path(self) -> Path:
         return resolve_warehouse(self.warehouse)
+
+    def annotations_path(self) -> Path | None:
+        """The annotation file as an absolute path, or None when none is set."""
+        return local_path(self.annotations, "annotation file") if self.annotations.strip() else None
 
     def checkpoint_dirs(self) -> dict[str, Path]:
         return parse_checkpoints(self.checkpoints, list(MODELS))

@@ -18,7 +18,13 @@ from ssl_attention.settings import Settings, describe_errors
 from ssl_attention.warehouse.paths import WarehouseLocationError
 
 FLAGS = {"images_dir": "--images", "checkpoints": "--checkpoint"}  # settings field -> flag, where they differ
-METAVARS = {"images_dir": "DIR", "warehouse": "DIR", "checkpoints": "MODEL=DIR", "models": "LIST"}
+METAVARS = {
+    "images_dir": "DIR",
+    "warehouse": "DIR",
+    "checkpoints": "MODEL=DIR",
+    "models": "LIST",
+    "annotations": "FILE",
+}
 
 
 def flag(field: str) -> str:
@@ -92,6 +98,12 @@ def main(args: argparse.Namespace) -> int:
             f" {float(md.get('seconds', 0.0)):.1f}s  [{md.get('weights', '')}]"
         )
         print(line)
+        if outcome.alignment:
+            scored, rows = (
+                outcome.alignment.get("maps_scored_this_run", 0),
+                outcome.alignment.get("dagster/row_count", 0),
+            )
+            print(f"  {'':9s} alignment: {scored} maps scored, {rows} rows")
         if outcome.checks_failed:
             print(f"  {'':9s} data checks FAILED: {', '.join(outcome.checks_failed)}")
 
@@ -102,6 +114,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"ssl-attention: error: {result.images_error}", file=sys.stderr)
         return 1
     print(f"images: {result.images.get('images_found', 0)} usable, {result.images.get('images_skipped', 0)} skipped")
+    if result.annotations_error:
+        print(f"annotations FAILED: {result.annotations_error}", file=sys.stderr)
+    elif result.annotations:
+        regions, errors = result.annotations.get("dagster/row_count", 0), result.annotations.get("errors", 0)
+        print(f"annotations: {regions} regions on {result.annotations.get('images_annotated', 0)} images, "
+              f"{errors} unusable entries (errors table, source annotations)")  # fmt: skip
+        if result.annotations_warnings:
+            print(f"  annotation checks warn: {', '.join(result.annotations_warnings)}")
     _print_skipped(warehouse)
     failed = [m.model for m in result.models if not m.success]
     maps = sum(int(m.metadata.get("rows_extracted_this_run", 0)) for m in result.models)
