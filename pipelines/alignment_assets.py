@@ -25,7 +25,7 @@ from ssl_attention.alignment.compute import FEATURE_ALL, AlignmentReport, write_
 from ssl_attention.alignment.store import NoCatalogError, write_annotations
 from ssl_attention.registry import METHODS
 from ssl_attention.render import head_grid_png
-from ssl_attention.validation import merge_outcomes
+from ssl_attention.validation import CheckOutcome, merge_outcomes
 from ssl_attention.warehouse.paths import Partition, WarehouseLocationError, iter_partitions, partition_file
 
 BEST_HEAD_METRIC = "iou_50"
@@ -57,8 +57,12 @@ def annotations(context: dg.AssetExecutionContext, extraction: ExtractionSetting
         path = extraction.annotations_path()
     except WarehouseLocationError as exc:
         raise dg.Failure(description=str(exc)) from None
-    if path is None:
-        raise dg.Failure(description="no annotation file set: give the `annotations` setting (--annotations FILE)")
+    if path is None:  # the extraction job includes this asset: without a file, nothing changes
+        context.log.info("no annotation file set (setting `annotations`, --annotations FILE): nothing to read")
+        return dg.MaterializeResult(
+            metadata={"skipped": dg.MetadataValue.text("no annotation file set; the warehouse is unchanged")},
+            check_results=_vacuous(ANNOTATION_CHECKS, "no annotation file set: no region to check"),
+        )
     try:
         report = write_annotations(warehouse, path)
     except (AnnotationFormatError, NoCatalogError, FileNotFoundError) as exc:
@@ -122,19 +126,32 @@ with warnings.catch_warnings():  # partitioned checks are a preview feature of D
 def alignment(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
     model = context.partition_key
     warehouse = _warehouse(extraction)
-    if not partition_file(warehouse, "annotations").is_file():
-        raise dg.Failure(description=f"{model}: no annotations table yet; materialize `annotations` first")
+    if not partition_file(warehouse, "annotations").is_file():  # no annotation file was ever read
+        context.log.info(f"{model}: no annotations table (set `annotations`): nothing to score")
+        return dg.MaterializeResult(
+            metadata={"skipped": dg.MetadataValue.text("no annotations table; nothing scored")},
+            check_results=_vacuous(ALIGNMENT_CHECKS, "no annotations table: no alignment row to check"),
+        )
     report = write_alignment(warehouse, model)
     if report.images_without_transform:
         context.log.warning(
             f"{model}: {len(report.images_without_transform)} annotated images were extracted before input "
             "transforms were stored; re-extract them (--recompute) to score them"
         )
-    outcomes = merge_outcomes(check_alignment(warehouse, model))
+    merged = {o.name: o for o in merge_outcomes(check_alignment(warehouse, model))}
+    outcomes = [merged.get(name, CheckOutcome(name, True, text)) for name, text in ALIGNMENT_CHECKS.items()]
     return dg.MaterializeResult(
         metadata={**alignment_metadata(report), **best_head_metadata(warehouse, model)},
         check_results=[check_result(o, model) for o in outcomes],
     )
+
+
+def _vacuous(checks: dict[str, str], why: str) -> list[dg.AssetCheckResult]:
+    """Passing results of checks with nothing to check (an asset must report each of its checks)."""
+    return [
+        dg.AssetCheckResult(check_name=name, passed=True, description=f"{text} ({why})")
+        for name, text in checks.items()
+    ]
 
 
 def alignment_metadata(report: AlignmentReport) -> dict[str, dg.MetadataValue]:

@@ -18,6 +18,7 @@ from pipelines.alignment_assets import alignment, annotations
 from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
 from pipelines.resources import ExtractionSettings
 from ssl_attention.processes import pid_alive
+from ssl_attention.warehouse.paths import partition_file
 
 ALL_ASSETS = [images, attention_maps, head_stats, warehouse_catalog, annotations, alignment]
 # The CLI prints its own summary; Dagster's console logger would add stack traces for failed steps.
@@ -139,8 +140,9 @@ def run_extraction(
         annotations_error = _failure(labels)
         annotated = _metadata(labels, "annotations")
         annotations_warnings = [e.check_name for e in labels.get_asset_check_evaluations() if not e.passed]
-        if annotations_error is None:
-            per_model = [attention_maps, head_stats, alignment]
+    # alignment follows each model's maps whenever there are annotations (given now or read by an earlier run)
+    if annotations_error is None and partition_file(settings.warehouse_path(), "annotations").is_file():
+        per_model = [attention_maps, head_stats, alignment]
     outcomes = []
     for model in models:
         result = materialize(per_model, partition_key=model)

@@ -27,6 +27,18 @@ def folder_fingerprint(settings: ExtractionSettings) -> tuple[str, int]:
     return digest.hexdigest()[:20], count
 
 
+def annotations_fingerprint(settings: ExtractionSettings) -> str:
+    """Digest of the annotation file's bytes ("" when none is set or it is missing): a new or edited file
+    triggers runs even when the images did not change."""
+    try:
+        path = settings.annotations_path()
+    except WarehouseLocationError:
+        return ""
+    if path is None or not path.is_file():
+        return ""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+
+
 def sensor_models(settings: ExtractionSettings) -> list[str]:
     """The models the warehouse already holds (their maps are kept up to date); all six for a new warehouse."""
     warehouse = settings.warehouse_path()
@@ -38,9 +50,10 @@ def sensor_models(settings: ExtractionSettings) -> list[str]:
     job=extraction_job,
     minimum_interval_seconds=sensor_interval_s(),
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="When image files in the images folder change, run the extraction for each model the warehouse "
-    "already holds (all six for an empty warehouse); only images not yet extracted with the same weights are "
-    "computed. A failed run is not retried until the folder changes again.",
+    description="When image files in the images folder (or the annotation file, if set) change, run the "
+    "extraction for each model the warehouse already holds (all six for an empty warehouse); only images not "
+    "yet extracted with the same weights are computed, and only changed maps or annotations are rescored. A "
+    "failed run is not retried until the folder or the file changes again.",
 )
 def new_images_sensor(context: dg.SensorEvaluationContext, extraction: ExtractionSettings) -> dg.SensorResult:
     try:
@@ -48,11 +61,14 @@ def new_images_sensor(context: dg.SensorEvaluationContext, extraction: Extractio
         models = sensor_models(extraction)
     except WarehouseLocationError as exc:
         return dg.SensorResult(skip_reason=str(exc))
+    labels = annotations_fingerprint(extraction)
     previous = json.loads(context.cursor) if context.cursor else {}
-    if previous.get("fingerprint") == fingerprint:
-        return dg.SensorResult(skip_reason=f"no change in {count} image files")
+    if previous.get("fingerprint") == fingerprint and previous.get("annotations", "") == labels:
+        return dg.SensorResult(skip_reason=f"no change in {count} image files or the annotation file")
+    key = f"{fingerprint}:{labels}" if labels else fingerprint
     runs = [
-        dg.RunRequest(run_key=f"{fingerprint}:{model}", partition_key=model, tags={"trigger": "new_images_sensor"})
+        dg.RunRequest(run_key=f"{key}:{model}", partition_key=model, tags={"trigger": "new_images_sensor"})
         for model in models
     ]
-    return dg.SensorResult(run_requests=runs, cursor=json.dumps({"fingerprint": fingerprint, "files": count}))
+    cursor = {"fingerprint": fingerprint, "files": count, "annotations": labels}
+    return dg.SensorResult(run_requests=runs, cursor=json.dumps(cursor))

@@ -10,17 +10,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ssl_attention.alignment.compute import write_alignment
+from ssl_attention.alignment.store import write_annotations
 from ssl_attention.query import write_catalog
 from ssl_attention.stats import write_head_stats
 
 SLUGS = ("dinov2", "dinov3", "mae", "clip", "siglip", "resnet50")
+SAMPLE_ANNOTATIONS = Path(__file__).resolve().parents[1] / "data" / "samples" / "annotations.json"
 
 
 def build_sql_warehouse(tiny_warehouse: Path, target: Path) -> Path:
-    """Copy the (read-only) session warehouse, add head_stats for every model and the catalog file."""
+    """Copy the (read-only) session warehouse, add head_stats, the sample annotations and alignment for every
+    model, and the catalog file."""
     shutil.copytree(tiny_warehouse, target)
+    write_annotations(target, SAMPLE_ANNOTATIONS)
     for slug in SLUGS:
         write_head_stats(target, slug)
+        write_alignment(target, slug)
     write_catalog(target)
     return target
 

@@ -81,6 +81,11 @@ class Reference:
             r["image_id"]: r["file_name"] for r in pq.read_table(warehouse / "images/data.parquet").to_pylist()
         }
         self.by_key = {(m.model, m.method, m.image_id, m.layer, m.head): m for m in self.maps}
+        self.alignment = [
+            {**partition.keys, **row}
+            for partition in iter_partitions(warehouse, "alignment")
+            for row in pq.read_table(partition.path).to_pylist()
+        ]
         self._stats: dict[tuple, dict[str, float]] = {}
 
     def fused_of(self, m: Map) -> Map:
@@ -266,6 +271,65 @@ def model_shapes(ref: Reference) -> list[tuple]:
     return sorted(rows)
 
 
+def _entry(row: dict[str, Any]) -> str:
+    if row["map_kind"] != "map":
+        return row["map_kind"]
+    return "fused" if row["head"] is None else f"head {row['head']}"
+
+
+def _ranked(means: dict[str, float], higher_is_better: bool = True) -> dict[str, int]:
+    """Competition ranks (1 + how many are strictly better, to 1e-12)."""
+    sign = 1 if higher_is_better else -1
+    return {e: 1 + sum(sign * (o - v) > 1e-12 for o in means.values()) for e, v in means.items()}
+
+
+def heads_vs_fused_and_baselines(ref: Reference) -> list[tuple]:
+    rows = []
+    cls = [r for r in ref.alignment if r["method"] == "cls" and r["feature"] == "all"]
+    for model, items in group(cls, lambda r: r["model"]).items():
+        last = max(r["layer"] for r in items)
+        scores = group([r for r in items if r["layer"] == last and r["iou_50"] is not None], _entry)
+        means = {e: mean([r["iou_50"] for r in rs]) for e, rs in scores.items()}
+        ranks = _ranked(means)
+        rows += [(model, e, len(scores[e]), means[e], ranks[e]) for e in means]
+    return sorted(rows, key=lambda r: (r[0], r[4], r[1]))
+
+
+def head_specialisation(ref: Reference) -> list[tuple]:
+    items = [r for r in ref.alignment if (r["model"], r["method"]) == ("dinov2", "cls") and r["feature"] != "all"]
+    last = max(r["layer"] for r in items)
+    heads = [r for r in items if r["layer"] == last and r["map_kind"] == "map" and r["head"] is not None]
+    rows = []
+    for head, rs in group(heads, lambda r: r["head"]).items():
+        by_feature = group([r for r in rs if r["coverage"] is not None], lambda r: r["feature"])
+        means = {f: mean([r["coverage"] for r in fr]) for f, fr in by_feature.items()}
+        best = max(means.values())
+        rows += [(head, f"head {head}", f, v) for f, v in means.items() if v == best]
+    return [(entry, feature, value) for _, entry, feature, value in sorted(rows)]
+
+
+def fused_map_exemplars(ref: Reference) -> list[tuple]:
+    items = [r for r in ref.alignment if (r["model"], r["method"]) == ("clip", "cls")]
+    last = max(r["layer"] for r in items)
+    fused = [
+        r
+        for r in items
+        if r["layer"] == last and r["map_kind"] == "map" and r["head"] is None and r["feature"] == "all"
+    ]
+    ranked = sorted((-r["coverage"], r["image_id"]) for r in fused if r["coverage"] is not None)[:2]
+    return [(ref.files[image_id], -value) for value, image_id in ranked]
+
+
+def pointing_game_by_layer(ref: Reference) -> list[tuple]:
+    fused = [
+        r
+        for r in ref.alignment
+        if r["map_kind"] == "map" and r["head"] is None and r["feature"] == "all" and r["pointing_hit"] is not None
+    ]
+    groups = group(fused, lambda r: (r["model"], r["method"], r["layer"]))
+    return sorted((*k, "all", mean([float(r["pointing_hit"]) for r in rs]), len(rs)) for k, rs in groups.items())
+
+
 EXPECTATIONS: dict[str, tuple[Callable[[Reference], list[tuple]], float]] = {
     # id: (expected rows, absolute tolerance for floats)
     "most-local-heads-last-layer": (most_local_heads_last_layer, 1e-9),
@@ -280,6 +344,10 @@ EXPECTATIONS: dict[str, tuple[Callable[[Reference], list[tuple]], float]] = {
     "mass-accounting": (mass_accounting, 2e-6),  # DuckDB sums the FLOAT list in single precision
     "warehouse-contents": (warehouse_contents, 0.0),
     "model-shapes": (model_shapes, 0.0),
+    "heads-vs-fused-and-baselines": (heads_vs_fused_and_baselines, 1e-9),
+    "head-specialisation": (head_specialisation, 1e-9),
+    "fused-map-exemplars": (fused_map_exemplars, 1e-12),
+    "pointing-game-by-layer": (pointing_game_by_layer, 1e-12),
 }
 
 

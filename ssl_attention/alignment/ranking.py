@@ -6,7 +6,7 @@ group of n image scores, ``BOOTSTRAP_RESAMPLES`` resamples of n images with repl
 ``numpy.random.default_rng((BOOTSTRAP_SEED, n))`` (so every group of the same n images uses the same
 resamples, and a rerun gives the same interval); the CI is the 2.5th and 97.5th percentile of the resampled
 means. ``rank`` orders every entry of (layer, metric, feature) by its mean, best first (highest, except for
-``kl`` and ``mse``), ties sharing the lower rank; ``head_rank`` is the same among the heads only.
+``kl`` and ``mse``), means equal to 12 decimals sharing the lower rank; ``head_rank`` is the same among the heads only.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ BOOTSTRAP_SEED = 20240610
 BOOTSTRAP_RESAMPLES = 1000
 CI_LEVEL = 0.95
 LOWER_IS_BETTER = frozenset({"kl", "mse"})
+RANK_DECIMALS = 12  # means equal to 12 decimals tie (float noise must not order equal scores)
 
 
 def entry_label(map_kind: str, head: int | None) -> str:
@@ -50,7 +51,7 @@ def bootstrap_means(values: np.ndarray) -> np.ndarray:
 
 def _ranks(means: np.ndarray, higher_is_better: bool) -> np.ndarray:
     """1-based competition ranks (ties share the lower rank) of ``means``; NaN ranks last (as NULL: 0)."""
-    key = -means if higher_is_better else means
+    key = np.round(-means if higher_is_better else means, RANK_DECIMALS)
     valid = np.isfinite(key)
     ranks = np.zeros(len(key), dtype=np.int64)
     order = np.sort(key[valid])
