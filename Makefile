@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine (see README):
-#   make demo   install, then extract attention from the bundled samples (offline, random weights)
+#   make demo   install, then extract attention from the bundled samples (offline, random weights) and
+#               score every map against the sample annotations
 #   make test   install, then lint and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,11 +21,12 @@ install: $(VENV)/.installed
 
 demo: install
 	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/ssl-attention run --images data/samples --models all \
-		--weights random --warehouse $(WAREHOUSE)
+		--weights random --warehouse $(WAREHOUSE) --annotations data/samples/annotations.json
 	@echo
 	@echo "Dagster UI:  DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dagster dev -w workspace.yaml   (http://127.0.0.1:3000)"
 	@echo "Dashboard:   $(BIN)/ssl-attention serve --warehouse $(WAREHOUSE)                       (http://127.0.0.1:5006/app)"
 	@echo "SQL:         $(BIN)/ssl-attention sql --warehouse $(WAREHOUSE) \"SELECT * FROM models\""
+	@echo "Head ranking: $(BIN)/ssl-attention sql --warehouse $(WAREHOUSE) \"SELECT model, method, layer, entry, mean, rank FROM head_ranking WHERE metric = 'iou_50' AND feature = 'all' ORDER BY model, method, layer, rank\""
 	@echo "SQL prompt:  duckdb -readonly $(WAREHOUSE)/attention.duckdb   (DuckDB's client: make shell installs it)"
 
 lint: install
