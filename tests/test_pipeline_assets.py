@@ -34,7 +34,7 @@ def test_definitions_are_loadable_and_complete():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {"images", "attention_maps", "head_stats", "warehouse_catalog"}
+    assert keys == {"images", "attention_maps", "head_stats", "warehouse_catalog", "annotations", "alignment"}
     assert attention_maps.partitions_def.get_partition_keys() == list(MODELS)
     assert head_stats.partitions_def.get_partition_keys() == list(MODELS)
     checks = {spec.name for spec in attention_maps.check_specs}
