@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from ssl_attention.alignment.geometry import transform_from_processor
 from ssl_attention.query import write_catalog
 from ssl_attention.registry import MODELS
 from ssl_attention.stats import write_head_stats
@@ -55,6 +56,20 @@ SHAPES = {
     "resnet50": Shape(0, 0, None),
 }
 STAGES = (56, 28, 14, 7)
+IMAGE_W, IMAGE_H = 640, 480  # the synthetic catalog's image size
+# how every synthetic input was made: shortest edge to 224, then a 224 x 224 centre crop (stored in `inputs`)
+_TRANSFORM = transform_from_processor(
+    {"do_resize": True, "size": {"shortest_edge": INPUT}, "do_center_crop": True,
+     "crop_size": {"height": INPUT, "width": INPUT}},
+    IMAGE_W,
+    IMAGE_H,
+)  # fmt: skip
+TRANSFORM_COLUMNS = {
+    "scale_x": [_TRANSFORM.scale_x],
+    "scale_y": [_TRANSFORM.scale_y],
+    "crop_left": pa.array([_TRANSFORM.crop_left], pa.int32()),
+    "crop_top": pa.array([_TRANSFORM.crop_top], pa.int32()),
+}
 
 
 def image_ids(count: int) -> list[str]:
@@ -220,6 +235,7 @@ def write_model(out: Path, model: str, count: int, seed: int) -> tuple[str, floa
                     "input_w": pa.array([INPUT], pa.int16()),
                     "jpeg": [pictures[index % len(pictures)]],
                     "weights_id": [f"random:{MODELS[model].default_weights}#0"],
+                    **TRANSFORM_COLUMNS,
                 },
                 schema=schema.INPUTS,
             )
@@ -259,8 +275,8 @@ def write_images(out: Path, count: int) -> None:
         {
             "image_id": ids,
             "file_name": [f"synthetic/{i:05d}.jpg" for i in range(count)],
-            "width": pa.array([640] * count, pa.int32()),
-            "height": pa.array([480] * count, pa.int32()),
+            "width": pa.array([IMAGE_W] * count, pa.int32()),
+            "height": pa.array([IMAGE_H] * count, pa.int32()),
             "format": ["JPEG"] * count,
             "mode": ["RGB"] * count,
             "num_bytes": pa.array([100_000] * count, pa.int64()),

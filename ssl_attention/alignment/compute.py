@@ -35,7 +35,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ssl_attention.alignment.annotations import Region
-from ssl_attention.alignment.geometry import InputTransform, centre_gaussian_baseline, feature_targets
+from ssl_attention.alignment.geometry import (
+    FeatureTargets,
+    InputTransform,
+    centre_gaussian_baseline,
+    feature_targets,
+)
 from ssl_attention.alignment.metrics import METRIC_COLUMNS, alignment_metrics
 from ssl_attention.alignment.ranking import write_head_ranking
 from ssl_attention.alignment.store import read_regions
@@ -48,6 +53,7 @@ FEATURE_ALL = "all"
 MAP_KINDS = ("map", "uniform", "centre_gaussian")
 BASELINES = MAP_KINDS[1:]
 TRANSFORM_COLUMNS = ("scale_x", "scale_y", "crop_left", "crop_top", "input_w", "input_h")
+CHUNK_IMAGES = 32  # images scored together across the methods (their targets computed once)
 _MAP_COLUMNS = ["image_id", "layer", "head", "grid_h", "grid_w", "map_values", "weights_id", "extracted_at"]
 
 
@@ -161,113 +167,201 @@ class ImageTargets:
     targets_hash: str
 
 
-def _row_groups(path: Path, wanted: Sequence[str]) -> Iterator[pa.Table]:
-    """Row groups of a maps partition that may hold a ``wanted`` (sorted) image id, filtered to those ids."""
+def _row_groups(path: Path, wanted: Sequence[str]) -> Iterator[tuple[str, pa.Table]]:
+    """(first image id, rows) of each row group of a maps partition that may hold a ``wanted`` (sorted) image
+    id, filtered to those ids, in order of their first image id."""
     parquet = pq.ParquetFile(path)
     meta = parquet.metadata
     column = meta.schema.names.index("image_id")
     value_set = pa.array(list(wanted), pa.string())
+    order = []
     for index in range(meta.num_row_groups):
         stats = meta.row_group(index).column(column).statistics
         if stats is not None and stats.has_min_max:
             position = bisect.bisect_left(wanted, stats.min)
             if position == len(wanted) or wanted[position] > stats.max:
                 continue  # no wanted image in [min, max]
+            order.append((stats.min, index))
+        else:
+            order.append(("", index))
+    for first, index in sorted(order):
         group = parquet.read_row_group(index, columns=_MAP_COLUMNS)
         group = group.filter(pc.is_in(group["image_id"], value_set=value_set))
         if group.num_rows:
-            yield group
+            yield first, group
 
 
-def score_maps(group: pa.Table, targets: dict[str, ImageTargets], annotations_hash: str) -> pa.Table:
-    """The ``alignment`` rows of a chunk of ``attention_maps`` rows whose images all have targets."""
+class _ImageStream:
+    """A partition's wanted map rows, handed out by image id ranges: ``take_until(last)`` returns the rows of
+    images <= ``last`` read so far plus those of the next row groups that start at or before it; the rest
+    waits for the next call. Holds at most one row group beyond the range."""
+
+    def __init__(self, path: Path, wanted: Sequence[str]) -> None:
+        self._groups = _row_groups(path, wanted)
+        self._next: tuple[str, pa.Table] | None = next(self._groups, None)
+        self._pending: pa.Table | None = None
+
+    def take_until(self, last: str) -> pa.Table | None:
+        parts = [self._pending] if self._pending is not None else []
+        while self._next is not None and self._next[0] <= last:
+            parts.append(self._next[1])
+            self._next = next(self._groups, None)
+        if not parts:
+            return None
+        rows = pa.concat_tables(parts)
+        mine = pc.less_equal(rows["image_id"], last)
+        rest = rows.filter(pc.invert(mine))
+        self._pending = rest if rest.num_rows else None
+        taken = rows.filter(mine)
+        return taken if taken.num_rows else None
+
+
+TargetCache = dict[tuple[str, str, int, int], FeatureTargets]  # (image, feature, grid_h, grid_w) -> targets
+
+
+def score_maps(
+    group: pa.Table, targets: dict[str, ImageTargets], annotations_hash: str, cache: TargetCache | None = None
+) -> pa.Table:
+    """The ``alignment`` rows of a chunk of ``attention_maps`` rows whose images all have targets; ``cache``
+    shares each (image, feature, grid)'s targets between calls (the methods of one chunk of images)."""
+    cache = {} if cache is None else cache
     computed_at = dt.datetime.now(dt.UTC)
     image_ids = group["image_id"].to_numpy(zero_copy_only=False)
     grid_h = group["grid_h"].to_numpy().astype(np.int64)
     grid_w = group["grid_w"].to_numpy().astype(np.int64)
     layers = group["layer"].to_numpy().astype(np.int64)
-    heads = group["head"].to_pylist()
     values = group["map_values"].combine_chunks()
     lengths = pc.list_value_length(values).to_numpy()
     if np.any(lengths != grid_h * grid_w):
         raise ValueError("attention_maps rows whose map length is not grid_h * grid_w")
     flat = pc.list_flatten(values).to_numpy(zero_copy_only=False)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    weights = group["weights_id"].to_pylist()
-    extracted = group["extracted_at"].to_pylist()
 
-    out: dict[str, list] = {name: [] for name in schema.ALIGNMENT.names}
-    keys = np.char.add(np.char.add(image_ids.astype(str), "|"), np.char.add(grid_h.astype(str), grid_w.astype(str)))
-    for key in dict.fromkeys(keys.tolist()):  # (image, grid) in order of appearance
-        members = np.flatnonzero(keys == key)
-        first = members[0]
+    head_values = group["head"].fill_null(-1).to_numpy().astype(np.int64)  # -1: fused
+    codes = pc.dictionary_encode(group["image_id"]).combine_chunks().indices.to_numpy().astype(np.int64)
+    block_keys = (codes * 65536 + grid_h) * 65536 + grid_w  # one key per (image, grid)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("row", "layer", "head", "kind", *METRIC_COLUMNS)}
+    per_block: list[tuple[int, str, int, int, int, FeatureTargets]] = []  # (first row, feature, gh, gw, count, t)
+    for key in dict.fromkeys(block_keys.tolist()):  # (image, grid) in order of appearance
+        members = np.flatnonzero(block_keys == key)
+        first = int(members[0])
         image_id, gh, gw = str(image_ids[first]), int(grid_h[first]), int(grid_w[first])
         image = targets[image_id]
         n = gh * gw
         maps = flat[offsets[members][:, None] + np.arange(n)[None, :]]  # (M, N) float32
-        member_layers = layers[members]
-        unique_layers = np.unique(member_layers)
+        unique_layers = np.unique(layers[members])
         baselines = _baseline_maps(image.transform, gh, gw)
+        # rows of one (image, grid, feature): the maps, then per layer the baselines in BASELINES order
+        rows = np.concatenate([members, np.full(len(BASELINES) * len(unique_layers), first)])
+        row_layers = np.concatenate([layers[members], np.repeat(unique_layers, len(BASELINES))])
+        row_heads = np.concatenate([head_values[members], np.full(len(BASELINES) * len(unique_layers), -1)])
+        kinds = np.concatenate(
+            [np.zeros(len(members), np.int8), np.tile(np.arange(1, len(MAP_KINDS), dtype=np.int8), len(unique_layers))]
+        )
         for feature, regions in image.features.items():
-            t = feature_targets(regions, image.transform, gh, gw)
-            if t.scored:
-                scores = alignment_metrics(maps, t.coverage, t.soft_target)
-                base = alignment_metrics(baselines, t.coverage, t.soft_target)
-            else:
-                scores = base = None
-            count = len(members) + len(BASELINES) * len(unique_layers)
-            out["image_id"] += [image_id] * count
-            out["layer"] += member_layers.tolist() + np.repeat(unique_layers, len(BASELINES)).tolist()
-            out["head"] += [heads[i] for i in members] + [None] * (count - len(members))
-            out["map_kind"] += ["map"] * len(members) + list(BASELINES) * len(unique_layers)
-            out["feature"] += [feature] * count
-            out["grid_h"] += [gh] * count
-            out["grid_w"] += [gw] * count
-            out["num_regions"] += [len(regions)] * count
-            for metric in METRIC_COLUMNS:
-                if scores is None or base is None:
-                    out[metric] += [None] * count
-                else:
-                    out[metric] += scores[metric].tolist() + np.tile(base[metric], len(unique_layers)).tolist()
-            out["area_fraction"] += [t.area_fraction] * count
-            out["visible_fraction"] += [t.visible_fraction] * count
-            out["weights_id"] += [weights[first]] * count
-            out["maps_extracted_at"] += [extracted[first]] * count
-            out["targets_hash"] += [image.targets_hash] * count
-            out["annotations_hash"] += [annotations_hash] * count
-            out["computed_at"] += [computed_at] * count
-    return pa.table(out, schema=schema.ALIGNMENT)
+            cache_key = (image_id, feature, gh, gw)
+            if cache_key not in cache:
+                cache[cache_key] = feature_targets(regions, image.transform, gh, gw)
+            t = cache[cache_key]
+            count = len(rows)
+            for name, column in (("row", rows), ("layer", row_layers), ("head", row_heads), ("kind", kinds)):
+                parts[name].append(column)
+            if t.scored:  # the maps and the two baselines in one call
+                scores = alignment_metrics(
+                    np.concatenate([maps, baselines.astype(maps.dtype)]), t.coverage, t.soft_target
+                )
+                m = len(members)
+                for metric in METRIC_COLUMNS:
+                    column = scores[metric].astype(np.float64)
+                    parts[metric].append(np.concatenate([column[:m], np.tile(column[m:], len(unique_layers))]))
+            else:  # every region outside the view: recorded, not scored
+                for metric in METRIC_COLUMNS:
+                    parts[metric].append(np.full(count, np.nan))
+            per_block.append((first, feature, gh, gw, count, t))
+    if not per_block:
+        return schema.ALIGNMENT.empty_table()
+    row = np.concatenate(parts["row"])  # the source map row each output row belongs to (baselines: the first)
+    counts = np.array([b[4] for b in per_block])
+    repeat = functools.partial(np.repeat, repeats=counts)
+    heads_out = np.concatenate(parts["head"])
+    features = [b[1] for b in per_block]
+    feature_names = sorted(set(features))
+    feature_codes = repeat(np.array([feature_names.index(f) for f in features], dtype=np.int32))
+    region_counts = [len(targets[str(image_ids[b[0]])].features[b[1]]) for b in per_block]
+    columns = {
+        "image_id": pc.take(group["image_id"], pa.array(row)),
+        "layer": pa.array(np.concatenate(parts["layer"]).astype(np.int16)),
+        "head": pa.array(heads_out.astype(np.int16), mask=heads_out < 0),
+        "map_kind": pa.DictionaryArray.from_arrays(
+            pa.array(np.concatenate(parts["kind"]).astype(np.int32)), pa.array(MAP_KINDS)
+        ).cast(pa.string()),
+        "feature": pa.DictionaryArray.from_arrays(pa.array(feature_codes), pa.array(feature_names)).cast(pa.string()),
+        "grid_h": pa.array(repeat(np.array([b[2] for b in per_block], dtype=np.int16))),
+        "grid_w": pa.array(repeat(np.array([b[3] for b in per_block], dtype=np.int16))),
+        "num_regions": pa.array(repeat(np.array(region_counts, dtype=np.int32))),
+        "area_fraction": pa.array(repeat(np.array([b[5].area_fraction for b in per_block]))),
+        "visible_fraction": pa.array(repeat(np.array([b[5].visible_fraction for b in per_block]))),
+        "weights_id": pc.take(group["weights_id"], pa.array(row)),
+        "maps_extracted_at": pc.take(group["extracted_at"], pa.array(row)),
+        "targets_hash": pa.array([targets[str(image_ids[b[0]])].targets_hash for b in per_block]).take(
+            pa.array(repeat(np.arange(len(per_block))))
+        ),
+        "annotations_hash": pa.array(np.full(len(row), annotations_hash, dtype=object), pa.string()),
+        "computed_at": pa.array(np.full(len(row), computed_at, dtype=object), schema.TIMESTAMP),
+    }
+    for metric in METRIC_COLUMNS:
+        values_m = np.concatenate(parts[metric])
+        missing = np.isnan(values_m)
+        if metric == "pointing_hit":
+            columns[metric] = pa.array(values_m > 0.5, pa.bool_(), mask=missing)
+        else:
+            columns[metric] = pa.array(values_m, pa.float64(), mask=missing)
+    return pa.table(columns).select(schema.ALIGNMENT.names).cast(schema.ALIGNMENT)
 
 
-def align_partition(
-    maps_path: Path, target_dir: Path, targets: dict[str, ImageTargets], annotations_hash: str, method: str
-) -> MethodAlignment:
-    """Score one (model, method) maps partition into its alignment partition, incrementally."""
-    result = MethodAlignment(method)
+@dataclass
+class _Plan:
+    """One (model, method) partition's work: images to score, images carried over, and its writer."""
+
+    result: MethodAlignment
+    maps_path: Path
+    target_dir: Path
+    todo: list[str]
+    writer: PartitionWriter | None = None
+    stream: _ImageStream | None = None
+
+
+def _plan(maps_path: Path, target_dir: Path, targets: dict[str, ImageTargets], method: str) -> _Plan:
     current = _map_state(maps_path)
     wanted = {i: current[i] for i in targets if i in current}
     existing = _alignment_state(target_dir / DATA_FILE)
-    up_to_date = {
-        i for i, (w, e) in wanted.items() if existing.get(i) == (w, e, targets[i].targets_hash)
-    }  # same maps and same targets
-    todo = sorted(set(wanted) - up_to_date)
+    # same maps and same targets: carried over
+    up_to_date = {i for i, (w, e) in wanted.items() if existing.get(i) == (w, e, targets[i].targets_hash)}
+    plan = _Plan(MethodAlignment(method, images_up_to_date=len(up_to_date)), maps_path, target_dir, [])
+    plan.todo = sorted(set(wanted) - up_to_date)
     stale = set(existing) - up_to_date
-    result.images_up_to_date = len(up_to_date)
-    if not todo and not stale and (target_dir / DATA_FILE).is_file():
-        result.rows_written = pq.ParquetFile(target_dir / DATA_FILE).metadata.num_rows
-        return result
-    with PartitionWriter(target_dir, schema.ALIGNMENT, cluster_by="image_id") as writer:
-        if up_to_date:
-            copy_rows_except(target_dir / DATA_FILE, stale, writer.write)
-        if todo:
-            for group in _row_groups(maps_path, todo):
-                writer.write(score_maps(group, targets, annotations_hash))
-                result.maps_scored += group.num_rows
-        result.write = writer.commit()
-    result.images_scored = len(todo)
-    result.rows_written = result.write.rows
-    result.rewritten = True
-    return result
+    if not plan.todo and not stale and (target_dir / DATA_FILE).is_file():
+        plan.result.rows_written = pq.ParquetFile(target_dir / DATA_FILE).metadata.num_rows
+        return plan  # nothing to do: the partition is not rewritten
+    plan.writer = PartitionWriter(target_dir, schema.ALIGNMENT, cluster_by="image_id")
+    if up_to_date:
+        copy_rows_except(target_dir / DATA_FILE, stale, plan.writer.write)
+    plan.stream = _ImageStream(maps_path, plan.todo) if plan.todo else None
+    return plan
+
+
+def _score(plans: list[_Plan], targets: dict[str, ImageTargets], annotations_hash: str) -> None:
+    """Score every plan's images, CHUNK_IMAGES images at a time across the methods, so each image's targets
+    are computed once per grid and then dropped (memory: one chunk of images, whatever their number)."""
+    images = sorted(set().union(*(p.todo for p in plans)))
+    for start in range(0, len(images), CHUNK_IMAGES):
+        last = images[min(start + CHUNK_IMAGES, len(images)) - 1]
+        cache: TargetCache = {}
+        for plan in plans:
+            rows = plan.stream.take_until(last) if plan.stream is not None else None
+            if rows is not None and plan.writer is not None:
+                plan.writer.write(score_maps(rows, targets, annotations_hash, cache))
+                plan.result.maps_scored += rows.num_rows
 
 
 def write_alignment(warehouse: Path, model: str, rank: bool = True) -> AlignmentReport:
@@ -287,13 +381,28 @@ def write_alignment(warehouse: Path, model: str, rank: bool = True) -> Alignment
             report.images_without_transform.append(image_id)
             continue
         targets[image_id] = ImageTargets(transform, features_of(image_regions), targets_hash(image_regions, transform))
-    for source in iter_partitions(warehouse, "attention_maps", model=model):
-        method = source.keys["method"]
-        target_dir = partition_dir(warehouse, "alignment", model=model, method=method)
-        result = align_partition(source.path, target_dir, targets, annotations_hash or "", method)
-        report.methods[method] = result
+    plans = []
+    try:
+        for source in iter_partitions(warehouse, "attention_maps", model=model):
+            target_dir = partition_dir(warehouse, "alignment", model=model, method=source.keys["method"])
+            plans.append(_plan(source.path, target_dir, targets, source.keys["method"]))
+        _score([p for p in plans if p.writer is not None], targets, annotations_hash or "")
+        for plan in plans:
+            if plan.writer is not None:
+                plan.result.write = plan.writer.commit()
+                plan.result.rows_written = plan.result.write.rows
+                plan.result.images_scored = len(plan.todo)
+                plan.result.rewritten = True
+    except BaseException:
+        for plan in plans:
+            if plan.writer is not None and not plan.writer.closed:
+                plan.writer.abort()
+        raise
+    for plan in plans:
+        method = plan.result.method
+        report.methods[method] = plan.result
         ranking = partition_file(warehouse, "head_ranking", model=model, method=method)
-        if rank and (result.rewritten or not ranking.is_file()):
-            write_head_ranking(target_dir / DATA_FILE, ranking.parent)
+        if rank and (plan.result.rewritten or not ranking.is_file()):
+            write_head_ranking(plan.target_dir / DATA_FILE, ranking.parent)
     report.seconds = time.perf_counter() - start
     return report
