@@ -159,9 +159,8 @@ def end_to_end(args: argparse.Namespace) -> None:
         print(f"{count:6d} {r['maps']:9,d} {r['scoring_s']:8.1f} {rate:8,.0f} {r['ranking_s']:7.1f} {peak:6.0f} "
               f"{peak - base:7.0f}", flush=True)  # fmt: skip
         for model, m in r["models"].items():
-            print(
-                f"       {model:9s} {m['maps']:9,d} maps {m['maps'] / m['seconds']:8,.0f} maps/s, rank {m['rank_s']:.1f} s"
-            )
+            rate_m = m["maps"] / m["seconds"]
+            print(f"       {model:9s} {m['maps']:9,d} maps {rate_m:8,.0f} maps/s, rank {m['rank_s']:.1f} s")
     verdict = "meets" if rate >= GOAL_MAPS_PER_S else "misses"
     print(f"at {args.counts[-1]} images: {rate:,.0f} maps/s end to end - {verdict} the goal of {GOAL_MAPS_PER_S:,}")
 

@@ -366,8 +366,10 @@ def _cell_shares(edges: np.ndarray, size: int, cells: int) -> np.ndarray:
 
 
 def union_coverage(boxes: np.ndarray, input_h: int, input_w: int, grid_h: int, grid_w: int) -> np.ndarray:
-    """(grid_h * grid_w,) the same numbers as ``coverage_grid`` (exact union area per cell / cell area),
-    straight from the union's elementary rectangles, without the raster at input resolution."""
+    """(grid_h * grid_w,) the exact union area in each cell / the cell's area, straight from the union's
+    elementary rectangles (input-pixel boxes), without a raster. Equal to ``coverage_grid`` when the grid
+    divides the input; otherwise ``coverage_grid`` shares a pixel cut by a cell boundary in proportion to
+    the pixel's area on each side, not to where inside the pixel the union lies."""
     boxes = _clip(as_boxes(boxes), input_w, input_h)
     boxes = boxes[_area(boxes) > 0]
     if len(boxes) == 0:
@@ -378,12 +380,15 @@ def union_coverage(boxes: np.ndarray, input_h: int, input_w: int, grid_h: int, g
 
 
 def feature_targets(regions: Any, transform: InputTransform, grid_h: int, grid_w: int) -> FeatureTargets:
-    """Coverage, soft target and the area and visible fractions of one feature's regions (the regions are
-    mapped once; coverage by ``union_coverage``, equal to ``coverage_grid``)."""
+    """Coverage, soft target and the area and visible fractions of one feature's regions; the coverage is
+    ``coverage_grid``'s (by ``union_coverage``, the same numbers, where the grid divides the input)."""
     mapped = map_boxes(regions, transform)
     full = union_area(mapped.boxes)
     seen = union_area(mapped.clipped)
-    coverage = union_coverage(mapped.clipped, transform.input_h, transform.input_w, grid_h, grid_w)
+    if transform.input_h % grid_h == 0 and transform.input_w % grid_w == 0:
+        coverage = union_coverage(mapped.clipped, transform.input_h, transform.input_w, grid_h, grid_w)
+    else:  # the documented rule for grids that do not divide the input: the raster, pooled
+        coverage = coverage_grid(regions, transform, grid_h, grid_w)
     return FeatureTargets(
         coverage=coverage,
         soft_target=_soft_target(mapped, transform, grid_h, grid_w),

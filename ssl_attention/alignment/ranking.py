@@ -49,6 +49,24 @@ def bootstrap_means(values: np.ndarray) -> np.ndarray:
         return sums / weights
 
 
+def nan_percentiles(values: np.ndarray, percentiles: tuple[float, ...]) -> np.ndarray:
+    """(len(percentiles), G) percentiles of each column of (n, G) ``values`` over its finite entries, by linear
+    interpolation (numpy's default method), NaN for a column without any; vectorised over the columns."""
+    ordered = np.sort(np.where(np.isfinite(values), values, np.inf), axis=0)  # non-finite last
+    count = np.isfinite(values).sum(axis=0)
+    out = np.full((len(percentiles), values.shape[1]), np.nan)
+    has = count > 0
+    for i, q in enumerate(percentiles):
+        position = (count - 1).clip(min=0) * q / 100.0
+        low = np.floor(position).astype(np.int64)
+        high = np.minimum(low + 1, (count - 1).clip(min=0))
+        a = np.take_along_axis(ordered, low[None, :], axis=0)[0]
+        b = np.take_along_axis(ordered, high[None, :], axis=0)[0]
+        with np.errstate(invalid="ignore"):
+            out[i] = np.where(has, a + (b - a) * (position - low), np.nan)
+    return out
+
+
 def _ranks(means: np.ndarray, higher_is_better: bool) -> np.ndarray:
     """1-based competition ranks (ties share the lower rank) of ``means``; NaN ranks last (as NULL: 0)."""
     key = np.round(-means if higher_is_better else means, RANK_DECIMALS)
@@ -87,15 +105,11 @@ def head_ranking_table(alignment: pa.Table, computed_at: dt.datetime | None = No
             n_images = scored.sum(axis=0)
             with np.errstate(invalid="ignore"):
                 means = np.where(n_images > 0, np.nansum(values, axis=0) / np.maximum(n_images, 1), np.nan)
-            medians = np.full(len(entries), np.nan)
-            for j in np.flatnonzero(n_images > 0):
-                medians[j] = float(np.median(values[scored[:, j], j]))
-            # resample only the images with a score (rows all NaN would only dilute nothing and cost time)
-            keep = scored.any(axis=1)
+            (medians,) = nan_percentiles(values, (50.0,))
+            keep = scored.any(axis=1)  # resample the images with a score
             resampled = bootstrap_means(values[keep]) if keep.any() else np.full((1, len(entries)), np.nan)
-            with np.errstate(invalid="ignore"):
-                tail = (1 - CI_LEVEL) / 2 * 100
-                low, high = np.nanpercentile(resampled, [tail, 100 - tail], axis=0) if keep.any() else (means, means)
+            tail = (1 - CI_LEVEL) / 2 * 100
+            low, high = nan_percentiles(resampled, (tail, 100 - tail))
             better = metric not in LOWER_IS_BETTER
             ranks = np.zeros(len(entries), dtype=np.int64)
             head_ranks = np.zeros(len(entries), dtype=np.int64)
