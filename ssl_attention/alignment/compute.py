@@ -13,7 +13,7 @@ Per (model, method) partition of ``attention_maps`` and per image with regions i
 Incremental: each row carries the maps' ``weights_id`` and ``extracted_at`` and a hash of the image's regions
 and transform (``targets_hash``); an image whose three values are unchanged is carried over, the others are
 scored again, images no longer annotated or extracted are dropped. Nothing changed -> the partition is not
-rewritten. Partitions are written like the maps (``PartitionWriter``, clustered by image), streamed row group
+rewritten. Partitions are replaced atomically like the maps (``PartitionWriter``), streamed row group
 by row group, so memory does not grow with the number of images.
 """
 
@@ -41,7 +41,7 @@ from ssl_attention.alignment.geometry import (
     centre_gaussian_baseline,
     feature_targets,
 )
-from ssl_attention.alignment.metrics import METRIC_COLUMNS, alignment_metrics
+from ssl_attention.alignment.metrics import METRIC_COLUMNS, alignment_metrics_many
 from ssl_attention.alignment.ranking import write_head_ranking
 from ssl_attention.alignment.store import read_regions
 from ssl_attention.warehouse import schema
@@ -258,24 +258,35 @@ def score_maps(
         kinds = np.concatenate(
             [np.zeros(len(members), np.int8), np.tile(np.arange(1, len(MAP_KINDS), dtype=np.int8), len(unique_layers))]
         )
+        feature_targets_here = {}
         for feature, regions in image.features.items():
             cache_key = (image_id, feature, gh, gw)
             if cache_key not in cache:
                 cache[cache_key] = feature_targets(regions, image.transform, gh, gw)
-            t = cache[cache_key]
+            feature_targets_here[feature] = cache[cache_key]
+        scored = [f for f, t in feature_targets_here.items() if t.scored]
+        stacked = np.concatenate([maps, baselines.astype(maps.dtype)])  # the maps and the baselines together
+        results = dict(
+            zip(
+                scored,
+                alignment_metrics_many(
+                    stacked,
+                    np.array([feature_targets_here[f].coverage for f in scored]).reshape(len(scored), n),
+                    np.array([feature_targets_here[f].soft_target for f in scored]).reshape(len(scored), n),
+                ),
+                strict=True,
+            )
+        )
+        m = len(members)
+        for feature, t in feature_targets_here.items():
             count = len(rows)
             for name, column in (("row", rows), ("layer", row_layers), ("head", row_heads), ("kind", kinds)):
                 parts[name].append(column)
-            if t.scored:  # the maps and the two baselines in one call
-                scores = alignment_metrics(
-                    np.concatenate([maps, baselines.astype(maps.dtype)]), t.coverage, t.soft_target
-                )
-                m = len(members)
-                for metric in METRIC_COLUMNS:
-                    column = scores[metric].astype(np.float64)
+            for metric in METRIC_COLUMNS:
+                if feature in results:
+                    column = results[feature][metric].astype(np.float64)
                     parts[metric].append(np.concatenate([column[:m], np.tile(column[m:], len(unique_layers))]))
-            else:  # every region outside the view: recorded, not scored
-                for metric in METRIC_COLUMNS:
+                else:  # every region outside the view: recorded, not scored
                     parts[metric].append(np.full(count, np.nan))
             per_block.append((first, feature, gh, gw, count, t))
     if not per_block:
@@ -343,7 +354,9 @@ def _plan(maps_path: Path, target_dir: Path, targets: dict[str, ImageTargets], m
     if not plan.todo and not stale and (target_dir / DATA_FILE).is_file():
         plan.result.rows_written = pq.ParquetFile(target_dir / DATA_FILE).metadata.num_rows
         return plan  # nothing to do: the partition is not rewritten
-    plan.writer = PartitionWriter(target_dir, schema.ALIGNMENT, cluster_by="image_id")
+    # not clustered: new rows arrive in image order, one row group per chunk of images, and alignment is read
+    # whole (rankings, checks), never by image, so the clustering pass (a second write) would buy nothing
+    plan.writer = PartitionWriter(target_dir, schema.ALIGNMENT)
     if up_to_date:
         copy_rows_except(target_dir / DATA_FILE, stale, plan.writer.write)
     plan.stream = _ImageStream(maps_path, plan.todo) if plan.todo else None

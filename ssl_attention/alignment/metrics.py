@@ -63,45 +63,69 @@ def _check(maps: np.ndarray, coverage: np.ndarray, soft_target: np.ndarray) -> N
         raise ValueError("coverage fractions must lie in [0, 1]")
 
 
-def _score_block(maps: np.ndarray, coverage: np.ndarray, soft_target: np.ndarray) -> dict[str, np.ndarray]:
+def _score_block(maps: np.ndarray, coverages: np.ndarray, soft_targets: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Scores of (M, N) maps against F features' (F, N) coverages and soft targets; the map's order, its
+    normalised form and its log are computed once for all F."""
     n = maps.shape[1]
     values = maps.astype(np.float64)
     mass = values.sum(axis=1)
     empty = mass <= 0
     normalised = np.where(empty[:, None], 1.0 / n, values / np.where(empty, 1.0, mass)[:, None])  # (M, N)
-
     order = descending_order(maps)  # (M, N)
-    inside_sorted = np.cumsum(coverage[order], axis=1)  # (M, N): sum of c over the top 1..N cells
-    total = coverage.sum()
-    scores: dict[str, np.ndarray] = {}
-    for p in PERCENTILES:
-        k = top_k_size(n, p)
-        inside = inside_sorted[:, k - 1]
-        scores[f"iou_{p}"] = inside / (k + total - inside)
-    scores["coverage"] = normalised @ coverage
-    scores["pointing_hit"] = coverage[order[:, 0]] >= 0.5
-
-    smoothed = (normalised + KL_EPSILON) / (1.0 + n * KL_EPSILON)
-    support = soft_target > 0
-    g = soft_target[support]
-    scores["kl"] = float(g @ np.log(g)) - np.log(smoothed[:, support]) @ g
-    scores["mse"] = ((normalised - soft_target) ** 2).mean(axis=1)
-    return scores
+    log_smoothed = np.log((normalised + KL_EPSILON) / (1.0 + n * KL_EPSILON))
+    kl_cross = log_smoothed @ soft_targets.T  # (M, F): sum_i G_i log q_i (cells outside the support add 0)
+    covered = normalised @ coverages.T  # (M, F)
+    results = []
+    for f in range(len(coverages)):
+        coverage, soft_target = coverages[f], soft_targets[f]
+        inside_sorted = np.cumsum(coverage[order], axis=1)  # (M, N): sum of c over the top 1..N cells
+        total = coverage.sum()
+        scores: dict[str, np.ndarray] = {}
+        for p in PERCENTILES:
+            k = top_k_size(n, p)
+            inside = inside_sorted[:, k - 1]
+            scores[f"iou_{p}"] = inside / (k + total - inside)
+        scores["coverage"] = covered[:, f]
+        scores["pointing_hit"] = coverage[order[:, 0]] >= 0.5
+        g = soft_target[soft_target > 0]
+        scores["kl"] = float(g @ np.log(g)) - kl_cross[:, f]
+        scores["mse"] = ((normalised - soft_target) ** 2).mean(axis=1)
+        results.append(scores)
+    return results
 
 
 def alignment_metrics(maps: np.ndarray, coverage: np.ndarray, soft_target: np.ndarray) -> dict[str, np.ndarray]:
     """Every metric of METRIC_COLUMNS for (M, N) maps against one feature's (N,) coverage and (N,) soft
     target: a dict of (M,) arrays (float64; ``pointing_hit`` bool). Maps are scored in blocks of BLOCK_MAPS."""
+    coverage = np.asarray(coverage, dtype=np.float64)
+    soft_target = np.asarray(soft_target, dtype=np.float64)
+    _check(np.asarray(maps), coverage, soft_target)  # errors name this call's shapes
+    return alignment_metrics_many(maps, coverage[None, :], soft_target[None, :])[0]
+
+
+def alignment_metrics_many(
+    maps: np.ndarray, coverages: np.ndarray, soft_targets: np.ndarray
+) -> list[dict[str, np.ndarray]]:
+    """``alignment_metrics`` of (M, N) maps against each of F features, (F, N) coverages and soft targets:
+    one dict per feature, in order. Each map is sorted once for all the features."""
     maps = np.asarray(maps)
     if maps.dtype not in (np.float32, np.float64):
         maps = maps.astype(np.float64)
-    coverage = np.asarray(coverage, dtype=np.float64)
-    soft_target = np.asarray(soft_target, dtype=np.float64)
-    _check(maps, coverage, soft_target)
+    coverages = np.asarray(coverages, dtype=np.float64)
+    soft_targets = np.asarray(soft_targets, dtype=np.float64)
+    if coverages.ndim != 2 or soft_targets.shape != coverages.shape:
+        raise ValueError(
+            f"coverages {coverages.shape} and soft targets {soft_targets.shape} must both be (F, N) arrays"
+        )
+    for coverage, soft_target in zip(coverages, soft_targets, strict=True):
+        _check(maps, coverage, soft_target)
     blocks = [
-        _score_block(maps[start : start + BLOCK_MAPS], coverage, soft_target)
+        _score_block(maps[start : start + BLOCK_MAPS], coverages, soft_targets)
         for start in range(0, len(maps), BLOCK_MAPS)
     ]
     if not blocks:
-        return {name: np.zeros(0, dtype=bool if name == "pointing_hit" else np.float64) for name in METRIC_COLUMNS}
-    return {name: np.concatenate([b[name] for b in blocks]) for name in METRIC_COLUMNS}
+        empty = {name: np.zeros(0, dtype=bool if name == "pointing_hit" else np.float64) for name in METRIC_COLUMNS}
+        return [dict(empty) for _ in range(len(coverages))]
+    return [
+        {name: np.concatenate([b[f][name] for b in blocks]) for name in METRIC_COLUMNS} for f in range(len(coverages))
+    ]
