@@ -94,3 +94,24 @@ def test_nan_percentiles_equal_numpys_per_column():
         column = values[:, j][np.isfinite(values[:, j])]
         expected = np.percentile(column, [2.5, 50.0, 97.5]) if len(column) else np.full(3, np.nan)
         np.testing.assert_allclose(got[:, j], expected, equal_nan=True)
+
+
+def test_many_features_at_once_equal_one_at_a_time():
+    from ssl_attention.alignment.metrics import alignment_metrics_many
+    from tests.test_alignment_pipeline import _hand_metrics
+
+    rng = np.random.default_rng(5)
+    maps = rng.random((30, 16)).astype(np.float32)
+    maps[3] = 0.0
+    maps[4, :8] = maps[4, 8:]  # ties
+    coverages = np.clip(rng.random((3, 16)) * 1.5 - 0.5, 0, 1)
+    softs = rng.random((3, 16))
+    softs[1, :5] = 0.0  # a support smaller than the grid
+    softs /= softs.sum(axis=1, keepdims=True)
+    maps[3, 0] = 1.0  # (the plain per-map route below has no all-zero rule)
+    together = alignment_metrics_many(maps, coverages, softs)
+    for f in range(3):
+        for i in range(len(maps)):  # one map at a time, plain Python (tests/test_alignment_pipeline.py)
+            expected = _hand_metrics(maps[i], coverages[f], softs[f])
+            for name, value in expected.items():
+                assert together[f][name][i] == pytest.approx(value, rel=1e-9, abs=1e-12), (f, i, name)
