@@ -132,18 +132,16 @@ class ModelAdapter:
         """RGB PIL images -> (B, 3, H, W) float32 on the model's device, by the model's own preprocessing.
 
         At the default resolution the processor decides the size; at N every image must come out at the
-        same ``input_size`` (``size``, when given, is checked against it): a batch holds one input size.
+        same ``input_size``: a batch holds one input size. ``size``, when given, is checked against the result.
         """
+        target = None
         if self.resolution != "default":
-            wanted = prep.common_size([self.input_size(*image.size) for image in images])
-            if size is not None and tuple(size) != wanted:
-                raise InputSizeError(f"{self.spec.slug}: requested {size} but the images' input size is {wanted}")
-            size = wanted
-        else:
-            size = None
-        batch = self._preprocess(images, size)
-        if size is not None:
-            prep.check_size(batch, size, self.spec.slug)
+            target = prep.common_size([self.input_size(*image.size) for image in images])
+            if size is not None and tuple(size) != target:
+                raise InputSizeError(f"{self.spec.slug}: requested {size} but the images' input size is {target}")
+        batch = self._preprocess(images, target)
+        if size is not None or target is not None:
+            prep.check_size(batch, target or size, self.spec.slug)
         return batch.to(self.device, torch.float32)
 
     def _preprocess(self, images: list[Image.Image], size: Size | None) -> torch.Tensor:
