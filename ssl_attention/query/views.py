@@ -98,7 +98,7 @@ def _registry_models() -> str:
 def _methods_view() -> str:
     rows = ", ".join(
         f"({quote_literal(m.name)}, {'true' if m.per_head else 'false'}, {quote_literal(m.label)}, "
-        f"{quote_literal(m.description)})"
+        f"{quote_literal(m.glossary)})"
         for m in METHODS.values()
     )
     return f"SELECT * FROM (VALUES {rows}) AS methods(method, per_head, label, description)"
