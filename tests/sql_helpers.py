@@ -11,9 +11,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ssl_attention.query import write_catalog
+from ssl_attention.registry import MODELS
 from ssl_attention.stats import write_head_stats
 
-SLUGS = ("dinov2", "dinov3", "mae", "clip", "siglip", "resnet50")
+SLUGS = tuple(MODELS)
 
 
 def build_sql_warehouse(tiny_warehouse: Path, target: Path) -> Path:

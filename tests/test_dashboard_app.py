@@ -289,7 +289,7 @@ def test_other_tabs_build_their_views(explorer: AttentionExplorer) -> None:
     assert isinstance(heat, hv.HeatMap) and len(heat) == 2 * 5  # 2 layers x (fused + 4 heads)
     assert "<table" in explorer._stats_table(explorer.selection, "statistics")
     compare = explorer._compare_view(explorer.selection.image, 0.5, "cls", "viridis", 0.6, "compare")
-    assert len(compare.objects[0].objects) == 6  # one card per model (layers: test_compare_picks_the_layer_...)
+    assert len(compare.objects[0].objects) == len(MODELS)  # a card per model (layers: test_compare_picks_the_layer_...)
 
 
 def test_hidden_tabs_do_not_follow_the_selection(explorer: AttentionExplorer) -> None:
