@@ -1,9 +1,14 @@
-"""Downloads: the current view as PNG (drawn server-side with ``ssl_attention.render``), the maps behind it as
-CSV or Parquet (one row per patch cell, long format)."""
+"""Downloads: the current view as PNG (drawn server-side with ``ssl_attention.render``, in the palettes the
+screen uses), the maps behind it as CSV or Parquet (one row per patch cell, long format).
+
+``png_view``, ``csv_maps`` and ``parquet_maps`` build a ``Download`` from the session's selection;
+``safely`` turns a failed read into a text file saying why (and the same message on screen).
+"""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +17,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from dashboards.views import normalise_tiles
+from dashboards.session import Session, plain
+from dashboards.views import display_max, normalise_tiles
 from ssl_attention.render import colorize, overlay
 
 PANEL_PX = 320  # side of each overlay in the PNG
@@ -149,3 +155,66 @@ def file_stem(view: ViewMaps, selected: int | None) -> str:
     stem = view.file_name.rsplit("/", 1)[-1].rsplit(".", 1)[0] or view.image_id[:12]
     head = "fused" if selected is None else f"head{selected}"
     return f"{stem}_{view.model}_{view.method}_layer{view.layer}_{head}"
+
+
+# --- downloads of the session's view ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Download:
+    filename: str
+    data: io.BytesIO
+
+
+def view_maps(session: Session) -> ViewMaps:
+    """The fused map and every head of the selected (image, model, method, layer)."""
+    grid = session.head_grid()
+    s = session.selection
+    return ViewMaps(
+        s.image,
+        session.file_name(s.image),
+        s.model,
+        s.method,
+        s.layer,
+        grid.layer_name,
+        grid.heads,
+        grid.maps,
+        grid.provenance.mode,
+    )
+
+
+def png_view(session: Session) -> Download:
+    """The heads tab as the screen shows it: its opacity, colormap and colour scale."""
+    view = view_maps(session)
+    s = session.selection
+    shared = session.scale == "shared"
+    head = view.maps[view.heads.index(s.head)] if s.head in view.heads else view.maps[0]
+    vmaxes = (display_max(view.maps, view.maps[0], shared), display_max(view.maps, head, shared))
+    title = f"{view.file_name} · {s.model}/{s.method} · {session.layer_label()} · {view.weights_mode} weights"
+    captions = (session.map_title(None), session.map_title(s.head))
+    rgb = session.rgb(s.image, s.model)
+    png = view_png(view, rgb, s.head, session.opacity, session.cmap, vmaxes, title, captions, shared)
+    return Download(file_stem(view, s.head) + ".png", png)
+
+
+def csv_maps(session: Session) -> Download:
+    view = view_maps(session)
+    return Download(file_stem(view, None).removesuffix("_fused") + "_maps.csv", csv_bytes(view))
+
+
+def parquet_maps(session: Session) -> Download:
+    view = view_maps(session)
+    return Download(file_stem(view, None).removesuffix("_fused") + "_maps.parquet", parquet_bytes(view))
+
+
+FAILED_NAME = "export_failed.txt"
+
+
+def safely(session: Session, build: Callable[[Session], Download], what: str) -> Download:
+    """``build(session)``, or (when the maps cannot be read) a text file saying why, with the same message on
+    screen (``session.problem``); ``what`` names the export in the message ("the view as PNG")."""
+    try:
+        return build(session)
+    except Exception as exc:
+        session.problem = session.failure(f"export {what}", exc)
+        return Download(FAILED_NAME, io.BytesIO((plain(session.problem) + "\n").encode()))
