@@ -21,6 +21,8 @@ from dashboards.session import Session, plain
 from dashboards.views import display_max, normalise_tiles
 from ssl_attention.render import colorize, overlay
 
+MARGIN_PX = 8  # around and between the parts of the PNG
+TITLE_PX = 24  # the title line above the overlays
 PANEL_PX = 320  # side of each overlay in the PNG
 CAPTION_PX = 18
 GRID_CELL_PX = 96  # width of a head grid tile in the PNG
@@ -134,17 +136,18 @@ def view_png(
     if len(view.heads) > 1:
         labels = ["fused" if h is None else f"h{h}" for h in view.heads]
         grid = _grid(grid_tiles(view.maps, shared, cmap), labels)
-    width = max(sum(p.width for p in panels) + 8 * (len(panels) - 1), grid.width) + 16
-    height = 24 + max(p.height for p in panels) + 8 + (grid.height + 8 if grid.height else 0)
+    gap = MARGIN_PX
+    width = max(sum(p.width for p in panels) + gap * (len(panels) - 1), grid.width) + 2 * gap
+    height = TITLE_PX + max(p.height for p in panels) + gap + (grid.height + gap if grid.height else 0)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((8, 6), title, fill="black")
-    x = 8
+    draw.text((gap, 6), title, fill="black")
+    x = gap
     for panel in panels:
-        canvas.paste(panel, (x, 24))
-        x += panel.width + 8
+        canvas.paste(panel, (x, TITLE_PX))
+        x += panel.width + gap
     if grid.height:
-        canvas.paste(grid, (8, 24 + max(p.height for p in panels) + 8))
+        canvas.paste(grid, (gap, TITLE_PX + max(p.height for p in panels) + gap))
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     buffer.seek(0)

@@ -68,7 +68,7 @@ class Session(param.Parameterized):
     cmap = param.Selector(objects=list(COLORMAPS), default="viridis", doc="colormap of the maps")
     opacity = param.Number(default=0.6, bounds=(0.0, 1.0), step=0.05)
     scale = param.Selector(objects={"Shared": "shared", "Independent": "independent"}, default="shared")
-    tab = param.Selector(objects=[], doc="key of the open tab")
+    tab = param.Selector(objects=[], check_on_set=True, doc="key of the open tab (objects: set per session)")
 
     # derived state, set by _apply only. Each view depends on the narrowest key that changes it.
     selection = param.ClassSelector(class_=state.Selection, default=None)

@@ -198,6 +198,7 @@ def test_query_round_trip_and_bad_values(explorer: AttentionExplorer) -> None:
     assert query["tab"] == "statistics"
     session.apply_query({"model": "nope", "head": "x", "cmap": "rainbow", "opacity": 7, "tab": 3})
     assert (session.selection.model, session.selection.head) == ("dinov2", None)
+    assert session.tab == "statistics"
     assert session.cmap == "magma" and session.opacity == 0.6  # invalid display values keep the current ones
 
 
@@ -567,3 +568,89 @@ def test_url_sync_follows_back_and_forward(explorer: AttentionExplorer, monkeypa
     browser._handle_msg("?" + "&".join(f"{k}={v}" for k, v in second.items()))  # Forward
     assert (session.selection.head, session.scale) == (3, "independent")
     assert len(written) == count
+
+
+# --- a new tab is one module and one line in TABS --------------------------------------------------------------
+
+
+def _notes_tab() -> type:
+    """A tab as a new module would write it: a key, a label, a parameter kept in the URL, a layout on the
+    session's selection."""
+    import param
+
+    from dashboards.tabs import Tab
+
+    class NotesTab(Tab):
+        key = "notes"
+        label = "Notes"
+        url_keys = {"note": "text"}  # noqa: RUF012 (a class-level declaration, as the real tabs write it)
+        text = param.String(default="hello")
+
+        def __panel__(self) -> pn.viewable.Viewable:
+            def note(text: str, selection: Any) -> str:
+                return f"{text}: {selection.model}/{selection.method}"
+
+            return pn.pane.Markdown(pn.bind(note, self.param.text, self.session.param.selection))
+
+    return NotesTab
+
+
+def test_a_tab_added_to_TABS_appears_with_its_url_keys(warehouse: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dashboards import app as app_module
+
+    notes_tab = _notes_tab()
+    monkeypatch.setattr(app_module, "TABS", [*app_module.TABS, notes_tab])
+    app = app_module.create_app(warehouse)
+    assert isinstance(app, app_module.AttentionExplorer)
+    session = app.session
+    assert list(app.tabs) == ["heads", "overview", "statistics", "compare", "glossary", "notes"]
+    assert isinstance(app.tabs["notes"], notes_tab) and app.tabs["notes"].session is session
+    tabs = next(iter(app.__panel__().select(pn.Tabs)))
+    assert tabs._names[-1] == "Notes" and tabs.active == 0
+
+    query = session.query()
+    assert query["note"] == "hello" and query["tab"] == "heads"
+    session.apply_query({"tab": "notes", "note": "seen", "model": "clip", "method": "mean"})
+    assert tabs.active == 5 and app.tabs["notes"].text == "seen"
+    assert session.query()["note"] == "seen" and session.query()["tab"] == "notes"
+    shown = tabs.objects[-1].object
+    assert shown.startswith("seen: clip/mean")  # the tab's own layout, on the session's selection
+    tabs.active = 0  # a click on the first tab
+    assert session.tab == "heads"
+    owners = {type(owner).__name__: names for owner, names in session.url_watched()}
+    assert owners["NotesTab"] == ["text"]  # the URL follows the tab's parameter too
+
+
+def test_tabs_cannot_take_each_others_url_keys(warehouse: Path) -> None:
+    from dashboards import data
+    from dashboards.app import TABS, AttentionExplorer
+
+    class ClashingTab(_notes_tab()):  # type: ignore[misc]
+        key = "clash"
+        url_keys = {"cmap": "text"}  # noqa: RUF012
+
+    loaded = data.load_index(warehouse)
+    with pytest.raises(ValueError, match=r"URL key\(s\) cmap of ClashingTab are taken"):
+        AttentionExplorer(loaded, [*TABS, ClashingTab])
+    with pytest.raises(ValueError, match="tab keys must be unique"):
+        AttentionExplorer(loaded, [*TABS, TABS[0]])
+
+
+def test_compare_groups_are_the_roles_present(explorer: AttentionExplorer) -> None:
+    """One group per role of the warehouse's methods, each naming the methods the models use for it; an older
+    link's method name stands for its role; each card shows its model's method of that role."""
+    session, compare = explorer.session, explorer.tabs["compare"]
+    assert compare.param.role.objects == {  # the six registry models: ViTs with cls/mean/rollout, SigLIP, ResNet
+        "CLS-like (cls · probe · gradcam)": "cls",
+        "Mean attention (mean · gradcam)": "mean",
+        "Attention flow (rollout · gradcam)": "flow",
+        "Saliency (cls · probe · gradcam)": "saliency",
+    }
+    assert compare.role == "cls"
+    session.apply_query({"compare": "rollout", "tab": "compare"})
+    assert compare.role == "flow" and session.query()["compare"] == "flow"
+    session.apply_query({"compare": "nonsense"})
+    assert compare.role == "flow"  # invalid: kept
+    view = compare.view(session.selection.image, 1.0, "flow", "viridis", 0.6, "compare")
+    methods = {c.objects[0].object.split("**")[1]: c.objects[0].object.split(" · ")[1] for c in view.objects[0].objects}
+    assert methods == {m: "gradcam" if m == "resnet50" else "rollout" for m in MODELS}

@@ -35,7 +35,7 @@ class CompareTab(Tab):
     url_keys: ClassVar[Mapping[str, str]] = {"depth": "depth", "compare": "role"}
 
     depth = param.Number(default=1.0, bounds=(0.0, 1.0), step=0.05, doc="relative depth (0 = first layer, 1 = last)")
-    role = param.Selector(objects=[], doc="the role of the methods compared (registry MethodSpec.role)")
+    role = param.Selector(objects=[], check_on_set=True, doc="the role of the methods compared (MethodSpec.role)")
 
     def __init__(self, session: Session, **params: Any) -> None:
         super().__init__(session, **params)
