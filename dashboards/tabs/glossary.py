@@ -55,7 +55,7 @@ see real attention.
 ### Colour scale
 Values are raw patch values on the model's grid; display scaling happens only here. *Shared* scales the fused
 map and the head to the same maximum (compare magnitudes); *independent* scales each to its own maximum
-(compare shapes).
+(compare shapes). The colormaps are Bokeh's 256-colour palettes, the same on every tab and in the PNG export.
 """
 
 
