@@ -337,8 +337,8 @@ def measured_digest(args: argparse.Namespace) -> str:
     """What a run measured: the dashboard's sources, the harness and the load. Runs with the same digest are
     repeats of one another (the docs give their range)."""
     digest = hashlib.sha256()
-    for path in sorted((REPO / "dashboards").glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted((REPO / "dashboards").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
     load = [args.clients, args.switches, args.rounds, args.model, args.seed, platform.node(), os.cpu_count()]
     digest.update((FIRST_PAINT_JS + HARNESS_JS + json.dumps(load)).encode())
     return digest.hexdigest()[:16]

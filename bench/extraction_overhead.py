@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ssl_attention.extraction import catalog_images, extract_model, read_catalog_records
+from ssl_attention.extraction import catalog_images, extract_model, plan_batches, read_catalog_records
 from ssl_attention.models.adapters import ViTAdapter
 from ssl_attention.models.loading import LoadRequest, load_model
 from ssl_attention.registry import MODELS
@@ -51,11 +51,7 @@ def bare_forward(adapter, pixel_values: torch.Tensor) -> float:
     start = time.perf_counter()
     if isinstance(adapter, ViTAdapter):
         with torch.inference_mode():
-            adapter.module(
-                pixel_values=pixel_values,
-                output_attentions=True,
-                **adapter._call_kwargs(pixel_values, adapter.layout(pixel_values)),
-            )
+            adapter.module(**adapter.model_inputs(pixel_values), output_attentions=True)
     else:
         with torch.inference_mode():
             adapter.module(pixel_values)
@@ -92,10 +88,10 @@ def main() -> None:
             f"{len(records)} images, batch {args.batch_size}, {args.repeats} repeats, torch threads "
             f"{torch.get_num_threads()}"
         )
-        print(f"{'model':9s} {'device':6s} {'bare ms/img':>12s} {'extract ms/img':>15s} {'ratio':>6s}  note")
+        print(f"{'model':14s} {'device':6s} {'bare ms/img':>12s} {'extract ms/img':>15s} {'ratio':>6s}  note")
         for slug in args.models.split(","):
             adapter = load_model(slug, LoadRequest(weights="random", device=args.device))
-            batches = [records[i : i + args.batch_size] for i in range(0, len(records), args.batch_size)]
+            batches = plan_batches(adapter, records, args.batch_size)  # one input size per batch, as extraction
             pixel_batches = [
                 adapter.pixel_values([Image.open(r.path).convert("RGB") for r in batch]) for batch in batches
             ]
@@ -108,7 +104,7 @@ def main() -> None:
                 extract_model(adapter, records, target, batch_size=args.batch_size)
                 sync(adapter.device)
                 extract_runs.append((time.perf_counter() - start) / len(records))
-                if slug == "resnet50":
+                if MODELS[slug].family == "cnn":
                     fb_runs.append(sum(forward_backward(adapter, pv) for pv in pixel_batches) / len(records))
             bare, extract = statistics.median(bare_runs), statistics.median(extract_runs)
             note = ""
@@ -116,7 +112,7 @@ def main() -> None:
                 fb = statistics.median(fb_runs)
                 note = f"Grad-CAM needs forward+backward: {fb * 1e3:.1f} ms/img, ratio to that {extract / fb:.2f}"
             print(
-                f"{slug:9s} {adapter.device.type:6s} {bare * 1e3:12.1f} {extract * 1e3:15.1f} "
+                f"{slug:14s} {adapter.device.type:6s} {bare * 1e3:12.1f} {extract * 1e3:15.1f} "
                 f"{extract / bare:6.2f}  {note}",
                 flush=True,
             )

@@ -53,6 +53,8 @@ SHAPES = {
     "mae": Shape(14, 0, 16),
     "clip": Shape(14, 0, 16),
     "siglip": Shape(14, 0, 16),
+    "siglip2": Shape(14, 0, 16),
+    "siglip2_naflex": Shape(16, 0, 16),  # 256 patches; real NaFlex grids follow each image's aspect ratio
     "resnet50": Shape(0, 0, None),
 }
 STAGES = (56, 28, 14, 7)
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("bench/results/synthetic_warehouse"))
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated slugs (default: all six)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated slugs (default: all)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

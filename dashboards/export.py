@@ -1,9 +1,14 @@
-"""Downloads: the current view as PNG (drawn server-side with ``ssl_attention.render``), the maps behind it as
-CSV or Parquet (one row per patch cell, long format)."""
+"""Downloads: the current view as PNG (drawn server-side with ``ssl_attention.render``, in the palettes the
+screen uses), the maps behind it as CSV or Parquet (one row per patch cell, long format).
+
+``png_view``, ``csv_maps`` and ``parquet_maps`` build a ``Download`` from the session's selection;
+``safely`` turns a failed read into a text file saying why (and the same message on screen).
+"""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,9 +17,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from dashboards.views import normalise_tiles
+from dashboards.session import Session, plain
+from dashboards.views import display_max, normalise_tiles
 from ssl_attention.render import colorize, overlay
 
+MARGIN_PX = 8  # around and between the parts of the PNG
+TITLE_PX = 24  # the title line above the overlays
 PANEL_PX = 320  # side of each overlay in the PNG
 CAPTION_PX = 18
 GRID_CELL_PX = 96  # width of a head grid tile in the PNG
@@ -128,17 +136,18 @@ def view_png(
     if len(view.heads) > 1:
         labels = ["fused" if h is None else f"h{h}" for h in view.heads]
         grid = _grid(grid_tiles(view.maps, shared, cmap), labels)
-    width = max(sum(p.width for p in panels) + 8 * (len(panels) - 1), grid.width) + 16
-    height = 24 + max(p.height for p in panels) + 8 + (grid.height + 8 if grid.height else 0)
+    gap = MARGIN_PX
+    width = max(sum(p.width for p in panels) + gap * (len(panels) - 1), grid.width) + 2 * gap
+    height = TITLE_PX + max(p.height for p in panels) + gap + (grid.height + gap if grid.height else 0)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((8, 6), title, fill="black")
-    x = 8
+    draw.text((gap, 6), title, fill="black")
+    x = gap
     for panel in panels:
-        canvas.paste(panel, (x, 24))
-        x += panel.width + 8
+        canvas.paste(panel, (x, TITLE_PX))
+        x += panel.width + gap
     if grid.height:
-        canvas.paste(grid, (8, 24 + max(p.height for p in panels) + 8))
+        canvas.paste(grid, (gap, TITLE_PX + max(p.height for p in panels) + gap))
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     buffer.seek(0)
@@ -149,3 +158,66 @@ def file_stem(view: ViewMaps, selected: int | None) -> str:
     stem = view.file_name.rsplit("/", 1)[-1].rsplit(".", 1)[0] or view.image_id[:12]
     head = "fused" if selected is None else f"head{selected}"
     return f"{stem}_{view.model}_{view.method}_layer{view.layer}_{head}"
+
+
+# --- downloads of the session's view ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Download:
+    filename: str
+    data: io.BytesIO
+
+
+def view_maps(session: Session) -> ViewMaps:
+    """The fused map and every head of the selected (image, model, method, layer)."""
+    grid = session.head_grid()
+    s = session.selection
+    return ViewMaps(
+        s.image,
+        session.file_name(s.image),
+        s.model,
+        s.method,
+        s.layer,
+        grid.layer_name,
+        grid.heads,
+        grid.maps,
+        grid.provenance.mode,
+    )
+
+
+def png_view(session: Session) -> Download:
+    """The heads tab as the screen shows it: its opacity, colormap and colour scale."""
+    view = view_maps(session)
+    s = session.selection
+    shared = session.scale == "shared"
+    head = view.maps[view.heads.index(s.head)] if s.head in view.heads else view.maps[0]
+    vmaxes = (display_max(view.maps, view.maps[0], shared), display_max(view.maps, head, shared))
+    title = f"{view.file_name} · {s.model}/{s.method} · {session.layer_label()} · {view.weights_mode} weights"
+    captions = (session.map_title(None), session.map_title(s.head))
+    rgb = session.rgb(s.image, s.model)
+    png = view_png(view, rgb, s.head, session.opacity, session.cmap, vmaxes, title, captions, shared)
+    return Download(file_stem(view, s.head) + ".png", png)
+
+
+def csv_maps(session: Session) -> Download:
+    view = view_maps(session)
+    return Download(file_stem(view, None).removesuffix("_fused") + "_maps.csv", csv_bytes(view))
+
+
+def parquet_maps(session: Session) -> Download:
+    view = view_maps(session)
+    return Download(file_stem(view, None).removesuffix("_fused") + "_maps.parquet", parquet_bytes(view))
+
+
+FAILED_NAME = "export_failed.txt"
+
+
+def safely(session: Session, build: Callable[[Session], Download], what: str) -> Download:
+    """``build(session)``, or (when the maps cannot be read) a text file saying why, with the same message on
+    screen (``session.problem``); ``what`` names the export in the message ("the view as PNG")."""
+    try:
+        return build(session)
+    except Exception as exc:
+        session.problem = session.failure(f"export {what}", exc)
+        return Download(FAILED_NAME, io.BytesIO((plain(session.problem) + "\n").encode()))

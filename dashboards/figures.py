@@ -37,15 +37,10 @@ from bokeh.models import (
     WheelZoomTool,
 )
 
-from ssl_attention.render import colormap_lut
+from ssl_attention.render import palette  # the 256 colours the PNG export bins values into, as Bokeh does
 
 MARK_COLOR = "#ff3860"  # outline of the selected tile
 OVERLAY_FRAME = 340  # px, side of each overlay's data area
-
-
-def palette(cmap: str) -> list[str]:
-    """256 hex colours of a colormap, the same table the PNG export uses."""
-    return ["#{:02x}{:02x}{:02x}".format(*rgb) for rgb in colormap_lut(cmap)]
 
 
 def rgba_image(rgb: np.ndarray) -> np.ndarray:

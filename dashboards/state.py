@@ -13,24 +13,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ssl_attention import registry
 from ssl_attention.query import ImageInfo
-from ssl_attention.registry import METHODS
+from ssl_attention.registry import METHODS, ROLE_LABELS
 
 FUSED_LABEL = "All heads (fused)"
 FUSED_VALUE = -1  # the head selector's value for the fused map (widgets cannot hold None)
 FUSED_URL = "fused"
-
-# When the new model lacks the current method, the method that plays the same part there.
-COUNTERPARTS: dict[str, tuple[str, ...]] = {
-    "cls": ("cls", "probe", "gradcam"),
-    "probe": ("probe", "cls", "gradcam"),
-    "mean": ("mean", "gradcam"),
-    "rollout": ("rollout", "gradcam"),
-    "gradcam": ("cls", "probe", "rollout"),
-}
-
-# What the values of a method's maps are: the colour bar's title and the hover label.
-VALUE_LABELS = {"rollout": "rollout", "gradcam": "Grad-CAM"}
 
 
 # Not ssl_attention.query.ModelInfo: the rules need the layers each method stores and their names (SigLIP's probe
@@ -122,26 +111,65 @@ def map_title(info: ModelInfo, method: str, layer: int, head: int | None) -> str
     where = info.layer_label(layer)
     if has_heads(info, method):
         return f"{head_label(head)} · {where}"
-    if method == "rollout":  # layer l holds the rollout of layers 0..l
+    spec = METHODS.get(method)
+    if spec is not None and spec.cumulative:  # layer l summarises layers 0..l
         return f"{method_label(method)} · up to {where}"
     return f"{method_label(method)} · {where}"
 
 
 def value_label(method: str) -> str:
-    """What a map's values are: "attention" (cls, mean, probe), "rollout" or "Grad-CAM"."""
-    return VALUE_LABELS.get(method, "attention")
+    """What a map's values are (the registry's ``value_label``: "attention", "rollout", "Grad-CAM");
+    "attention" for a method the registry does not know."""
+    spec = METHODS.get(method)
+    return spec.value_label if spec else "attention"
 
 
 def default_method(info: ModelInfo) -> str:
-    return info.methods[0]
+    """The model's most comparable method (``registry.default_method``: by role preference)."""
+    return registry.default_method(info.methods)
 
 
 def counterpart_method(info: ModelInfo, method: str) -> str:
-    """``method`` if the model has it, else the method that plays its part there, else the model's first."""
-    for candidate in COUNTERPARTS.get(method, (method,)):
-        if candidate in info.methods:
-            return candidate
-    return default_method(info)
+    """``method`` if the model has it, else the method that plays its part there (``registry.counterpart``:
+    same role, then the role's fallbacks), else the model's default."""
+    return registry.counterpart(method, info.methods)
+
+
+# --- roles (the compare tab's groups) ------------------------------------------------------------------
+
+
+def roles_present(index: WarehouseIndex) -> list[str]:
+    """The roles of the methods with maps in the warehouse, in ``ROLE_LABELS`` order."""
+    present = {METHODS[m].role for info in index.models.values() for m in info.methods if m in METHODS}
+    return [role for role in ROLE_LABELS if role in present]
+
+
+def role_method(info: ModelInfo, role: str) -> str:
+    """The model's method playing ``role``: the first registered method of the role if the model has it,
+    else its counterpart there (same role, then the role's fallbacks, then the model's default)."""
+    first = next((name for name, spec in METHODS.items() if spec.role == role), None)
+    if first is None:
+        raise ValueError(f"unknown role {role!r}; valid roles: {', '.join(ROLE_LABELS)}")
+    return counterpart_method(info, first)
+
+
+def role_options(index: WarehouseIndex) -> dict[str, str]:
+    """The compare tab's groups: label -> role, one per role present; each label names the methods the
+    models use for it (registry order), e.g. "CLS-like (cls · probe · gradcam)"."""
+    options = {}
+    for role in roles_present(index):
+        used = {role_method(info, role) for info in index.models.values()}
+        names = [m for m in METHODS if m in used] + sorted(used - set(METHODS))
+        options[f"{ROLE_LABELS[role]} ({' · '.join(names)})"] = role
+    return options
+
+
+def default_role(index: WarehouseIndex) -> str:
+    """The role of the most comparable method among all the warehouse's methods."""
+    available = [m for m in METHODS if any(m in info.methods for info in index.models.values())]
+    if not available:
+        raise ValueError("the warehouse holds no registered methods")
+    return METHODS[registry.default_method(available)].role
 
 
 def clamp_layer(info: ModelInfo, method: str, layer: Any) -> int:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 import panel as pn
+import param
 from bokeh.document import Document
 from panel.custom import JSComponent
 from panel.util import parse_query
@@ -28,8 +29,6 @@ URL_DELAY_MS = 400  # a view change is written to the URL once the view has not 
 
 
 class UrlView(Protocol):
-    param: Any
-
     def query(self) -> dict[str, str]: ...
 
     def apply_query(self, query: Mapping[str, Any]) -> None: ...
@@ -75,9 +74,14 @@ class BrowserUrl(JSComponent):
         self._send_msg({"search": search, "push": push, "base": base})
 
 
-def sync_url(viewer: UrlView, browser: BrowserUrl, opened: Mapping[str, Any], watched: Sequence[str]) -> None:
+def sync_url(
+    viewer: UrlView,
+    browser: BrowserUrl,
+    opened: Mapping[str, Any],
+    watched: Sequence[tuple[param.Parameterized, Sequence[str]]],
+) -> None:
     """Show the view of the query the session was opened with, then keep the browser's URL and the view in
-    step: ``viewer.query()`` is the URL of the view, ``watched`` the viewer parameters it depends on."""
+    step: ``viewer.query()`` is the URL of the view, ``watched`` the (object, parameter names) it depends on."""
     viewer.apply_query(opened)
     shown: str | None = None  # the browser's query; None until it has reported it (nothing can be written)
     following = False  # the view is changing to follow the browser's URL: nothing to push
@@ -133,4 +137,5 @@ def sync_url(viewer: UrlView, browser: BrowserUrl, opened: Mapping[str, Any], wa
             doc.add_timeout_callback(partial(write_when_quiet, doc), URL_DELAY_MS)
 
     browser.on_report = reported
-    viewer.param.watch(write_soon, list(watched))
+    for owner, names in watched:
+        owner.param.watch(write_soon, list(names))

@@ -2,7 +2,8 @@
 display scaling shared with the per-click figures. Built from plain numpy arrays: no Panel, no queries here.
 
 The overview is a single mosaic image (one glyph, one data source), never a figure per head. Each element has
-its own key dimensions because ``pn.pane.HoloViews`` links the axes of all panes that share dimensions.
+its own key dimensions because ``pn.pane.HoloViews`` links the axes of all panes that share dimensions. Colours
+are the 256-entry palettes of ``ssl_attention.render`` (bokeh.palettes), as on every tab and in the exports.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import holoviews as hv
 import numpy as np
 
 from dashboards.figures import MARK_COLOR
+from ssl_attention.render import palette
 
 
 def _finite_max(values: np.ndarray) -> float:
@@ -77,7 +79,7 @@ def overview_image(
     return hv.Image(
         mosaic, bounds=(0, 0, cols, rows), kdims=["ox", "oy"], vdims=[hv.Dimension("scaled", range=(0, 1))]
     ).opts(
-        cmap=cmap,
+        cmap=palette(cmap),
         clim=(0, 1),
         tools=["tap"],
         default_tools=[],
@@ -122,7 +124,7 @@ def stat_heatmap_element(
     heat = hv.HeatMap(records, kdims=["head", "layer"], vdims=[hv.Dimension(stat, range=(low, high))], label=title)
     cell = max(22, min(48, 560 // max(len(heads), 1)))
     return heat.opts(
-        cmap=cmap,
+        cmap=palette(cmap),
         colorbar=True,
         tools=["hover"],
         toolbar=None,

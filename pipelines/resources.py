@@ -24,5 +24,10 @@ class ExtractionSettings(dg.ConfigurableResource, ExtractionFields):
 
     def load_request(self, model: str) -> LoadRequest:
         return LoadRequest(
-            weights=self.weights, checkpoint=self.checkpoint_dirs().get(model), seed=self.seed, device=self.device
+            weights=self.weights,
+            checkpoint=self.checkpoint_dirs().get(model),
+            seed=self.seed,
+            device=self.device,
+            resolution=self.resolution_of(model),
+            max_tokens=self.max_tokens,
         )

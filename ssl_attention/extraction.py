@@ -1,7 +1,9 @@
 """The extraction itself: images folder -> catalog; (model, images) -> warehouse partitions.
 
 One forward pass per batch gives every method's maps for that model (Grad-CAM: one forward, one
-backward). Only one batch's attentions are alive at a time; rows are streamed into each partition's
+backward). A batch holds images of one input size, as many as a token budget allows (``plan_batches``: the
+attention of T tokens takes T² memory), so peak memory does not grow with the number of images; only one
+batch's attentions are alive at a time; rows are streamed into each partition's
 replacement file and swapped in atomically at the end, so a failed or killed run leaves the previous
 data whole. Images already extracted with the same weights are carried over, not recomputed.
 """
@@ -11,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,7 @@ from ssl_attention.images import (
 )
 from ssl_attention.methods.blocks import MapBlock
 from ssl_attention.models.adapters import ModelAdapter
+from ssl_attention.models.preprocessing import Size
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter, write_table_atomic
 from ssl_attention.warehouse.paths import DATA_FILE, iter_partitions, partition_dir, partition_file
@@ -51,7 +55,10 @@ from ssl_attention.warehouse.tables import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_BATCH_SIZE = 8  # images per batch at most
+# Σ T² over a batch at most (T tokens per image): one layer's attention per head, in elements. 2**22 is about
+# 2.4 GB of attention weights for a 12-layer, 12-head ViT in float32; an image above it runs alone.
+DEFAULT_TOKEN_BUDGET = 2**22
 
 
 # --- the images catalog ---------------------------------------------------------------------------------
@@ -214,9 +221,51 @@ def catalogued_ids(warehouse: Path) -> set[str] | None:
     return set(pq.read_table(path, columns=["image_id"])["image_id"].to_pylist())
 
 
-def _batches(items: Sequence[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
+def plan_batches(
+    adapter: ModelAdapter,
+    records: Sequence[ImageRecord],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+) -> list[list[ImageRecord]]:
+    """Batches of images of one input size (``adapter.input_size`` of each image's catalogued size), each of at
+    most ``batch_size`` images whose Σ T² stays within ``token_budget`` (T = ``adapter.sequence_length``); an
+    image whose T² alone exceeds the budget makes a batch of its own. Sizes in order of first appearance."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if token_budget < 1:
+        raise ValueError(f"token budget must be >= 1, got {token_budget}")
+    by_size: dict[Size, list[ImageRecord]] = {}
+    for record in records:
+        by_size.setdefault(adapter.input_size(record.width, record.height), []).append(record)
+    batches = []
+    for size, group in by_size.items():
+        cost = adapter.sequence_length(*size) ** 2
+        per_batch = max(1, min(batch_size, token_budget // cost))
+        batches.extend(group[start : start + per_batch] for start in range(0, len(group), per_batch))
+    return batches
+
+
+def stored_input_sizes(path: Path) -> dict[str, Size]:
+    """image id -> (input_h, input_w) recorded in an ``inputs`` partition file (empty when there is none)."""
+    if not path.is_file():
+        return {}
+    table = pq.read_table(path, columns=["image_id", "input_h", "input_w"]).to_pylist()
+    return {row["image_id"]: (int(row["input_h"]), int(row["input_w"])) for row in table}
+
+
+def _resized(
+    adapter: ModelAdapter, records: Sequence[ImageRecord], todo: Sequence[ImageRecord], path: Path
+) -> set[str]:
+    """Ids of up-to-date images whose stored input size is not the one asked for now (another resolution)."""
+    stored = stored_input_sizes(path)
+    planned = {r.image_id for r in todo}
+    return {
+        r.image_id
+        for r in records
+        if r.image_id not in planned
+        and r.image_id in stored
+        and stored[r.image_id] != adapter.input_size(r.width, r.height)
+    }
 
 
 def extract_model(
@@ -227,10 +276,14 @@ def extract_model(
     recompute: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable[[int], None] | None = None,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
 ) -> ModelRunReport:
-    """Extract every method's maps of ``adapter`` for ``records`` into the warehouse."""
+    """Extract every method's maps of ``adapter`` for ``records`` into the warehouse, at the adapter's resolution
+    (images stored at another input size are recomputed), in batches planned by ``plan_batches``."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if token_budget < 1:
+        raise ValueError(f"token budget must be >= 1, got {token_budget}")
     spec, provenance = adapter.spec, adapter.provenance
     start = time.perf_counter()
     report = ModelRunReport(
@@ -248,6 +301,12 @@ def extract_model(
         return report
     plan = plan_work(records, partitions, provenance.weights_id, recompute)
     todo, weights_changed = plan.todo, plan.weights_changed
+    if not weights_changed:  # another resolution than the stored one: those images are computed again
+        resized = _resized(adapter, records, todo, partitions["inputs"] / DATA_FILE)
+        if resized:
+            log.info("%s: %d images are stored at another input size; recomputed", spec.slug, len(resized))
+            wanted = {r.image_id for r in todo} | resized
+            todo = [r for r in records if r.image_id in wanted]
     if provenance.fallback and weights_changed:
         real = sorted(w for w in plan.existing_weights if not w.startswith("random:"))
         if real:
@@ -275,7 +334,7 @@ def extract_model(
 
     # clustered by image: sorted, ~1 MiB row groups, so a query for one image reads one row group
     writers = {name: PartitionWriter(d, _schema_for(name), cluster_by="image_id") for name, d in partitions.items()}
-    input_size: tuple[int, int] | None = None
+    input_sizes: Counter[Size] = Counter()  # images per input size in this run
     try:
         recompute_ids = {r.image_id for r in todo}
         for name, directory in partitions.items():
@@ -286,14 +345,13 @@ def extract_model(
         # at most one batch waits to be written, so memory stays at two batches whatever the image count.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssl-attention-writer") as pool:
             pending: Future[None] | None = None
-            for batch in _batches(todo, batch_size):
-                images, loaded = _load_batch(spec.slug, batch, max_pixels, report)
-                pixel_values, loaded = _preprocess(adapter, images, loaded, report)
-                if pixel_values is not None:
+            for batch in plan_batches(adapter, todo, batch_size, token_budget):
+                images, decoded = _load_batch(spec.slug, batch, max_pixels, report)
+                for pixel_values, loaded in _preprocess(adapter, images, decoded, report):
                     forward_start = time.perf_counter()
                     blocks = _to_cpu(adapter.run(pixel_values))  # the one forward (Grad-CAM: + backward) pass
                     report.forward_seconds += time.perf_counter() - forward_start
-                    input_size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+                    input_sizes[(int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))] += len(loaded)
                     display = adapter.display_images(pixel_values)
                     ids = [r.image_id for r in loaded]
                     if report.preview is None:
@@ -319,8 +377,8 @@ def extract_model(
         for writer in writers.values():
             writer.abort()
         raise
-    if input_size is not None:
-        _write_model_row(adapter, warehouse, input_size)
+    if input_sizes:  # the models table keeps the most common size; each image's own is in `inputs`
+        _write_model_row(adapter, warehouse, input_sizes.most_common(1)[0][0])
     write_table_atomic(
         partition_dir(warehouse, "errors", source=spec.slug),
         errors_table(report.issues, now_utc()),
@@ -358,23 +416,26 @@ def _load_batch(
 
 def _preprocess(
     adapter: ModelAdapter, images: list[Image.Image], loaded: list[ImageRecord], report: ModelRunReport
-) -> tuple[torch.Tensor | None, list[ImageRecord]]:
-    """The batch's pixel values; if the processor fails, retry image by image and skip the ones that fail."""
+) -> list[tuple[torch.Tensor, list[ImageRecord]]]:
+    """The batch's pixel values, one tensor per input size (a single one when the planned sizes hold). If the
+    batch fails as a whole, images are preprocessed one by one: those that fail are recorded and skipped,
+    the others grouped by the size they came out at."""
     if not images:
-        return None, []
+        return []
     try:
-        return adapter.pixel_values(images), loaded
+        return [(adapter.pixel_values(images), loaded)]
     except Exception:
-        kept_images, kept = [], []
+        groups: dict[tuple[int, ...], tuple[list[torch.Tensor], list[ImageRecord]]] = {}
         for image, record in zip(images, loaded, strict=True):
             try:
-                adapter.pixel_values([image])
+                pixels = adapter.pixel_values([image])
             except Exception as exc:
                 report.issues.append(ImageIssue(record.file_name, f"preprocessing failed: {exc}"))
                 continue
-            kept_images.append(image)
-            kept.append(record)
-        return (adapter.pixel_values(kept_images), kept) if kept else (None, [])
+            tensors, records = groups.setdefault(tuple(pixels.shape[1:]), ([], []))
+            tensors.append(pixels)
+            records.append(record)
+        return [(torch.cat(tensors), records) for tensors, records in groups.values()]
 
 
 def _to_cpu(blocks: dict[str, list[MapBlock]]) -> dict[str, list[MapBlock]]:

@@ -90,6 +90,9 @@ class ModelSpec:
     position_interpolation: Literal["native", "flag"] = "native"
     gated: bool = False  # the hub repository needs an accepted licence and a token
     processor_defaults: Mapping[str, Any] = field(default_factory=dict)  # kwargs for its image processor
+    # How pixels enter the model: "grid", images (B, 3, H, W); or "naflex", each image as a sequence of
+    # flattened patches with pixel_attention_mask and spatial_shapes (SigLIP 2 NaFlex, any aspect ratio).
+    pixel_layout: Literal["grid", "naflex"] = "grid"
 
     @property
     def per_head_methods(self) -> tuple[str, ...]:
@@ -219,6 +222,32 @@ MODELS: dict[str, ModelSpec] = {
         notes="No CLS token: the pooling head's probe query plays its part. Rollout uses the mean row.",
         model_class="SiglipVisionModel",
         position_interpolation="flag",
+    ),
+    "siglip2": ModelSpec(
+        slug="siglip2",
+        label="SigLIP 2 ViT-B/16 (vision tower)",
+        family="vit",
+        default_weights="google/siglip2-base-patch16-224",
+        methods=("mean", "probe", "rollout"),
+        has_cls=False,
+        accepted_model_types=("siglip", "siglip_vision_model"),
+        notes="Fixed resolution (224 px); SigLIP's architecture with SigLIP 2 weights. No CLS token: the pooling "
+        "head's probe query plays its part.",
+        model_class="SiglipVisionModel",
+        position_interpolation="flag",
+    ),
+    "siglip2_naflex": ModelSpec(
+        slug="siglip2_naflex",
+        label="SigLIP 2 ViT-B/16 NaFlex (vision tower)",
+        family="vit",
+        default_weights="google/siglip2-base-patch16-naflex",
+        methods=("mean", "probe", "rollout"),
+        has_cls=False,
+        accepted_model_types=("siglip2", "siglip2_vision_model"),
+        notes="NaFlex: each image at its own aspect ratio (up to 256 patches by default), fed as a patch "
+        "sequence; padding patches are never stored, nor counted in a mass.",
+        model_class="Siglip2VisionModel",
+        pixel_layout="naflex",
     ),
     "resnet50": ModelSpec(
         slug="resnet50",

@@ -1,7 +1,11 @@
-"""Small, dependency-free rendering of maps to RGB/PNG (pipeline previews, dashboard PNG export).
+"""Small rendering of maps to RGB/PNG (pipeline previews, the dashboard's PNG export and compare cards).
 
 Display normalisation lives here, not in the warehouse: each map is scaled to [0, 1] by its own maximum
 (or by a shared maximum when asked) only when it is drawn.
+
+Colours: ``bokeh.palettes`` is the one source. The dashboard's plots (Bokeh colour mappers, HoloViews tabs)
+are given the same 256-entry palettes (``palette``), and ``colorize`` bins values into them exactly as
+Bokeh's ``LinearColorMapper`` does, so a value has the same colour on screen and in an exported PNG.
 """
 
 from __future__ import annotations
@@ -10,36 +14,52 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
+from bokeh import palettes
 from PIL import Image, ImageDraw
 
-# Anchor colours of matplotlib's perceptually uniform maps (sampled at 0, 1/8, ..., 1).
-_ANCHORS = {
-    "viridis": ["#440154", "#46327e", "#365c8d", "#277f8e", "#1fa187", "#4ac16d", "#a0da39", "#d5e21a", "#fde725"],
-    "magma": ["#000004", "#1c1044", "#4f127b", "#812581", "#b5367a", "#e55064", "#fb8761", "#fec287", "#fcfdbf"],
-    "inferno": ["#000004", "#1f0c48", "#550f6d", "#88226a", "#ba3655", "#e35933", "#f98e09", "#f8c932", "#fcffa4"],
-    "gray": ["#000000", "#ffffff"],
+# name -> 256 "#rrggbb" colours, low values first
+PALETTES: dict[str, tuple[str, ...]] = {
+    "viridis": tuple(palettes.Viridis256),
+    "magma": tuple(palettes.Magma256),
+    "inferno": tuple(palettes.Inferno256),
+    "cividis": tuple(palettes.Cividis256),
+    "gray": tuple(palettes.Greys256),  # black to white
 }
-COLORMAPS = tuple(_ANCHORS)
+COLORMAPS = tuple(PALETTES)
 
 
-def colormap_lut(name: str = "viridis", size: int = 256) -> np.ndarray:
-    """(size, 3) uint8 lookup table, linearly interpolated between the anchor colours."""
-    if name not in _ANCHORS:
+def palette(name: str = "viridis") -> list[str]:
+    """The 256 hex colours of a colormap, as the screen's colour mappers are given them."""
+    colours = PALETTES.get(name)
+    if colours is None:
         raise ValueError(f"unknown colormap {name!r}; valid: {', '.join(COLORMAPS)}")
-    anchors = np.array([[int(h[i : i + 2], 16) for i in (1, 3, 5)] for h in _ANCHORS[name]], dtype=np.float64)
-    positions = np.linspace(0, 1, len(anchors))
-    grid = np.linspace(0, 1, size)
-    lut = np.stack([np.interp(grid, positions, anchors[:, c]) for c in range(3)], axis=1)
-    return lut.round().astype(np.uint8)
+    return list(colours)
+
+
+def colormap_lut(name: str = "viridis") -> np.ndarray:
+    """(256, 3) uint8: the palette's colours as RGB."""
+    return np.array([[int(h[i : i + 2], 16) for i in (1, 3, 5)] for h in palette(name)], dtype=np.uint8)
+
+
+def palette_index(values: np.ndarray, low: float, high: float, size: int = 256) -> np.ndarray:
+    """Palette entry of each value, as Bokeh's ``LinearColorMapper`` picks it (float64, like JavaScript):
+    ``floor(((v - low) / (high - low)) / (1 / size))``, clipped to [0, size - 1]; ``v == high`` is the last."""
+    values = np.asarray(values, dtype=np.float64)
+    normed = (values - low) * (1.0 / (high - low))
+    index = np.floor(normed / (1.0 / size))
+    index = np.where(values == high, size - 1, index)
+    return np.clip(np.nan_to_num(index, nan=0.0), 0, size - 1).astype(np.int64)
 
 
 def colorize(values: np.ndarray, vmax: float | None = None, cmap: str = "viridis") -> np.ndarray:
-    """(h, w) map -> (h, w, 3) uint8, scaled to [0, vmax] (vmax defaults to the map's own maximum)."""
-    values = np.nan_to_num(np.asarray(values, dtype=np.float64))
+    """(h, w) map -> (h, w, 3) uint8, coloured over [0, vmax] (vmax defaults to the map's own maximum);
+    non-finite values take the lowest colour."""
+    values = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     top = float(values.max()) if vmax is None else float(vmax)
-    scaled = values / top if top > 0 else np.zeros_like(values)
     lut = colormap_lut(cmap)
-    return lut[(np.clip(scaled, 0, 1) * (len(lut) - 1)).round().astype(np.int64)]
+    if not top > 0:
+        return lut[np.zeros(values.shape, dtype=np.int64)]
+    return lut[palette_index(values, 0.0, top, len(lut))]
 
 
 def overlay(

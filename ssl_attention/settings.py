@@ -32,6 +32,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from ssl_attention.extraction import DEFAULT_BATCH_SIZE
 from ssl_attention.images import DEFAULT_MAX_PIXELS
+from ssl_attention.models.resolution import DEFAULT_MAX_TOKENS, Resolution, parse_resolution
 from ssl_attention.models.weights import DEFAULT_SEED, parse_checkpoints
 from ssl_attention.registry import MODELS, UnknownNameError, parse_model_list
 from ssl_attention.warehouse.paths import DEFAULT_WAREHOUSE, local_path
@@ -77,6 +78,11 @@ def _model_list(value: Any) -> Any:
     return tuple(parse_model_list(value)) if isinstance(value, str) else value
 
 
+def _check_resolution(text: str) -> str:
+    parse_resolution(text, list(MODELS))  # default, N, or MODEL=VALUE,... with known models
+    return text
+
+
 def check_annotations_file(location: str) -> str:
     """Empty (no annotations), or an existing file (a path or a file:// URL)."""
     if location.strip() and not local_path(location, "annotation file").is_file():
@@ -85,6 +91,7 @@ def check_annotations_file(location: str) -> str:
 
 
 Device = Annotated[str, AfterValidator(check_device)]
+ResolutionText = Annotated[str, AfterValidator(_check_resolution)]
 Annotations = Annotated[str, AfterValidator(check_annotations_file)]
 Checkpoints = Annotated[list[str], AfterValidator(_check_checkpoints)]
 ModelList = Annotated[tuple[str, ...], BeforeValidator(_model_list)]
@@ -120,6 +127,14 @@ class ExtractionFields(BaseModel):
         default=DEFAULT_MAX_PIXELS, ge=1, description="Images with more pixels are skipped (decompression bombs)."
     )
     recompute: bool = Field(default=False, description="Recompute images already extracted with these weights.")
+    resolution: ResolutionText = Field(
+        default="default",
+        description="default (each processor's own size and crop) | N (shorter side N px, the other side following"
+        " the aspect ratio, both multiples of the patch size, no crop) | MODEL=VALUE,... per model.",
+    )
+    max_tokens: int = Field(
+        default=DEFAULT_MAX_TOKENS, ge=1, description="Patches per image at most: larger N requests are scaled down."
+    )
     annotations: Annotations = Field(
         default="",
         description="Annotation file (COCO instances JSON or WikiChurches building_parts.json): every map is "
@@ -138,6 +153,9 @@ class ExtractionFields(BaseModel):
 
     def checkpoint_dirs(self) -> dict[str, Path]:
         return parse_checkpoints(self.checkpoints, list(MODELS))
+
+    def resolution_of(self, model: str) -> Resolution:
+        return parse_resolution(self.resolution, list(MODELS))[model]
 
 
 class Settings(ExtractionFields):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -159,14 +159,34 @@ def _fused_partner(image_codes: np.ndarray, layers: np.ndarray, is_fused: np.nda
     return np.where(found, fused_rows[order][position], -1)
 
 
-def head_stats_table(maps: pa.Table, input_h: int, input_w: int, computed_at: dt.datetime | None = None) -> pa.Table:
-    """The ``head_stats`` rows of a chunk of ``attention_maps`` rows (any number of images and grids)."""
+InputSizes = Mapping[str, tuple[int, int]] | tuple[int, int]
+
+
+def _row_input_sizes(maps: pa.Table, input_sizes: InputSizes) -> tuple[np.ndarray, np.ndarray]:
+    """(input_h, input_w) of every row: one size for all, or each row's image's own (any resolution)."""
+    rows = maps.num_rows
+    if isinstance(input_sizes, tuple):
+        return np.full(rows, input_sizes[0], dtype=np.int64), np.full(rows, input_sizes[1], dtype=np.int64)
+    image_ids = maps["image_id"].to_pylist()
+    missing = sorted({i for i in image_ids if i not in input_sizes})
+    if missing:
+        raise ValueError(f"no input size (inputs table) for image(s) {', '.join(missing[:5])}")
+    sizes = np.array([input_sizes[i] for i in image_ids], dtype=np.int64).reshape(rows, 2)
+    return sizes[:, 0], sizes[:, 1]
+
+
+def head_stats_table(maps: pa.Table, input_sizes: InputSizes, computed_at: dt.datetime | None = None) -> pa.Table:
+    """The ``head_stats`` rows of a chunk of ``attention_maps`` rows (any number of images and grids).
+
+    ``input_sizes``: the model's input (height, width) in pixels, one for every row or per image id.
+    """
     rows = maps.num_rows
     computed_at = computed_at or dt.datetime.now(dt.UTC)
     if rows == 0:
         return schema.HEAD_STATS.empty_table()
     grid_h = maps["grid_h"].to_numpy().astype(np.int64)
     grid_w = maps["grid_w"].to_numpy().astype(np.int64)
+    input_h, input_w = _row_input_sizes(maps, input_sizes)
     layers = maps["layer"].to_numpy().astype(np.int64)
     is_fused = maps["head"].is_null().to_numpy(zero_copy_only=False)
     image_codes = pc.dictionary_encode(maps["image_id"]).combine_chunks().indices.to_numpy()
@@ -180,17 +200,18 @@ def head_stats_table(maps: pa.Table, input_h: int, input_w: int, computed_at: dt
     offsets = np.concatenate([[0], np.cumsum(lengths)])
 
     columns = {name: np.full(rows, np.nan) for name in STATISTICS}
-    for gh, gw in sorted(set(zip(grid_h.tolist(), grid_w.tolist(), strict=True))):
-        members = np.flatnonzero((grid_h == gh) & (grid_w == gw))
+    shapes = set(zip(grid_h.tolist(), grid_w.tolist(), input_h.tolist(), input_w.tolist(), strict=True))
+    for gh, gw, ih, iw in sorted(shapes):
+        members = np.flatnonzero((grid_h == gh) & (grid_w == gw) & (input_h == ih) & (input_w == iw))
         # rows of one grid are contiguous in flat only by accident; gather them
         cells = gh * gw
         index = offsets[members][:, None] + np.arange(cells)[None, :]
         block = flat[index]  # (R_g, N)
-        stats = distribution_stats(block, gh, gw, input_h, input_w)
+        stats = distribution_stats(block, gh, gw, ih, iw)
         p = stats.pop("p")
         for name, column in stats.items():
             columns[name][members] = column
-        # agreement with the fused map: the partner must be on the same grid (it is: same layer)
+        # agreement with the fused map: the partner is on the same grid and input (same image and layer)
         local = np.full(rows, -1)
         local[members] = np.arange(len(members))
         partner_local = np.where(partner[members] >= 0, local[np.maximum(partner[members], 0)], -1)
@@ -216,8 +237,8 @@ def head_stats_table(maps: pa.Table, input_h: int, input_w: int, computed_at: dt
         "grid_h": maps["grid_h"],
         "grid_w": maps["grid_w"],
         "num_cells": pa.array(lengths.astype(np.int32)),
-        "input_h": pa.array(np.full(rows, input_h, dtype=np.int16)),
-        "input_w": pa.array(np.full(rows, input_w, dtype=np.int16)),
+        "input_h": pa.array(input_h.astype(np.int16)),
+        "input_w": pa.array(input_w.astype(np.int16)),
         **{name: pa.array(column, pa.float64(), mask=np.isnan(column)) for name, column in columns.items()},
         "weights_mode": maps["weights_mode"],
         "weights_id": maps["weights_id"],
@@ -239,13 +260,18 @@ def _row_groups_by_image(path: Path) -> Iterator[pa.Table]:
         yield parquet.read_row_group(index, columns=_MAP_COLUMNS)
 
 
-def read_input_size(warehouse: Path, model: str) -> tuple[int, int]:
-    """(input_h, input_w) of ``model`` from the models table."""
-    path = partition_file(warehouse, "models", model=model)
+def read_input_sizes(warehouse: Path, model: str) -> dict[str, tuple[int, int]]:
+    """{image_id: (input_h, input_w)} of ``model`` from the inputs table (each image's own size)."""
+    path = partition_file(warehouse, "inputs", model=model)
     if not path.is_file():
-        raise FileNotFoundError(f"no models row for {model!r} at {path}; extract the model first")
-    row = pq.read_table(path, columns=["input_h", "input_w"]).to_pylist()[0]
-    return int(row["input_h"]), int(row["input_w"])
+        raise FileNotFoundError(f"no inputs rows for {model!r} at {path}; extract the model first")
+    table = pq.read_table(path, columns=["image_id", "input_h", "input_w"])
+    return {
+        image_id: (int(h), int(w))
+        for image_id, h, w in zip(
+            table["image_id"].to_pylist(), table["input_h"].to_pylist(), table["input_w"].to_pylist(), strict=True
+        )
+    }
 
 
 def write_head_stats(warehouse: Path, model: str) -> dict[str, WriteStats]:
@@ -257,7 +283,7 @@ def write_head_stats(warehouse: Path, model: str) -> dict[str, WriteStats]:
     sources = list(iter_partitions(warehouse, "attention_maps", model=model))
     if not sources:
         return {}  # nothing extracted for this model yet
-    input_h, input_w = read_input_size(warehouse, model)
+    input_sizes = read_input_sizes(warehouse, model)
     results: dict[str, WriteStats] = {}
     computed_at = dt.datetime.now(dt.UTC)
     for source in sources:
@@ -265,6 +291,6 @@ def write_head_stats(warehouse: Path, model: str) -> dict[str, WriteStats]:
         target = partition_dir(warehouse, "head_stats", **source.keys)
         with PartitionWriter(target, schema.HEAD_STATS, cluster_by="image_id") as writer:
             for group in _row_groups_by_image(source.path):
-                writer.write(head_stats_table(group, input_h, input_w, computed_at))
+                writer.write(head_stats_table(group, input_sizes, computed_at))
             results[method] = writer.commit()
     return results

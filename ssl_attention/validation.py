@@ -44,8 +44,8 @@ CHECK_NAMES = {
     "mass_sums_to_one": f"patch mass + prefix mass = 1 ± {MASS_TOLERANCE:g} (methods whose rows are "
     "softmax rows, their means or products)",
     "fused_is_head_mean": f"fused map = mean of the head maps ± {FUSED_TOLERANCE:g}",
-    "grid_matches_config": "grid_h × grid_w = map length, and every image has the model's grid "
-    "(input size / patch size, as recorded in the models table)",
+    "grid_matches_config": "grid_h × grid_w = map length, and every image's grid is its own input size / "
+    "patch size (input size as recorded per image in the inputs table)",
     "unique_keys": "no duplicate (image, layer, head)",
     "single_weights": "one weights provenance per partition (no random rows mixed with pretrained)",
 }
@@ -96,6 +96,7 @@ def check_method_partition(warehouse: Path, model: str, method: str) -> list[Che
     heads = [None, *range(facts.num_heads)] if per_head else [None]
     layers = expected_layers(method, facts)
     expected_keys = {(layer, head) for layer in layers for head in heads}
+    input_sizes = _input_sizes(partition_file(warehouse, "inputs", model=model))
     weights_ids: set[str] = set()
     seen_images: set[str] = set()
 
@@ -108,16 +109,24 @@ def check_method_partition(warehouse: Path, model: str, method: str) -> list[Che
             if image_id in seen_images:
                 outcomes["unique_keys"].fail(f"image {image_id} appears in more than one row group")
             seen_images.add(image_id)
-            _check_image(model, method, image_id, rows, facts, expected_keys, outcomes)
+            size = input_sizes.get(image_id, (facts.input_h, facts.input_w))
+            _check_image(model, method, image_id, rows, facts, size, expected_keys, outcomes)
 
-    inputs = partition_file(warehouse, "inputs", model=model)
-    if inputs.is_file():  # every image the model saw must have its rows in every method
-        input_ids = set(pq.read_table(inputs, columns=["image_id"])["image_id"].to_pylist())
-        for image_id in sorted(input_ids - seen_images)[:MAX_EXAMPLES]:
+    if input_sizes:  # every image the model saw must have its rows in every method
+        for image_id in sorted(set(input_sizes) - seen_images)[:MAX_EXAMPLES]:
             outcomes["complete"].fail(f"image {image_id} was extracted (inputs table) but has no rows here")
     if len(weights_ids) > 1:
         outcomes["single_weights"].fail(f"{len(weights_ids)} weights in one partition: {sorted(weights_ids)}")
     return list(outcomes.values())
+
+
+def _input_sizes(path: Path) -> dict[str, tuple[int, int]]:
+    """image id -> (input_h, input_w) from the model's inputs partition (empty when it has none)."""
+    if not path.is_file():
+        return {}
+    table = pq.read_table(path, columns=["image_id", "input_h", "input_w"])
+    ids, heights, widths = (table[name].to_pylist() for name in ("image_id", "input_h", "input_w"))
+    return {image_id: (int(h), int(w)) for image_id, h, w in zip(ids, heights, widths, strict=True)}
 
 
 def _check_image(
@@ -126,6 +135,7 @@ def _check_image(
     image_id: str,
     rows: pa.Table,
     facts: ModelFacts,
+    input_size: tuple[int, int],
     expected_keys: set[tuple[int, int | None]],
     outcomes: dict[str, CheckOutcome],
 ) -> None:
@@ -147,10 +157,11 @@ def _check_image(
         outcomes["grid_matches_config"].fail(f"image {image_id}: map length != grid_h * grid_w")
         return  # values cannot be reshaped reliably
     if facts.patch_size and MODELS[model].family == "vit":
-        want = (facts.input_h // facts.patch_size, facts.input_w // facts.patch_size)
+        want = (input_size[0] // facts.patch_size, input_size[1] // facts.patch_size)
         if np.any(grid_h != want[0]) or np.any(grid_w != want[1]):
             outcomes["grid_matches_config"].fail(
-                f"image {image_id}: grid {int(grid_h[0])}x{int(grid_w[0])} != {want[0]}x{want[1]} from the config"
+                f"image {image_id}: grid {int(grid_h[0])}x{int(grid_w[0])} != {want[0]}x{want[1]} from its input "
+                f"size {input_size[0]}x{input_size[1]} and patch size {facts.patch_size}"
             )
 
     flat = pc.list_flatten(rows["map_values"]).to_numpy(zero_copy_only=False)

@@ -1,7 +1,8 @@
 """Shared fixtures: tiny checkpoints of every model, saved and loaded the way a user's local checkpoint is.
 
 Nothing here downloads anything. Each tiny ViT is a real transformers model (2 layers, 4 heads, hidden 32,
-patch 8, 32x32 input) saved with ``save_pretrained`` together with its image processor; the CNN is timm's
+patch 8, 32x32 input; the NaFlex SigLIP 2 takes at most 16 patches at each image's own aspect ratio) saved
+with ``save_pretrained`` together with its image processor; the CNN is timm's
 ``test_resnet`` (stages layer1..layer4) saved with ``timm.models.save_for_hf``. Their weights are re-drawn
 with a larger scale than the libraries' default init, so attention is peaked rather than nearly uniform
 and the numeric tests below can tell right from almost-right.
@@ -22,28 +23,36 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = REPO_ROOT / "data" / "samples"
 
-VIT_SLUGS = ("dinov2", "dinov3", "mae", "clip", "siglip")
+VIT_SLUGS = ("dinov2", "dinov3", "mae", "clip", "siglip", "siglip2", "siglip2_naflex")
 ALL_SLUGS = (*VIT_SLUGS, "resnet50")
 TINY_IMAGE = 32
 TINY_PATCH = 8
+TINY_NAFLEX_PATCHES = 16  # NaFlex: at most 16 patches of 8 px per image, at the image's own aspect ratio
 TINY_REGISTERS = {"dinov2": 4, "dinov3": 2}
 
 
-def _common(num_layers: int, num_heads: int, hidden: int) -> dict[str, Any]:
+def _common(num_layers: int, num_heads: int, hidden: int, patch_size: int, image_size: int) -> dict[str, Any]:
     return {
         "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
         "hidden_size": hidden,
-        "patch_size": TINY_PATCH,
-        "image_size": TINY_IMAGE,
+        "patch_size": patch_size,
+        "image_size": image_size,
     }
 
 
-def _vit_model_and_processor(slug: str, num_layers: int, num_heads: int, hidden: int) -> tuple[nn.Module, Any]:
+def _vit_model_and_processor(
+    slug: str,
+    num_layers: int,
+    num_heads: int,
+    hidden: int,
+    patch_size: int = TINY_PATCH,
+    image_size: int = TINY_IMAGE,
+) -> tuple[nn.Module, Any]:
     import transformers as tr
 
-    common = _common(num_layers, num_heads, hidden)
-    size = {"height": TINY_IMAGE, "width": TINY_IMAGE}
+    common = _common(num_layers, num_heads, hidden, patch_size, image_size)
+    size = {"height": image_size, "width": image_size}
     if slug == "dinov2":
         config = tr.Dinov2WithRegistersConfig(**common, mlp_ratio=2, num_register_tokens=TINY_REGISTERS["dinov2"])
         return tr.Dinov2WithRegistersModel(config), tr.BitImageProcessor(size=size, do_center_crop=False)
@@ -57,11 +66,19 @@ def _vit_model_and_processor(slug: str, num_layers: int, num_heads: int, hidden:
         return tr.ViTMAEModel(tr.ViTMAEConfig(**common, intermediate_size=2 * hidden)), tr.ViTImageProcessor(size=size)
     if slug == "clip":
         config = tr.CLIPVisionConfig(**common, intermediate_size=2 * hidden)
-        processor = tr.CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE}, crop_size=size)
+        processor = tr.CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=size)
         return tr.CLIPVisionModel(config), processor
-    if slug == "siglip":
+    if slug in ("siglip", "siglip2"):  # the fixed-resolution SigLIP 2 is SigLIP's architecture (bilinear resize)
         config = tr.SiglipVisionConfig(**common, intermediate_size=2 * hidden, vision_use_head=True)
-        return tr.SiglipVisionModel(config), tr.SiglipImageProcessor(size=size)
+        resample = 2 if slug == "siglip2" else 3
+        return tr.SiglipVisionModel(config), tr.SiglipImageProcessor(size=size, resample=resample)
+    if slug == "siglip2_naflex":
+        naflex = {k: v for k, v in common.items() if k != "image_size"}  # no fixed size: num_patches instead
+        config = tr.Siglip2VisionConfig(
+            **naflex, intermediate_size=2 * hidden, num_patches=TINY_NAFLEX_PATCHES, vision_use_head=True
+        )
+        processor = tr.Siglip2ImageProcessor(patch_size=patch_size, max_num_patches=TINY_NAFLEX_PATCHES)
+        return tr.Siglip2VisionModel(config), processor
     raise ValueError(slug)
 
 
@@ -87,12 +104,19 @@ def _sharpen(model: nn.Module) -> None:
 
 
 def save_tiny_vit(
-    slug: str, directory: Path, seed: int = 0, num_layers: int = 2, num_heads: int = 4, hidden: int = 32
+    slug: str,
+    directory: Path,
+    seed: int = 0,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    hidden: int = 32,
+    patch_size: int = TINY_PATCH,
+    image_size: int = TINY_IMAGE,
 ) -> Path:
     """A tiny random ``slug`` ViT and its image processor, saved with ``save_pretrained`` into ``directory``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, processor = _vit_model_and_processor(slug, num_layers, num_heads, hidden)
+        model, processor = _vit_model_and_processor(slug, num_layers, num_heads, hidden, patch_size, image_size)
         _sharpen(model)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
@@ -128,13 +152,14 @@ def save_tiny_checkpoint(slug: str, directory: Path, seed: int = 0, **sizes: int
 
 @pytest.fixture(scope="session")
 def make_tiny_checkpoint() -> Callable[..., Path]:
-    """``make(slug, directory, seed=0, num_layers=2, num_heads=4, hidden=32) -> directory``."""
+    """``make(slug, directory, seed=0, num_layers=2, num_heads=4, hidden=32, patch_size=8, image_size=32)``
+    -> directory (the sizes apply to ViTs)."""
     return save_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """{slug: checkpoint dir} for all six models, seeded."""
+    """{slug: checkpoint dir} for every model, seeded."""
     root = tmp_path_factory.mktemp("tiny_checkpoints")
     return {slug: save_tiny_checkpoint(slug, root / slug, seed=index) for index, slug in enumerate(ALL_SLUGS)}
 
@@ -157,7 +182,7 @@ def tiny_adapters(tiny_checkpoints: dict[str, Path]) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def tiny_warehouse(tmp_path_factory: pytest.TempPathFactory, tiny_adapters: dict[str, Any], sample_dir: Path) -> Path:
-    """A warehouse holding the bundled samples extracted by all six tiny models (read-only for tests)."""
+    """A warehouse holding the bundled samples extracted by every tiny model (read-only for tests)."""
     from ssl_attention.extraction import catalog_images, extract_model
 
     warehouse = tmp_path_factory.mktemp("tiny_warehouse")

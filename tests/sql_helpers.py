@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 from ssl_attention.alignment.compute import write_alignment
 from ssl_attention.alignment.store import write_annotations
 from ssl_attention.query import write_catalog
+from ssl_attention.registry import MODELS
 from ssl_attention.stats import write_head_stats
 
-SLUGS = ("dinov2", "dinov3", "mae", "clip", "siglip", "resnet50")
+SLUGS = tuple(MODELS)
 SAMPLE_ANNOTATIONS = Path(__file__).resolve().parents[1] / "data" / "samples" / "annotations.json"
 
 

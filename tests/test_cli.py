@@ -78,8 +78,22 @@ def _expected_shape(slug: str) -> tuple[int, int, int]:
 
     config = json.loads((CONFIGS / slug / "config.json").read_text())
     processor = json.loads((CONFIGS / slug / "preprocessor_config.json").read_text())
+    if "max_num_patches" in processor:  # NaFlex: each image's own grid, see _naflex_grid
+        return config["num_hidden_layers"], config["num_attention_heads"], 0
     side = (processor.get("crop_size") or processor["size"])["height"]
     return config["num_hidden_layers"], config["num_attention_heads"], side // config["patch_size"]
+
+
+def _naflex_grid(slug: str, width: int, height: int) -> tuple[int, int]:
+    """The NaFlex processor's own patch grid for an image, by transformers' function and the shipped config."""
+    import json
+
+    from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
+
+    processor = json.loads((CONFIGS / slug / "preprocessor_config.json").read_text())
+    patch = processor["patch_size"]
+    size_h, size_w = get_image_size_for_max_num_patches(height, width, patch, processor["max_num_patches"])
+    return size_h // patch, size_w // patch
 
 
 @pytest.mark.slow
@@ -91,7 +105,9 @@ def test_readme_main_command_fills_every_partition(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "RANDOM" in result.stdout
-    images = pq.read_table(warehouse / "images" / "data.parquet").num_rows
+    catalog = pq.read_table(warehouse / "images" / "data.parquet").to_pylist()
+    images = len(catalog)
+    sizes = {r["image_id"]: (r["width"], r["height"]) for r in catalog}
     assert images == len(list((REPO / "data" / "samples").glob("*.jpg")))
     for slug, spec in MODELS.items():
         for method in spec.methods:
@@ -109,7 +125,11 @@ def test_readme_main_command_fills_every_partition(tmp_path):
             expected_heads = {None, *range(heads)} if METHODS[method].per_head else {None}
             assert {r["layer"] for r in table} == expected_layers, (slug, method)
             assert {r["head"] for r in table} == expected_heads, (slug, method)
-            assert {(r["grid_h"], r["grid_w"]) for r in table} == {(side, side)}
+            if side:
+                assert {(r["grid_h"], r["grid_w"]) for r in table} == {(side, side)}
+            else:
+                for r in table:
+                    assert (r["grid_h"], r["grid_w"]) == _naflex_grid(slug, *sizes[r["image_id"]]), (slug, method)
             assert {r["num_heads"] for r in table} == {heads}
             assert len(table) == images * len(expected_layers) * len(expected_heads)
 

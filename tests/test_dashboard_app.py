@@ -29,6 +29,7 @@ from tests.dashboard_fixtures import (
 if TYPE_CHECKING:
     from dashboards.app import AttentionExplorer
     from dashboards.figures import OverlayFigure
+    from dashboards.tabs.heads import HeadsTab
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +51,25 @@ def shown(overlay: OverlayFigure) -> np.ndarray:
     return np.flipud(overlay.heat.data["image"][0])
 
 
+def heads_tab(explorer: AttentionExplorer) -> HeadsTab:
+    return explorer.tabs["heads"]  # type: ignore[return-value]
+
+
 def test_head_switch_updates_the_head_figure_only(explorer: AttentionExplorer, warehouse: Path) -> None:
-    explorer.apply_query({"image": "chelsea.jpg", "model": "dinov2", "method": "cls", "layer": 1, "head": 0})
+    session = explorer.session
+    heads = heads_tab(explorer)
+    session.apply_query({"image": "chelsea.jpg", "model": "dinov2", "method": "cls", "layer": 1, "head": 0})
     image = image_id_of(warehouse, "chelsea.jpg")
-    fused_sent = explorer._overlays.fused.heat.data["image"][0]
+    fused_sent = heads.overlays.fused.heat.data["image"][0]
     for head in (1, 3):
-        explorer.head = head
+        session.head = head
         np.testing.assert_array_equal(
-            shown(explorer._overlays.head), expected_map(warehouse, "dinov2", "cls", image, 1, head)
+            shown(heads.overlays.head), expected_map(warehouse, "dinov2", "cls", image, 1, head)
         )
-        assert explorer._overlays.head.figure.title.text == f"Head {head} · block 1"
-    np.testing.assert_array_equal(
-        shown(explorer._overlays.fused), expected_map(warehouse, "dinov2", "cls", image, 1, None)
-    )
-    assert explorer._overlays.fused.heat.data["image"][0] is fused_sent  # the fused map was not re-sent
-    assert explorer._grid_strip.outline.data["left"] == [4]  # tile 4 = head 3 (fused is tile 0)
+        assert heads.overlays.head.figure.title.text == f"Head {head} · block 1"
+    np.testing.assert_array_equal(shown(heads.overlays.fused), expected_map(warehouse, "dinov2", "cls", image, 1, None))
+    assert heads.overlays.fused.heat.data["image"][0] is fused_sent  # the fused map was not re-sent
+    assert heads.grid_strip.outline.data["left"] == [4]  # tile 4 = head 3 (fused is tile 0)
 
 
 def _watch_changes(explorer: AttentionExplorer) -> Callable[[Callable[[], None]], set[tuple[Any, str]]]:
@@ -88,14 +93,16 @@ def _watch_changes(explorer: AttentionExplorer) -> Callable[[Callable[[], None]]
 def test_a_switch_sends_only_what_it_changes(explorer: AttentionExplorer) -> None:
     """No visibility, layout, label, palette or caption updates on a plain head or layer switch (each costs
     the browser a re-layout or a redraw), and nothing for a hidden head map."""
-    explorer.apply_query({"image": "chelsea.jpg", "model": "dinov2", "method": "cls", "layer": 1, "head": 0})
-    fused, head, grid = explorer._overlays.fused, explorer._overlays.head, explorer._grid_strip
+    session = explorer.session
+    heads = heads_tab(explorer)
+    session.apply_query({"image": "chelsea.jpg", "model": "dinov2", "method": "cls", "layer": 1, "head": 0})
+    fused, head, grid = heads.overlays.fused, heads.overlays.head, heads.grid_strip
     changes = _watch_changes(explorer)
 
     def widget(title: str) -> Any:  # the Bokeh model of a control: its value echoes the switch
-        return next(m for m in explorer._head_select._models.values() if m[0].title == title)[0]
+        return next(m for m in explorer.controls.head_select._models.values() if m[0].title == title)[0]
 
-    changed = changes(lambda: setattr(explorer, "head", 2))
+    changed = changes(lambda: setattr(session, "head", 2))
     assert {(head.heat, "data"), (head.figure.title, "text"), (grid.outline, "data")} <= changed
     assert changed - {(widget("Head"), "value")} == {
         (head.heat, "data"),
@@ -103,41 +110,44 @@ def test_a_switch_sends_only_what_it_changes(explorer: AttentionExplorer) -> Non
         (grid.outline, "data"),
     }
 
-    changed = changes(lambda: setattr(explorer, "layer", 0))
+    changed = changes(lambda: setattr(session, "layer", 0))
     must = {(o.heat, "data") for o in (fused, head)} | {(o.figure.title, "text") for o in (fused, head)}
     assert must | {(grid.maps, "data")} <= changed
     allowed = must | {(grid.maps, "data"), (fused.mapper, "high"), (head.mapper, "high")}
     others = {(type(model).__name__, attr) for model, attr in changed - allowed}
     assert others <= {("Slider", "value"), ("HTML", "text")}, others  # the slider and the note naming the layer
 
-    changed = changes(lambda: setattr(explorer, "method", "rollout"))
-    assert not explorer.show_heads
+    changed = changes(lambda: setattr(session, "method", "rollout"))
+    assert not session.show_heads
     assert not {m for m, _ in changed} & {head.heat, head.figure.title, head.mapper, grid.maps, grid.captions}
 
 
 def test_grid_and_thumbnail_clicks_select(explorer: AttentionExplorer) -> None:
-    explorer._on_grid_tile(2)
-    assert explorer.selection.head == 1
-    explorer._on_grid_tile(0)
-    assert explorer.selection.head is None
-    explorer._on_thumb_tile(1)
-    assert explorer.selection.image == explorer._index.images[1].image_id
+    session = explorer.session
+    heads = heads_tab(explorer)
+    heads.on_grid_tile(2)
+    assert session.selection.head == 1
+    heads.on_grid_tile(0)
+    assert session.selection.head is None
+    explorer.controls.on_thumb_tile(1)
+    assert session.selection.image == session.index.images[1].image_id
 
 
 def test_method_and_model_switches_follow_the_rules(explorer: AttentionExplorer) -> None:
-    explorer.apply_query({"model": "clip", "method": "cls", "head": 2})
-    assert explorer.show_heads and explorer.head == 2
-    explorer.method = "rollout"
-    assert (explorer.selection.head, explorer.head, explorer.show_heads) == (None, -1, False)
-    explorer.method = "cls"
-    assert explorer.show_heads and explorer.selection.head is None
-    explorer.head = 3
-    explorer.model = "siglip"  # cls -> probe, which lives at the pooling head only; head 3 kept
-    assert (explorer.selection.method, explorer.selection.layer, explorer.selection.head) == ("probe", 2, 3)
-    assert not explorer.multi_layer
-    explorer.model = "resnet50"
-    assert (explorer.selection.method, explorer.show_heads, explorer.selection.head) == ("gradcam", False, None)
-    assert list(explorer.param.head.objects) == [-1]
+    session = explorer.session
+    session.apply_query({"model": "clip", "method": "cls", "head": 2})
+    assert session.show_heads and session.head == 2
+    session.method = "rollout"
+    assert (session.selection.head, session.head, session.show_heads) == (None, -1, False)
+    session.method = "cls"
+    assert session.show_heads and session.selection.head is None
+    session.head = 3
+    session.model = "siglip"  # cls -> probe, which lives at the pooling head only; head 3 kept
+    assert (session.selection.method, session.selection.layer, session.selection.head) == ("probe", 2, 3)
+    assert not session.multi_layer
+    session.model = "resnet50"
+    assert (session.selection.method, session.show_heads, session.selection.head) == ("gradcam", False, None)
+    assert list(session.param.head.objects) == [-1]
 
 
 @pytest.mark.parametrize(
@@ -150,18 +160,20 @@ def test_method_and_model_switches_follow_the_rules(explorer: AttentionExplorer)
 def test_methods_without_heads_show_one_map_named_after_the_method(
     explorer: AttentionExplorer, query: dict[str, object], title: str, value_label: str, slider: str
 ) -> None:
-    explorer.apply_query({"model": "dinov2", "method": "cls", "head": 2})
-    assert explorer.show_heads
-    explorer.apply_query(query)
-    assert not explorer.show_heads  # hides the head selector, the head map, the grid and its caption
-    fused = explorer._overlays.fused
+    session = explorer.session
+    heads = heads_tab(explorer)
+    session.apply_query({"model": "dinov2", "method": "cls", "head": 2})
+    assert session.show_heads
+    session.apply_query(query)
+    assert not session.show_heads  # hides the head selector, the head map, the grid and its caption
+    fused = heads.overlays.fused
     assert fused.figure.title.text == title  # not "All heads (fused)": there are no heads
     assert fused.colorbar.title == value_label and fused.hover.tooltips[0][0] == value_label
     # the slider shows the layer's name, not its index: "Layer: block 1", "Stage: layer2"
-    assert explorer._layer_slider.name == slider
-    assert title.endswith(explorer._layer_slider.format.args["labels"][str(query["layer"])])
+    assert explorer.controls.layer_slider.name == slider
+    assert title.endswith(explorer.controls.layer_slider.format.args["labels"][str(query["layer"])])
     layout = explorer.__panel__()
-    figures = (explorer._overlays.head.figure, explorer._grid_strip.figure)  # the head map; the grid and its caption
+    figures = (heads.overlays.head.figure, heads.grid_strip.figure)  # the head map; the grid and its caption
     holders = [
         column
         for column in layout.select(pn.Column)
@@ -169,33 +181,36 @@ def test_methods_without_heads_show_one_map_named_after_the_method(
     ]
     assert len(holders) == 2 and not any(column.visible for column in holders)
     assert any("Head grid" in str(pane.object) for pane in holders[1].objects)
-    png = explorer._export_png().getvalue()
+    png = explorer.controls.png_download.callback().getvalue()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    explorer.apply_query({"model": "dinov2", "method": "cls"})
-    assert explorer.show_heads and all(column.visible for column in holders)
-    assert explorer._overlays.fused.colorbar.title == "attention"
+    session.apply_query({"model": "dinov2", "method": "cls"})
+    assert session.show_heads and all(column.visible for column in holders)
+    assert heads.overlays.fused.colorbar.title == "attention"
 
 
 def test_query_round_trip_and_bad_values(explorer: AttentionExplorer) -> None:
-    explorer.apply_query(
+    session = explorer.session
+    session.apply_query(
         {"model": "dinov3", "method": "mean", "layer": 0, "head": 3, "cmap": "magma", "tab": "statistics"}
     )
-    query = explorer.query()
+    query = session.query()
     assert query["model"] == "dinov3" and query["head"] == "3" and query["cmap"] == "magma"
     assert query["tab"] == "statistics"
-    explorer.apply_query({"model": "nope", "head": "x", "cmap": "rainbow", "opacity": 7, "tab": 3})
-    assert (explorer.selection.model, explorer.selection.head) == ("dinov2", None)
-    assert explorer.cmap == "magma" and explorer.opacity == 0.6  # invalid display values keep the current ones
+    session.apply_query({"model": "nope", "head": "x", "cmap": "rainbow", "opacity": 7, "tab": 3})
+    assert (session.selection.model, session.selection.head) == ("dinov2", None)
+    assert session.tab == "statistics"
+    assert session.cmap == "magma" and session.opacity == 0.6  # invalid display values keep the current ones
 
 
 def test_random_weights_are_flagged_with_their_provenance(explorer: AttentionExplorer) -> None:
-    explorer.model = RANDOM_MODEL
-    assert explorer._is_random(explorer.selection, "heads")
-    banner = explorer._banner(explorer.selection, "heads")
+    session = explorer.session
+    session.model = RANDOM_MODEL
+    assert explorer.is_random(session.selection, "heads")
+    banner = explorer.banner(session.selection, "heads")
     assert "Random weights" in banner
     assert MODELS[RANDOM_MODEL].default_weights in banner and f"seed {RANDOM_SEED}" in banner  # the architecture
-    explorer.model = "clip"
-    assert not explorer._is_random(explorer.selection, "heads")
+    session.model = "clip"
+    assert not explorer.is_random(session.selection, "heads")
 
 
 def _banner_alert(explorer: AttentionExplorer, layout: pn.viewable.Viewable) -> pn.pane.Alert:
@@ -207,28 +222,29 @@ def test_compare_tab_flags_every_compared_model_with_random_weights(
 ) -> None:
     """The compare tab draws every model: the banner shows while any of them has random weights, naming them,
     and each such card says so — whichever model is selected."""
-    explorer.param.update(model="clip", tab="compare")
+    session = explorer.session
+    session.param.update(model="clip", tab="compare")
     layout = explorer.__panel__()
     alert = _banner_alert(explorer, layout)
     assert alert.visible
     label = MODELS[RANDOM_MODEL].label
     assert label in alert.object and f"seed {RANDOM_SEED}" in alert.object
     assert MODELS["clip"].label not in alert.object  # clip's weights are real
-    compare = explorer._compare_view(explorer.selection.image, 1.0, "cls", "viridis", 0.6, "compare")
+    compare = explorer.tabs["compare"].view(session.selection.image, 1.0, "cls", "viridis", 0.6, "compare")
     captions = {card.objects[0].object.split("**")[1]: card.objects[0].object for card in compare.objects[0].objects}
     assert set(captions) == set(MODELS)
     flagged = {model for model, caption in captions.items() if "random weights" in caption}
     assert flagged == {RANDOM_MODEL}
 
-    explorer.tab = "heads"  # only the selected model's maps are shown: clip, real weights
+    session.tab = "heads"  # only the selected model's maps are shown: clip, real weights
     assert not alert.visible
-    explorer.tab = "compare"
+    session.tab = "compare"
     assert alert.visible
 
-    monkeypatch.setitem(explorer._loaded.random_weights, "siglip", "architecture of some/hub-id, seed 7")
-    banner = explorer._banner(explorer.selection, "compare")
+    monkeypatch.setitem(session.loaded.random_weights, "siglip", "architecture of some/hub-id, seed 7")
+    banner = explorer.banner(session.selection, "compare")
     assert label in banner and MODELS["siglip"].label in banner and "seed 7" in banner
-    assert not explorer._is_random(explorer.selection, "heads")
+    assert not explorer.is_random(session.selection, "heads")
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.8, 1.0])
@@ -242,8 +258,9 @@ def test_compare_picks_the_layer_at_the_relative_depth(
     from dashboards import data
     from ssl_attention.render import overlay
 
+    session = explorer.session
     image = image_id_of(warehouse, "chelsea.jpg")
-    compare = explorer._compare_view(image, depth, "cls", "magma", 0.5, "compare")
+    compare = explorer.tabs["compare"].view(image, depth, "cls", "magma", 0.5, "compare")
     cards = compare.objects[0].objects
     assert len(cards) == len(MODELS)
     for card in cards:
@@ -253,7 +270,7 @@ def test_compare_picks_the_layer_at_the_relative_depth(
         position = depth * (len(layers) - 1)
         assert position % 1 != 0.5  # no tie: the expected layer is unambiguous
         layer = layers[round(position)]
-        info = explorer._index.models[model]
+        info = session.index.models[model]
         assert f" · {info.layer_label(layer)} (depth " in caption, (model, layer, caption)
         drawn = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
         rgb = data.input_rgb(str(warehouse), image, model)
@@ -262,49 +279,55 @@ def test_compare_picks_the_layer_at_the_relative_depth(
 
 
 def test_exports(explorer: AttentionExplorer, warehouse: Path) -> None:
-    explorer.apply_query({"image": "rocket.jpg", "model": "dinov2", "method": "mean", "layer": 0, "head": 2})
+    session = explorer.session
+    session.apply_query({"image": "rocket.jpg", "model": "dinov2", "method": "mean", "layer": 0, "head": 2})
     image = image_id_of(warehouse, "rocket.jpg")
-    png = explorer._export_png().getvalue()
+    png = explorer.controls.png_download.callback().getvalue()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert explorer._png_download.filename == "rocket_dinov2_mean_layer0_head2.png"
-    table = pacsv.read_csv(io.BytesIO(explorer._export_csv().getvalue()))
-    assert explorer._csv_download.filename == "rocket_dinov2_mean_layer0_maps.csv"
+    assert explorer.controls.png_download.filename == "rocket_dinov2_mean_layer0_head2.png"
+    table = pacsv.read_csv(io.BytesIO(explorer.controls.csv_download.callback().getvalue()))
+    assert explorer.controls.csv_download.filename == "rocket_dinov2_mean_layer0_maps.csv"
     grid = expected_map(warehouse, "dinov2", "mean", image, 0, 2)
     head_rows = table.filter(table["head"].to_numpy(zero_copy_only=False) == 2)
     np.testing.assert_allclose(head_rows["value"].to_numpy().reshape(grid.shape), grid, rtol=1e-6)
     assert table.num_rows == 5 * grid.size  # fused + 4 heads
-    parquet = pq.read_table(explorer._export_parquet())
+    parquet = pq.read_table(explorer.controls.parquet_download.callback())
     assert parquet.num_rows == table.num_rows and parquet["head"].null_count == grid.size
 
 
 def test_other_tabs_build_their_views(explorer: AttentionExplorer) -> None:
     import holoviews as hv
 
-    explorer.apply_query({"model": "resnet50"})  # Grad-CAM stages have different grids: resampled tiles
-    overview = explorer._overview_plot((explorer.selection, "viridis", "shared"))
+    session = explorer.session
+    session.apply_query({"model": "resnet50"})  # Grad-CAM stages have different grids: resampled tiles
+    overview = explorer.tabs["overview"].plot((session.selection, "viridis", "shared"))
     assert isinstance(overview, hv.Image)
     assert overview.opts.get().kwargs["xticks"] == [(0.5, "Grad-CAM")]  # one column, named after the method
-    explorer.apply_query({"model": "dinov2", "head": 1})
-    heat = explorer._stat_plot((explorer.selection, "viridis"), "entropy_norm", "all")
+    session.apply_query({"model": "dinov2", "head": 1})
+    heat = explorer.tabs["statistics"].plot((session.selection, "viridis"), "entropy_norm", "all")
     assert isinstance(heat, hv.HeatMap) and len(heat) == 2 * 5  # 2 layers x (fused + 4 heads)
-    assert "<table" in explorer._stats_table(explorer.selection, "statistics")
-    compare = explorer._compare_view(explorer.selection.image, 0.5, "cls", "viridis", 0.6, "compare")
-    assert len(compare.objects[0].objects) == 6  # one card per model (layers: test_compare_picks_the_layer_...)
+    assert "<table" in explorer.tabs["statistics"].table(session.selection, "statistics")
+    compare = explorer.tabs["compare"].view(session.selection.image, 0.5, "cls", "viridis", 0.6, "compare")
+    assert len(compare.objects[0].objects) == len(MODELS)  # one card per model
 
 
 def test_hidden_tabs_do_not_follow_the_selection(explorer: AttentionExplorer) -> None:
-    explorer.tab = "overview"
-    seen = explorer.overview_key
-    assert seen[0] == explorer.selection
-    explorer.tab = "heads"
-    explorer.head = 2
-    assert explorer.overview_key == seen and explorer.stats_key is None  # nothing redrawn behind the scenes
-    explorer.tab = "overview"
-    assert explorer.overview_key[0].head == 2
+    session = explorer.session
+    session.tab = "overview"
+    seen = explorer.tabs["overview"].view_key
+    assert seen[0] == session.selection
+    session.tab = "heads"
+    session.head = 2
+    assert (
+        explorer.tabs["overview"].view_key == seen and explorer.tabs["statistics"].view_key is None
+    )  # nothing redrawn behind the scenes
+    session.tab = "overview"
+    assert explorer.tabs["overview"].view_key[0].head == 2
 
 
 def test_empty_or_missing_warehouse_shows_the_fill_command(tmp_path: Path) -> None:
-    from dashboards.app import EmptyWarehouse, create_app
+    from dashboards.app import create_app
+    from dashboards.pages import EmptyWarehouse
 
     (tmp_path / "empty").mkdir()
     for location in (tmp_path / "missing", tmp_path / "empty", "s3://bucket/warehouse"):
@@ -321,7 +344,8 @@ def test_a_warehouse_from_the_environment_is_named_in_the_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """$SSL_ATTENTION_WAREHOUSE, not an argument: the message and the fill command name that location."""
-    from dashboards.app import EmptyWarehouse, create_app
+    from dashboards.app import create_app
+    from dashboards.pages import EmptyWarehouse
 
     missing = tmp_path / "from_env"
     monkeypatch.setenv("SSL_ATTENTION_WAREHOUSE", str(missing))
@@ -333,7 +357,8 @@ def test_a_warehouse_from_the_environment_is_named_in_the_message(
 
 def test_an_unsupported_location_says_what_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     """An object-store URL is neither empty nor missing: the message names it and says what a location may be."""
-    from dashboards.app import EmptyWarehouse, create_app
+    from dashboards.app import create_app
+    from dashboards.pages import EmptyWarehouse
 
     monkeypatch.setenv("SSL_ATTENTION_WAREHOUSE", "s3://bucket/warehouse")
     for app in (create_app(), create_app("s3://bucket/warehouse")):
@@ -391,7 +416,8 @@ def _damaged_copy(warehouse: Path, destination: Path, *relative: str) -> Path:
 
 
 def test_a_damaged_models_file_shows_what_failed(warehouse: Path, tmp_path: Path) -> None:
-    from dashboards.app import WarehouseProblem, create_app
+    from dashboards.app import create_app
+    from dashboards.pages import WarehouseProblem
 
     damaged = _damaged_copy(warehouse, tmp_path / "warehouse", "models/model=clip/data.parquet")
     app = create_app(damaged)  # must not raise
@@ -407,8 +433,9 @@ def test_a_damaged_partition_is_left_out_with_a_note(warehouse: Path, tmp_path: 
     damaged = _damaged_copy(warehouse, tmp_path / "warehouse", "attention_maps/model=clip/method=mean/data.parquet")
     app = create_app(damaged)
     assert isinstance(app, AttentionExplorer)  # the other maps are still there
-    assert "mean" not in app._index.models["clip"].methods and "cls" in app._index.models["clip"].methods
-    assert set(app._loaded.skipped) == {"clip/mean"}
+    methods = app.session.index.models["clip"].methods
+    assert "mean" not in methods and "cls" in methods
+    assert set(app.session.loaded.skipped) == {"clip/mean"}
     note = next(pane for pane in app.__panel__().objects if "clip/mean" in str(getattr(pane, "object", "")))
     assert note.visible and str(damaged) in note.object
 
@@ -418,40 +445,48 @@ def test_a_partition_damaged_while_shown_gives_a_message_on_switch(warehouse: Pa
 
     damaged = _damaged_copy(warehouse, tmp_path / "warehouse")
     app = create_app(damaged)
-    assert isinstance(app, AttentionExplorer) and app.problem == ""
+    assert isinstance(app, AttentionExplorer)
+    session = app.session
+    assert session.problem == ""
     (damaged / "attention_maps/model=dinov2/method=rollout/data.parquet").write_bytes(b"garbage" * 100)
-    app.method = "rollout"  # the view switch reads the damaged file
-    assert app.selection.method == "rollout"
-    assert "dinov2/rollout" in app.problem and str(damaged) in app.problem and "\n" not in app.problem
-    assert "unavailable" in app._overlays.fused.figure.title.text
-    assert isinstance(app._overview_pane(app.shape_key, "overview"), pn.pane.Alert)
-    assert app._export_csv().getvalue().startswith(b"Could not export")
-    assert app._csv_download.filename == "export_failed.txt"
-    app.method = "cls"
-    assert app.problem == ""
+    session.method = "rollout"  # the view switch reads the damaged file
+    assert session.selection.method == "rollout"
+    assert "dinov2/rollout" in session.problem and str(damaged) in session.problem and "\n" not in session.problem
+    assert "unavailable" in heads_tab(app).overlays.fused.figure.title.text
+    assert isinstance(app.tabs["overview"].pane(session.shape_key, "overview"), pn.pane.Alert)
+    assert app.controls.csv_download.callback().getvalue().startswith(b"Could not export")
+    assert app.controls.csv_download.filename == "export_failed.txt"
+    session.method = "cls"
+    assert session.problem == ""
 
 
 def test_unexpected_errors_become_messages(explorer: AttentionExplorer, warehouse: Path, monkeypatch) -> None:
     """Whatever the query layer raises (not only QueryError), the user gets a message."""
     from dashboards import app as app_module
     from dashboards import data
+    from dashboards.pages import WarehouseProblem
+
+    session = explorer.session
 
     def broken(*args: object, **kwargs: object) -> None:
         raise KeyError("a reader bug")
 
     monkeypatch.setattr(data, "head_grid", broken)
-    explorer.head = 1
-    assert "KeyError: 'a reader bug'" in explorer.problem
+    session.head = 1
+    assert "KeyError: 'a reader bug'" in session.problem
     monkeypatch.setattr(data, "load_index", broken)
     problem = app_module.create_app(warehouse)
-    assert isinstance(problem, app_module.WarehouseProblem) and problem.error == "KeyError: 'a reader bug'"
+    assert isinstance(problem, WarehouseProblem) and problem.error == "KeyError: 'a reader bug'"
 
 
 def _expected_tile(values: np.ndarray, top: float, cmap: str, width: int) -> np.ndarray:
-    """A head grid tile computed from the raw map: values / top on the colormap, cells upscaled to ``width``."""
-    from ssl_attention.render import colormap_lut
+    """A head grid tile computed from the raw map: values / top binned into the 256 colours of Bokeh's palette
+    as Bokeh's LinearColorMapper bins them (floor(x * 256), the top value in the last bin), cells upscaled to
+    ``width``."""
+    from bokeh import palettes
 
-    colours = colormap_lut(cmap)[np.round(np.clip(values / top, 0, 1) * 255).astype(int)]
+    colours = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in getattr(palettes, f"{cmap.title()}256")])
+    colours = colours.astype(np.uint8)[np.clip(np.floor(values / top * 256), 0, 255).astype(int)]
     grid_h, grid_w = values.shape
     height = round(width * grid_h / grid_w)
     rows = np.floor((np.arange(height) + 0.5) * grid_h / height).astype(int)
@@ -472,15 +507,16 @@ def test_png_head_grid_is_scaled_as_on_screen(explorer: AttentionExplorer, wareh
 
     from dashboards.export import GRID_CELL_PX
 
+    session = explorer.session
     image = image_id_of(warehouse, "chelsea.jpg")
     maps = [expected_map(warehouse, "dinov2", "cls", image, 1, head) for head in (None, 0, 1, 2, 3)]
     layer_top = max(float(m.max()) for m in maps)
     assert any(float(m.max()) < layer_top for m in maps)  # else shared and independent would look the same
     for scale in ("shared", "independent"):
         query = {"image": "chelsea.jpg", "model": "dinov2", "method": "cls", "layer": 1, "head": 2}
-        explorer.apply_query({**query, "cmap": "magma", "scale": scale, "opacity": 0.3})
-        canvas = np.asarray(Image.open(explorer._export_png()).convert("RGB"))
-        screen = np.flipud(explorer._grid_strip.maps.data["image"][0])  # the mosaic on screen, numpy rows
+        session.apply_query({**query, "cmap": "magma", "scale": scale, "opacity": 0.3})
+        canvas = np.asarray(Image.open(explorer.controls.png_download.callback()).convert("RGB"))
+        screen = np.flipud(heads_tab(explorer).grid_strip.maps.data["image"][0])  # the mosaic on screen, numpy rows
         grid_h, grid_w = maps[0].shape
         for k, values in enumerate(maps):
             top = layer_top if scale == "shared" else float(values.max())
@@ -496,9 +532,9 @@ def test_url_sync_follows_back_and_forward(explorer: AttentionExplorer, monkeypa
     the server completes replaces its entry (a pushed normalisation would trap Back)."""
     from urllib.parse import parse_qsl
 
-    from dashboards.app import DISPLAY_KEYS
     from dashboards.url_sync import sync_url
 
+    session = explorer.session
     written: list[tuple[dict[str, str], bool]] = []
     searches: list[tuple[str, str]] = []  # (base, search): each write names the URL it replaces or follows
 
@@ -506,29 +542,115 @@ def test_url_sync_follows_back_and_forward(explorer: AttentionExplorer, monkeypa
         written.append((dict(parse_qsl(search[1:])), push))
         searches.append((base, search))
 
-    browser = explorer.browser_url
+    browser = session.browser_url
     monkeypatch.setattr(browser, "write", write)
-    sync_url(explorer, browser, {"model": "clip", "head": 1}, ["selection", *DISPLAY_KEYS.values()])
-    assert (explorer.selection.model, explorer.selection.head) == ("clip", 1)
+    sync_url(session, browser, {"model": "clip", "head": 1}, session.url_watched())
+    assert (session.selection.model, session.selection.head) == ("clip", 1)
     assert written == []  # nothing is written before the browser reports its URL
 
     browser._handle_msg("?model=clip&head=1")  # the page is up, with the link's (partial) query
     assert len(written) == 1 and written[0][1] is False  # completed in place
     assert searches[0][0] == "?model=clip&head=1"
     first = written[0][0]
-    assert first == explorer.query() and (first["model"], first["head"]) == ("clip", "1")
+    assert first == session.query() and (first["model"], first["head"]) == ("clip", "1")
 
-    explorer.head = 3
+    session.head = 3
     assert written[-1] == ({**first, "head": "3"}, True)  # a new history entry
-    explorer.scale = "independent"
+    session.scale = "independent"
     second = written[-1][0]
     assert second["scale"] == "independent" and second["head"] == "3" and written[-1][1] is True
     assert [base for base, _ in searches[1:]] == [search for _, search in searches[:-1]]
     count = len(written)
 
     browser._handle_msg("?" + "&".join(f"{k}={v}" for k, v in first.items()))  # Back
-    assert (explorer.selection.head, explorer.scale) == (1, "shared")
+    assert (session.selection.head, session.scale) == (1, "shared")
     assert len(written) == count  # the URL already shows the view: nothing written, Forward stays possible
     browser._handle_msg("?" + "&".join(f"{k}={v}" for k, v in second.items()))  # Forward
-    assert (explorer.selection.head, explorer.scale) == (3, "independent")
+    assert (session.selection.head, session.scale) == (3, "independent")
     assert len(written) == count
+
+
+# --- a new tab is one module and one line in TABS --------------------------------------------------------------
+
+
+def _notes_tab() -> type:
+    """A tab as a new module would write it: a key, a label, a parameter kept in the URL, a layout on the
+    session's selection."""
+    import param
+
+    from dashboards.tabs import Tab
+
+    class NotesTab(Tab):
+        key = "notes"
+        label = "Notes"
+        url_keys = {"note": "text"}  # noqa: RUF012 (a class-level declaration, as the real tabs write it)
+        text = param.String(default="hello")
+
+        def __panel__(self) -> pn.viewable.Viewable:
+            def note(text: str, selection: Any) -> str:
+                return f"{text}: {selection.model}/{selection.method}"
+
+            return pn.pane.Markdown(pn.bind(note, self.param.text, self.session.param.selection))
+
+    return NotesTab
+
+
+def test_a_tab_added_to_TABS_appears_with_its_url_keys(warehouse: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dashboards import app as app_module
+
+    notes_tab = _notes_tab()
+    monkeypatch.setattr(app_module, "TABS", [*app_module.TABS, notes_tab])
+    app = app_module.create_app(warehouse)
+    assert isinstance(app, app_module.AttentionExplorer)
+    session = app.session
+    assert list(app.tabs) == ["heads", "overview", "statistics", "compare", "glossary", "notes"]
+    assert isinstance(app.tabs["notes"], notes_tab) and app.tabs["notes"].session is session
+    tabs = next(iter(app.__panel__().select(pn.Tabs)))
+    assert tabs._names[-1] == "Notes" and tabs.active == 0
+
+    query = session.query()
+    assert query["note"] == "hello" and query["tab"] == "heads"
+    session.apply_query({"tab": "notes", "note": "seen", "model": "clip", "method": "mean"})
+    assert tabs.active == 5 and app.tabs["notes"].text == "seen"
+    assert session.query()["note"] == "seen" and session.query()["tab"] == "notes"
+    shown = tabs.objects[-1].object
+    assert shown.startswith("seen: clip/mean")  # the tab's own layout, on the session's selection
+    tabs.active = 0  # a click on the first tab
+    assert session.tab == "heads"
+    owners = {type(owner).__name__: names for owner, names in session.url_watched()}
+    assert owners["NotesTab"] == ["text"]  # the URL follows the tab's parameter too
+
+
+def test_tabs_cannot_take_each_others_url_keys(warehouse: Path) -> None:
+    from dashboards import data
+    from dashboards.app import TABS, AttentionExplorer
+
+    class ClashingTab(_notes_tab()):  # type: ignore[misc]
+        key = "clash"
+        url_keys = {"cmap": "text"}  # noqa: RUF012
+
+    loaded = data.load_index(warehouse)
+    with pytest.raises(ValueError, match=r"URL key\(s\) cmap of ClashingTab are taken"):
+        AttentionExplorer(loaded, [*TABS, ClashingTab])
+    with pytest.raises(ValueError, match="tab keys must be unique"):
+        AttentionExplorer(loaded, [*TABS, TABS[0]])
+
+
+def test_compare_groups_are_the_roles_present(explorer: AttentionExplorer) -> None:
+    """One group per role of the warehouse's methods, each naming the methods the models use for it; an older
+    link's method name stands for its role; each card shows its model's method of that role."""
+    session, compare = explorer.session, explorer.tabs["compare"]
+    assert compare.param.role.objects == {  # the six registry models: ViTs with cls/mean/rollout, SigLIP, ResNet
+        "CLS-like (cls · probe · gradcam)": "cls",
+        "Mean attention (mean · gradcam)": "mean",
+        "Attention flow (rollout · gradcam)": "flow",
+        "Saliency (cls · probe · gradcam)": "saliency",
+    }
+    assert compare.role == "cls"
+    session.apply_query({"compare": "rollout", "tab": "compare"})
+    assert compare.role == "flow" and session.query()["compare"] == "flow"
+    session.apply_query({"compare": "nonsense"})
+    assert compare.role == "flow"  # invalid: kept
+    view = compare.view(session.selection.image, 1.0, "flow", "viridis", 0.6, "compare")
+    methods = {c.objects[0].object.split("**")[1]: c.objects[0].object.split(" · ")[1] for c in view.objects[0].objects}
+    assert methods == {m: "gradcam" if m == "resnet50" else "rollout" for m in MODELS}

@@ -328,3 +328,62 @@ def test_back_and_forward_bring_the_view_of_the_url_back(page: Any, server: int,
     wait_for_widget(page, "Head", value="3")
     plotted = plotted_array(wait_for_title(page, "Head 3 · block 1"))
     np.testing.assert_allclose(plotted, expected_map(warehouse, "dinov2", "cls", image, 1, 3))
+
+
+# The colours BokehJS gives the values of the map plotted in the figure whose title starts with the argument
+# (its own colour mapper), as [r, g, b, a] per value, in the data's order (rows bottom-up).
+MAPPED_COLOURS_JS = """(prefix) => {
+  const fig = [...Bokeh.documents[0].all_models].find(m => m.type === 'Plot' && m.title?.text?.startsWith(prefix));
+  const renderer = fig.renderers.find(r => r.glyph?.type === 'Image');
+  const values = renderer.data_source.data.image[0];
+  return {shape: values.shape, rgba: Array.from(renderer.glyph.color_mapper.rgba_mapper.v_compute(values))};
+}"""
+# The palette of every colour mapper that colours plotted data, by kind of plot: "mosaic" (HoloViews image,
+# layers × heads), "heatmap" (HoloViews heatmap, statistics), "figure" (the heads tab's Bokeh models).
+PLOTTED_PALETTES_JS = """() => {
+  const out = [];
+  for (const r of [...Bokeh.documents[0].all_models].filter(m => m.type === 'GlyphRenderer')) {
+    const mapper = r.glyph.color_mapper ?? r.glyph.fill_color?.transform;
+    const data = r.data_source.data;
+    const count = (data.image ?? data.zvalues ?? []).length;
+    if (!mapper?.palette || count === 0) continue;
+    const kind = data.zvalues ? 'heatmap' : data.x ? 'mosaic' : 'figure';
+    out.push({kind, palette: Array.from(mapper.palette)});
+  }
+  return out;
+}"""
+
+
+def test_exported_png_has_the_colours_bokeh_draws(page: Any, server: int) -> None:
+    """At opacity 1, each cell of the exported PNG's fused map has the colour BokehJS's own colour mapper gives
+    that cell's value on screen; every tab's plots (heads, layers × heads, statistics) use the same palette."""
+    from bokeh.palettes import Magma256
+    from PIL import Image
+
+    from dashboards.export import CAPTION_PX, MARGIN_PX, PANEL_PX, TITLE_PX
+
+    open_app(page, server, "?image=chelsea.jpg&model=dinov2&method=cls&layer=1&head=2&cmap=magma&opacity=1")
+    wait_for_title(page, "Head 2 · block 1")
+    mapped = page.evaluate(MAPPED_COLOURS_JS, "All heads (fused) · block 1")
+    rows, cols = mapped["shape"]
+    screen = np.flipud(np.asarray(mapped["rgba"], dtype=np.uint8).reshape(rows, cols, 4))[..., :3]
+    assert len({tuple(c) for c in screen.reshape(-1, 3)}) > 1  # a real map, several colours
+
+    with page.expect_download() as download:
+        page.get_by_role("button", name="PNG").click()
+    canvas = np.asarray(Image.open(download.value.path()).convert("RGB"))
+    panel_h = PANEL_PX  # the tiny models' inputs are square
+    ys = TITLE_PX + CAPTION_PX + ((np.arange(rows) + 0.5) * panel_h / rows).astype(int)
+    xs = MARGIN_PX + ((np.arange(cols) + 0.5) * PANEL_PX / cols).astype(int)
+    np.testing.assert_array_equal(canvas[np.ix_(ys, xs)], screen)
+
+    expected = list(Magma256)
+    seen = {entry["kind"] for entry in page.evaluate(PLOTTED_PALETTES_JS)}
+    for tab, kind in (("Layers × heads", "mosaic"), ("Statistics", "heatmap")):
+        page.locator(".bk-tab", has_text=tab).click()
+        page.wait_for_function(f"(kind) => ({PLOTTED_PALETTES_JS})().some(e => e.kind === kind)", arg=kind)
+        plotted = page.evaluate(PLOTTED_PALETTES_JS)
+        seen |= {entry["kind"] for entry in plotted}
+        wrong = {entry["kind"] for entry in plotted if entry["palette"] != expected}
+        assert not wrong, (tab, wrong)
+    assert seen == {"figure", "mosaic", "heatmap"}

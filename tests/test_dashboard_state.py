@@ -239,3 +239,77 @@ def test_map_titles_are_method_specific(model: str, method: str, layer: int, hea
 def test_value_labels() -> None:
     assert [state.value_label(m) for m in ("cls", "mean", "probe")] == ["attention"] * 3
     assert (state.value_label("rollout"), state.value_label("gradcam")) == ("rollout", "Grad-CAM")
+
+
+# --- rules derived from the registry (roles, value labels, cumulative) ----------------------------------------
+
+
+def test_defaults_follow_the_registrys_role_preference() -> None:
+    """The most comparable method first: CLS-like (SigLIP's probe), whatever order the warehouse lists them."""
+    assert state.default_method(SIGLIP) == "probe"  # listed second
+    assert state.default_method(RESNET) == "gradcam"
+    assert state.default_method(_vit("x", 4, 2, ("rollout", "mean"))) == "mean"  # no CLS-like: mean before flow
+    first_siglip = WarehouseIndex({"siglip": SIGLIP, **INDEX.models}, INDEX.images)
+    assert state.default_selection(first_siglip) == sel(model="siglip", method="probe", layer=12)
+
+
+@pytest.mark.parametrize(
+    ("model", "method", "expected"),
+    [
+        ("siglip", "cls", "probe"),  # same role
+        ("dinov2", "probe", "cls"),
+        ("resnet50", "cls", "gradcam"),  # the role's fallback
+        ("resnet50", "rollout", "gradcam"),
+        ("dinov2", "gradcam", "cls"),  # saliency falls back to CLS-like ...
+        ("siglip", "gradcam", "probe"),
+        ("dinov2", "unknown", "cls"),  # ... and an unknown method to the model's default
+    ],
+)
+def test_counterparts_come_from_the_roles(model: str, method: str, expected: str) -> None:
+    assert state.counterpart_method(INDEX.models[model], method) == expected
+
+
+def test_compare_groups_are_the_roles_present() -> None:
+    assert state.roles_present(INDEX) == ["cls", "mean", "flow", "saliency"]
+    assert state.role_options(INDEX) == {
+        "CLS-like (cls · probe · gradcam)": "cls",
+        "Mean attention (mean · gradcam)": "mean",
+        "Attention flow (rollout · gradcam)": "flow",
+        "Saliency (cls · probe · gradcam)": "saliency",
+    }
+    assert [state.role_method(INDEX.models[m], "cls") for m in ("dinov2", "siglip", "resnet50")] == [
+        "cls",
+        "probe",
+        "gradcam",
+    ]
+    assert state.default_role(INDEX) == "cls"
+    vits_only = WarehouseIndex({"x": _vit("x", 4, 2, ("mean", "rollout"))}, INDEX.images)
+    assert state.role_options(vits_only) == {"Mean attention (mean)": "mean", "Attention flow (rollout)": "flow"}
+    assert state.default_role(vits_only) == "mean"
+    with pytest.raises(ValueError, match="unknown role 'colour'; valid roles: cls, mean, flow, saliency"):
+        state.role_method(INDEX.models["dinov2"], "colour")
+
+
+def test_a_registered_method_brings_its_own_rules() -> None:
+    """A method added to the registry only: its label, value label, cumulative title, role, counterpart and
+    compare group reach the dashboard's rules with no change here."""
+    import dataclasses
+
+    from ssl_attention import registry
+
+    toy = dataclasses.replace(
+        registry.METHODS["rollout"], name="toyflow", label="Toy flow", value_label="toy mass", role="mean"
+    )
+    with registry.registered(toy, models=[]):
+        info = _vit("toy", 4, 3, ("toyflow", "cls"))
+        assert state.method_label("toyflow") == "Toy flow" and state.value_label("toyflow") == "toy mass"
+        assert state.map_title(info, "toyflow", 2, None) == "Toy flow · up to block 2"  # cumulative
+        assert not state.has_heads(info, "toyflow")
+        assert state.counterpart_method(info, "mean") == "toyflow"  # the same role
+        assert state.counterpart_method(INDEX.models["dinov2"], "toyflow") == "mean"
+        index = WarehouseIndex({"toy": info}, INDEX.images)
+        assert state.role_options(index) == {"CLS-like (cls)": "cls", "Mean attention (toyflow)": "mean"}
+        plain = dataclasses.replace(toy, name="toyplain", label="Toy plain", cumulative=False)
+    with registry.registered(plain, models=[]):
+        assert state.map_title(_vit("toy", 4, 3, ("toyplain",)), "toyplain", 2, None) == "Toy plain · block 2"
+    assert state.value_label("toyflow") == "attention"  # gone again: the registry's default label

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from ssl_attention.extraction import catalog_images, extract_model, read_catalog_records
+from ssl_attention.images import load_image
 from ssl_attention.models.loading import LoadRequest, load_model
 from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.warehouse.paths import DATA_FILE, partition_file
@@ -39,6 +40,16 @@ def expected_rows(images: int, layers: int, heads: int, method: str) -> int:
     if METHODS[method].per_head:
         return images * layers * (heads + 1)
     return images * layers
+
+
+def naflex_sizes(processor, images: list[dict], folder: Path) -> dict[str, tuple[int, int]]:
+    """image id -> (H, W) from the NaFlex processor's own spatial_shapes for the catalogued file."""
+    sizes = {}
+    for row in images:
+        out = processor(images=[load_image(folder / row["file_name"])[0]], return_tensors="pt")
+        grid_h, grid_w = (int(v) for v in out["spatial_shapes"][0])
+        sizes[row["image_id"]] = (grid_h * processor.patch_size, grid_w * processor.patch_size)
+    return sizes
 
 
 def load_tiny(slug: str, directory: Path):
@@ -89,11 +100,18 @@ def test_every_partition_is_complete(tiny_warehouse, tiny_adapters, sample_dir):
         assert model_row["has_cls"] == spec.has_cls and model_row["methods"] == list(spec.methods)
         assert model_row["patch_size"] == (None if slug == "resnet50" else 8)
         size = 64 if slug == "resnet50" else 32
-        assert (model_row["input_h"], model_row["input_w"]) == (size, size)
         inputs = read(tiny_warehouse, "inputs", model=slug)
         assert {r["image_id"] for r in inputs} == ids
-        for row in inputs:
-            assert Image.open(io.BytesIO(row["jpeg"])).size == (row["input_w"], row["input_h"]) == (size, size)
+        if spec.pixel_layout == "naflex":  # each image at its own aspect ratio: the processor's own patch grid
+            own = naflex_sizes(adapter.preprocess, images, sample_dir)
+            for row in inputs:
+                assert Image.open(io.BytesIO(row["jpeg"])).size == (row["input_w"], row["input_h"])
+                assert (row["input_h"], row["input_w"]) == own[row["image_id"]]
+            assert (model_row["input_h"], model_row["input_w"]) in set(own.values())
+        else:
+            assert (model_row["input_h"], model_row["input_w"]) == (size, size)
+            for row in inputs:
+                assert Image.open(io.BytesIO(row["jpeg"])).size == (row["input_w"], row["input_h"]) == (size, size)
         assert read(tiny_warehouse, "errors", source=slug) == []
 
 

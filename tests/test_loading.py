@@ -51,7 +51,8 @@ def test_parse_checkpoints_errors_name_valid_values(item, fragments):
 
 
 def test_unknown_names_list_valid_values():
-    with pytest.raises(UnknownNameError, match="valid models: dinov2, dinov3, mae, clip, siglip, resnet50"):
+    valid = "valid models: dinov2, dinov3, mae, clip, siglip, siglip2, siglip2_naflex, resnet50"
+    with pytest.raises(UnknownNameError, match=valid):
         load_model("vit-huge")
     with pytest.raises(UnknownNameError, match="auto, pretrained, random"):
         load_model("clip", LoadRequest(weights="hub"))

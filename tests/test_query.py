@@ -144,6 +144,8 @@ def test_compare_models_picks_layer_by_relative_depth_and_default_method(wh, ima
         "mae": ("cls", 0),
         "clip": ("cls", 0),
         "siglip": ("probe", 2),
+        "siglip2": ("probe", 2),
+        "siglip2_naflex": ("probe", 2),
         "resnet50": ("gradcam", 0),
     }
     assert comparison.missing == {}
@@ -246,7 +248,7 @@ def test_missing_head_stats_and_unextracted_images(tmp_path, warehouse, image_id
     with pytest.raises(MissingDataError, match="has no mae/cls data yet"):
         partial.map(image_ids[0], "mae", "cls", 0)
     comparison = partial.compare_models(image_ids[0], 0.5)
-    assert "mae" in comparison.missing and len(comparison.entries) == 5
+    assert "mae" in comparison.missing and len(comparison.entries) == len(registry.MODELS) - 1
 
 
 def test_missing_or_empty_warehouse_gives_empty_answers_and_typed_views(tmp_path):
@@ -514,7 +516,7 @@ def test_views_can_be_created_on_any_connection(warehouse):
     con = duckdb.connect()
     present = create_views(con, warehouse)
     assert all(present.values())
-    assert con.execute("SELECT count(DISTINCT model) FROM head_stats").fetchall() == [(6,)]
+    assert con.execute("SELECT count(DISTINCT model) FROM head_stats").fetchall() == [(len(registry.MODELS),)]
 
 
 # --- ad-hoc SQL from Python: the process connection's views -----------------------------------------------

@@ -42,6 +42,9 @@ BAD_VALUES = [
     ("checkpoints", ["clip"], ["MODEL=DIR"]),
     ("checkpoints", ["vgg=/tmp"], ["unknown model 'vgg'", *MODELS]),
     ("recompute", "maybe", ["valid boolean"]),
+    ("resolution", "big", ["'default' or a positive number of pixels"]),
+    ("resolution", "vgg=448", ["unknown model 'vgg'", *MODELS]),
+    ("max_tokens", 0, ["greater than or equal to 1"]),
 ]
 
 
@@ -57,7 +60,7 @@ def test_the_settings_model_refuses_each_bad_value_naming_field_and_valid_values
     assert [error["loc"][0] for error in caught.value.errors()] == [field]
     message = describe_errors(caught.value)
     assert "\n" not in message and _shown(value) in message
-    assert message.startswith(f"{field}: ") or field == "checkpoints"  # the checkpoint parser names its flag
+    assert message.startswith(f"{field}: ") or field in ("checkpoints", "resolution")  # parsers name their flag
     for fragment in valid:
         assert fragment in message, message
 
@@ -148,6 +151,9 @@ def test_the_resource_builds_each_models_load_request(tiny_checkpoints):
         weights="random", checkpoint=tiny_checkpoints["clip"].resolve(), seed=3, device="cpu"
     )
     assert resource.load_request("mae") == LoadRequest(weights="random", checkpoint=None, seed=3, device="cpu")
+    per_model = ExtractionSettings(resolution="448,clip=default", max_tokens=1024)
+    assert per_model.load_request("clip").resolution == "default"
+    assert (per_model.load_request("mae").resolution, per_model.load_request("mae").max_tokens) == (448, 1024)
     settings = Settings(weights="pretrained", batch_size=2, models="clip", recompute=True)
     copied = ExtractionSettings.from_settings(settings)
     assert (copied.weights, copied.batch_size, copied.recompute) == ("pretrained", 2, True)

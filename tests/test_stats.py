@@ -131,7 +131,7 @@ def test_head_stats_table_pairs_each_head_with_its_own_fused_map():
             heads = rng.dirichlet(np.full(6, 0.5), size=3) * 0.8
             rows.append((image, layer, None, heads.mean(axis=0), 0.2))
             rows += [(image, layer, h, heads[h], 0.2) for h in range(3)]
-    table = head_stats_table(_maps_table(rows, (2, 3)), 20, 30, dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+    table = head_stats_table(_maps_table(rows, (2, 3)), (20, 30), dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
     assert table.schema == schema.HEAD_STATS
     assert table.num_rows == len(rows)
     for index, (_, layer, head, values, prefix) in enumerate(rows):
@@ -183,12 +183,29 @@ def test_write_head_stats_covers_every_map_and_matches_numpy(tiny_warehouse: Pat
     assert all(v == 1.0 for v in stages["pearson_fused"].to_pylist() if v is not None)
 
 
-def test_write_head_stats_needs_the_models_row(tmp_path: Path, tiny_warehouse: Path):
+def test_write_head_stats_needs_the_inputs_rows(tmp_path: Path, tiny_warehouse: Path):
     assert write_head_stats(tmp_path, "dinov2") == {}  # nothing extracted yet: nothing to do
     import shutil
 
     warehouse = tmp_path / "wh"
     shutil.copytree(tiny_warehouse, warehouse)
-    (warehouse / "models" / "model=dinov2" / "data.parquet").unlink()  # maps without their model facts
-    with pytest.raises(FileNotFoundError, match="no models row"):
+    (warehouse / "inputs" / "model=dinov2" / "data.parquet").unlink()  # maps without their input sizes
+    with pytest.raises(FileNotFoundError, match="no inputs rows"):
         write_head_stats(warehouse, "dinov2")
+
+
+def test_head_stats_use_each_images_own_input_size():
+    """Any resolution: two images on one 2x3 grid but different input sizes. A map with all its mass on the two
+    corner cells (0, 0) and (1, 2) has its centre of mass at the input's centre, so each corner lies half the
+    distance between the two cell centres away: hypot(2 * W / 3, H / 2) / 2, by hand from each image's size."""
+    corners = np.array([0.5, 0, 0, 0, 0, 0.5])
+    rows = [(image, 0, None, corners, 0.0) for image in ("small", "large")]
+    sizes = {"small": (28, 42), "large": (56, 84)}
+    table = head_stats_table(_maps_table(rows, (2, 3)), sizes, dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+    for row in table.to_pylist():
+        height, width = sizes[row["image_id"]]
+        assert (row["input_h"], row["input_w"]) == (height, width)
+        assert row["mean_dist_px"] == pytest.approx(math.hypot(2 * width / 3, height / 2) / 2)
+        assert row["mean_dist_frac"] == pytest.approx(row["mean_dist_px"] / math.hypot(height, width))
+    with pytest.raises(ValueError, match="no input size"):
+        head_stats_table(_maps_table(rows, (2, 3)), {"small": (28, 42)})

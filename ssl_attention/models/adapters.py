@@ -3,6 +3,10 @@
 ``ViTAdapter`` runs one eager forward pass with ``output_attentions=True`` (plus SigLIP's pooling-head
 weights, captured by hooks during the same pass); ``CNNAdapter`` runs Grad-CAM (one forward, one
 backward). Heads, layers, patch size and registers are read from the loaded model's config.
+
+Every adapter takes images as (B, 3, H, W) at any size its resolution gives (``input_size``): ViTs interpolate
+their position embeddings (``ModelSpec.position_interpolation``) or use RoPE; a NaFlex model gets the images as
+patch sequences (``ModelSpec.pixel_layout``); the CNN takes any size. A batch holds images of one size.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ssl_attention.methods.blocks import MapBlock, TokenLayout, check_attentions
+from ssl_attention.methods.blocks import AttentionShapeError, MapBlock, TokenLayout, check_attentions
 from ssl_attention.methods.gradcam import grad_cam
 from ssl_attention.methods.passes import CNNPass, ForwardPass, ViTPass
+from ssl_attention.models import preprocessing as prep
+from ssl_attention.models.preprocessing import InputSizeError, Size
+from ssl_attention.models.resolution import DEFAULT_MAX_TOKENS, Resolution, scaled_size
 from ssl_attention.models.weights import Provenance
 from ssl_attention.registry import ModelSpec, get_method
 
@@ -42,6 +49,20 @@ def full_float32(device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+@dataclass(frozen=True)
+class PatchSequence:
+    """NaFlex input as its processor makes it: ``patches`` (B, S, p*p*3), each image's gh*gw patches in raster
+    order followed by padding; ``mask`` (B, S), 1 for a real patch and 0 for padding; ``spatial_shapes``
+    (B, 2) = (gh, gw). The adapter runs it and drops the padded positions from every attention it reads."""
+
+    patches: torch.Tensor
+    mask: torch.Tensor
+    spatial_shapes: torch.Tensor
+
+
+ModelInput = torch.Tensor | PatchSequence
+
+
 @dataclass
 class ModelAdapter:
     spec: ModelSpec
@@ -49,8 +70,11 @@ class ModelAdapter:
     preprocess: Any  # a transformers image processor or a timm transform
     provenance: Provenance
     device: torch.device
+    resolution: Resolution = "default"  # "default": the processor's own size; N: shorter side N px, no crop
+    max_tokens: int = DEFAULT_MAX_TOKENS  # an N request with more patches than this is scaled down
     image_mean: tuple[float, ...] = field(init=False)
     image_std: tuple[float, ...] = field(init=False)
+    _default_sizes: dict[tuple[int, int], Size] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         mean, std = _normalisation(self.preprocess)
@@ -74,16 +98,55 @@ class ModelAdapter:
         return None
 
     @property
+    def size_multiple(self) -> int:
+        """Input sides are multiples of this: the patch size of a ViT, the total stride of a CNN."""
+        raise NotImplementedError
+
+    @property
     def layer_names(self) -> list[str]:
         raise NotImplementedError
 
-    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        """RGB PIL images -> (B, 3, H, W) float32 on the model's device, by the model's own preprocessing."""
-        if hasattr(self.preprocess, "image_mean"):  # transformers image processor
-            batch = self.preprocess(images=images, return_tensors="pt")["pixel_values"]
-        else:  # timm transform, one image at a time
-            batch = torch.stack([self.preprocess(img) for img in images])
+    def sequence_length(self, input_h: int, input_w: int) -> int:
+        """Tokens T per image at this input size (a CNN: cells of its last stage); attention memory ~ T²."""
+        return (input_h // self.size_multiple) * (input_w // self.size_multiple)
+
+    # --- input sizes ---
+    def input_size(self, width: int, height: int) -> Size:
+        """(H, W) of the input made from an image of ``width`` x ``height`` pixels at this adapter's resolution."""
+        if self.resolution == "default":
+            key = (width, height)
+            if key not in self._default_sizes:
+                self._default_sizes[key] = self._default_size(width, height) or self._probe_size(width, height)
+            return self._default_sizes[key]
+        return scaled_size(height, width, int(self.resolution), self.size_multiple, self.max_tokens)
+
+    def _default_size(self, width: int, height: int) -> Size | None:
+        """The processor's own size, read from its config; None when only running it can tell."""
+        return None
+
+    def _probe_size(self, width: int, height: int) -> Size:
+        height_px, width_px = self._preprocess([Image.new("RGB", (width, height))], None).shape[-2:]
+        return int(height_px), int(width_px)
+
+    def pixel_values(self, images: list[Image.Image], size: Size | None = None) -> torch.Tensor:
+        """RGB PIL images -> (B, 3, H, W) float32 on the model's device, by the model's own preprocessing.
+
+        At the default resolution the processor decides the size; at N every image must come out at the
+        same ``input_size``: a batch holds one input size. ``size``, when given, is checked against the result.
+        """
+        target = None
+        if self.resolution != "default":
+            target = prep.common_size([self.input_size(*image.size) for image in images])
+            if size is not None and tuple(size) != target:
+                raise InputSizeError(f"{self.spec.slug}: requested {size} but the images' input size is {target}")
+        batch = self._preprocess(images, target)
+        if size is not None or target is not None:
+            prep.check_size(batch, target or size, self.spec.slug)
         return batch.to(self.device, torch.float32)
+
+    def _preprocess(self, images: list[Image.Image], size: Size | None) -> torch.Tensor:
+        """(B, 3, H, W) at ``size``, or at the processor's own size when ``size`` is None."""
+        raise NotImplementedError
 
     def display_images(self, pixel_values: torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) normalised input -> (B, H, W, 3) uint8: exactly what the model saw (crop included)."""
@@ -92,11 +155,11 @@ class ModelAdapter:
         rgb = (pixel_values.detach() * std + mean).clamp(0, 1)
         return (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
-    def forward(self, pixel_values: torch.Tensor) -> ForwardPass:
+    def forward(self, pixel_values: ModelInput) -> ForwardPass:
         """The one forward pass (Grad-CAM: forward and backward) every method of the model reads."""
         raise NotImplementedError
 
-    def run(self, pixel_values: torch.Tensor) -> dict[str, list[MapBlock]]:
+    def run(self, pixel_values: ModelInput) -> dict[str, list[MapBlock]]:
         """Every method of the model, computed from one forward pass, in registry order."""
         forward = self.forward(pixel_values)
         blocks: dict[str, list[MapBlock]] = {}
@@ -144,6 +207,14 @@ class ViTAdapter(ModelAdapter):
         return int(size[0] if isinstance(size, list | tuple) else size)
 
     @property
+    def size_multiple(self) -> int:
+        return self.patch_size
+
+    @property
+    def naflex(self) -> bool:
+        return self.spec.pixel_layout == "naflex"
+
+    @property
     def needs_pooling_head(self) -> bool:
         return any(get_method(m).needs_pooling_head for m in self.spec.methods)
 
@@ -154,14 +225,56 @@ class ViTAdapter(ModelAdapter):
             names.append("pooling head")  # stored at layer index L, one past the last block
         return names
 
-    def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
-        height, width = pixel_values.shape[-2:]
-        return TokenLayout(
-            has_cls=self.spec.has_cls,
-            num_registers=self.num_registers,
-            grid_h=height // self.patch_size,
-            grid_w=width // self.patch_size,
-        )
+    def sequence_length(self, input_h: int, input_w: int) -> int:
+        return int(self.spec.has_cls) + self.num_registers + super().sequence_length(input_h, input_w)
+
+    # --- preprocessing ---
+    def _default_size(self, width: int, height: int) -> Size | None:
+        if self.naflex:
+            return prep.naflex_output_size(self.preprocess, width, height)
+        return prep.processor_output_size(self.preprocess, width, height)
+
+    def _preprocess(self, images: list[Image.Image], size: Size | None) -> torch.Tensor:
+        processor = self.preprocess
+        if self.naflex:
+            if size is None:
+                output = processor(images=images, return_tensors="pt")
+            else:  # resized here (the processor's resample), patchified by the processor without padding
+                height, width = size
+                resized = [image.resize((width, height), prep.pil_resample(processor)) for image in images]
+                patches = (height // self.patch_size) * (width // self.patch_size)
+                output = processor(images=resized, return_tensors="pt", do_resize=False, max_num_patches=patches)
+            return prep.naflex_images(output, self.patch_size)
+        if size is None:
+            return processor(images=images, return_tensors="pt")["pixel_values"]
+        height, width = size
+        kwargs = {"size": {"height": height, "width": width}, "do_center_crop": False}
+        return processor(images=images, return_tensors="pt", **kwargs)["pixel_values"]
+
+    # --- the forward pass ---
+    def layout(self, pixel_values: ModelInput) -> TokenLayout:
+        if isinstance(pixel_values, PatchSequence):
+            grid_h, grid_w = _one_grid(pixel_values.spatial_shapes)
+        else:
+            height, width = pixel_values.shape[-2:]
+            grid_h, grid_w = height // self.patch_size, width // self.patch_size
+        return TokenLayout(has_cls=self.spec.has_cls, num_registers=self.num_registers, grid_h=grid_h, grid_w=grid_w)
+
+    def model_inputs(self, pixel_values: ModelInput) -> dict[str, Any]:
+        """The keyword arguments of the module's forward for this batch (attention outputs aside)."""
+        if self.naflex:
+            if isinstance(pixel_values, PatchSequence):
+                sequence = pixel_values
+            else:
+                sequence = _as_sequence(pixel_values, self.patch_size)
+            return {
+                "pixel_values": sequence.patches,
+                "pixel_attention_mask": sequence.mask,
+                "spatial_shapes": sequence.spatial_shapes,
+            }
+        if isinstance(pixel_values, PatchSequence):
+            raise TypeError(f"{self.spec.slug} takes images (B, 3, H, W), not a patch sequence")
+        return {"pixel_values": pixel_values, **self._call_kwargs(pixel_values, self.layout(pixel_values))}
 
     def _call_kwargs(self, pixel_values: torch.Tensor, layout: TokenLayout) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
@@ -181,8 +294,9 @@ class ViTAdapter(ModelAdapter):
                 kwargs["interpolate_pos_encoding"] = True
         return kwargs
 
-    def forward(self, pixel_values: torch.Tensor) -> ViTPass:
+    def forward(self, pixel_values: ModelInput) -> ViTPass:
         layout = self.layout(pixel_values)
+        inputs = self.model_inputs(pixel_values)
         captured: dict[str, torch.Tensor] = {}
         hooks = []
         if self.needs_pooling_head:
@@ -192,19 +306,67 @@ class ViTAdapter(ModelAdapter):
             hooks = _capture_probe(head.attention, captured)
         try:
             with torch.inference_mode(), full_float32(self.device):
-                out = self.module(
-                    pixel_values=pixel_values, output_attentions=True, **self._call_kwargs(pixel_values, layout)
-                )
+                out = self.module(**inputs, output_attentions=True)
         finally:
             for hook in hooks:
                 hook.remove()
-        check_attentions(out.attentions, layout, self.num_layers, self.num_heads, pixel_values.shape[0])
-        return ViTPass(
-            attentions=out.attentions,
-            layout=layout,
-            layer_names=self.layer_names,
-            pooling_attention=captured.get("probe"),
-        )
+        attentions, pooling = out.attentions, captured.get("probe")
+        if "pixel_attention_mask" in inputs:
+            attentions, pooling = _drop_padding(attentions, pooling, inputs["pixel_attention_mask"], layout)
+        batch = int(inputs["pixel_values"].shape[0])
+        check_attentions(attentions, layout, self.num_layers, self.num_heads, batch)
+        return ViTPass(attentions=attentions, layout=layout, layer_names=self.layer_names, pooling_attention=pooling)
+
+
+def _one_grid(spatial_shapes: torch.Tensor) -> tuple[int, int]:
+    shapes = {tuple(int(v) for v in row) for row in spatial_shapes}
+    if len(shapes) != 1:
+        raise InputSizeError(f"images of different patch grids in one batch: {sorted(shapes)}; batch by input size")
+    grid_h, grid_w = shapes.pop()
+    return grid_h, grid_w
+
+
+def _as_sequence(pixel_values: torch.Tensor, patch: int) -> PatchSequence:
+    """Images (B, 3, H, W) -> their NaFlex patch sequence, no padding: every position is a real patch."""
+    batch, _, height, width = pixel_values.shape
+    patches = prep.patchify(pixel_values, patch)
+    grid = torch.tensor([[height // patch, width // patch]] * batch, dtype=torch.long, device=pixel_values.device)
+    mask = torch.ones(patches.shape[:2], dtype=torch.int32, device=pixel_values.device)
+    return PatchSequence(patches=patches, mask=mask, spatial_shapes=grid)
+
+
+PADDING_MASS_TOLERANCE = 1e-6
+
+
+def _drop_padding(
+    attentions: Any, pooling: torch.Tensor | None, mask: torch.Tensor, layout: TokenLayout
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Keep the N = gh*gw real patches of a NaFlex batch: rows and columns of the padded positions are cut from
+    every attention (B, H, S, S) -> (B, H, N, N), and from the pooling head's (B, H, 1, S) -> (B, H, 1, N).
+
+    Nothing is renormalised: the model masks padded keys out of every softmax, so they hold exactly zero
+    mass and each kept row still sums to 1 over real patches (checked here); the padded query rows, which
+    are not image content, are dropped whole.
+    """
+    count = layout.num_patches
+    if not (bool(mask[:, :count].all()) and not bool(mask[:, count:].any())):
+        raise InputSizeError("NaFlex mask does not mark exactly the first grid_h * grid_w positions as real")
+    if attentions is None:
+        return attentions, pooling
+    kept = []
+    for index, attn in enumerate(attentions):
+        if attn is None:
+            return list(attentions), pooling  # reported by check_attentions
+        leaked = float(attn[:, :, :count, count:].sum(-1).max()) if attn.shape[-1] > count else 0.0
+        if leaked > PADDING_MASS_TOLERANCE:
+            raise AttentionShapeError(f"layer {index}: {leaked:.2e} of the attention went to padding patches")
+        kept.append(attn[:, :, :count, :count])
+    if pooling is not None:
+        leaked = float(pooling[..., count:].sum(-1).max()) if pooling.shape[-1] > count else 0.0
+        if leaked > PADDING_MASS_TOLERANCE:
+            raise AttentionShapeError(f"pooling head: {leaked:.2e} of the attention went to padding patches")
+        pooling = pooling[..., :count]
+    return kept, pooling
 
 
 def _capture_probe(attention: nn.MultiheadAttention, captured: dict[str, torch.Tensor]) -> list[Any]:
@@ -232,6 +394,8 @@ def _capture_probe(attention: nn.MultiheadAttention, captured: dict[str, torch.T
 
 @dataclass
 class CNNAdapter(ModelAdapter):
+    _transforms: dict[Size, Any] = field(init=False, default_factory=dict, repr=False)
+
     @property
     def num_layers(self) -> int:
         return len(CNN_STAGES)
@@ -240,6 +404,29 @@ class CNNAdapter(ModelAdapter):
     def layer_names(self) -> list[str]:
         return list(CNN_STAGES)
 
-    def forward(self, pixel_values: torch.Tensor) -> CNNPass:
+    @property
+    def size_multiple(self) -> int:
+        """The total stride of the last stage (32 for a ResNet), so every stage's grid divides the input."""
+        info = getattr(self.module, "feature_info", None)
+        reductions = []
+        for entry in info or []:
+            if isinstance(entry, dict) and entry.get("module") in CNN_STAGES:
+                reductions.append(int(entry["reduction"]))
+        return max(reductions, default=32)
+
+    def _default_size(self, width: int, height: int) -> Size | None:
+        return prep.timm_output_size(self.preprocess)
+
+    def _preprocess(self, images: list[Image.Image], size: Size | None) -> torch.Tensor:
+        transform = self.preprocess
+        if size is not None:
+            if size not in self._transforms:
+                self._transforms[size] = prep.timm_transform_at(self.preprocess, size)
+            transform = self._transforms[size]
+        return torch.stack([transform(img) for img in images])  # one image at a time
+
+    def forward(self, pixel_values: ModelInput) -> CNNPass:
+        if isinstance(pixel_values, PatchSequence):
+            raise TypeError(f"{self.spec.slug} takes images (B, 3, H, W), not a patch sequence")
         with full_float32(self.device):
             return CNNPass(gradcam=grad_cam(self.module, pixel_values, CNN_STAGES), stage_names=self.layer_names)

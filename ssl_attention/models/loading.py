@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ssl_attention.models.adapters import CNN_STAGES, CNNAdapter, ModelAdapter, ViTAdapter
+from ssl_attention.models.resolution import DEFAULT_MAX_TOKENS, Resolution, check_max_tokens, check_resolution
 from ssl_attention.models.weights import (
     CONFIG_DIR,
     DEFAULT_SEED,
@@ -49,6 +50,8 @@ class LoadRequest:
     checkpoint: Path | None = None  # overrides ``weights`` when given
     seed: int = DEFAULT_SEED
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    resolution: Resolution = "default"  # "default" (the processor's own) or N: shorter side N px, no crop
+    max_tokens: int = DEFAULT_MAX_TOKENS  # patches per image at most for an N request (scaled down beyond)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -67,6 +70,8 @@ def load_model(slug: str, request: LoadRequest | None = None) -> ModelAdapter:
         raise UnknownNameError(f"unknown model {slug!r}; valid models: {', '.join(MODELS)}")
     check_weights(request.weights)
     device = resolve_device(request.device)
+    check_max_tokens(request.max_tokens)
+    check_resolution(request.resolution, slug, 1)  # the value itself; its patch size is checked once loaded
 
     if request.checkpoint is not None:
         module, preprocess, provenance = _load_local(spec, Path(request.checkpoint))
@@ -86,7 +91,18 @@ def load_model(slug: str, request: LoadRequest | None = None) -> ModelAdapter:
     # float32 everywhere: half precision moves softmax outputs by more than 1e-3 on long sequences.
     module.to(device=device, dtype=torch.float32)
     adapter_cls = CNNAdapter if spec.family == "cnn" else ViTAdapter
-    return adapter_cls(spec=spec, module=module, preprocess=preprocess, provenance=provenance, device=device)
+    adapter = adapter_cls(
+        spec=spec,
+        module=module,
+        preprocess=preprocess,
+        provenance=provenance,
+        device=device,
+        resolution=request.resolution,
+        max_tokens=request.max_tokens,
+    )
+    unit = "patch" if spec.family == "vit" else "stride of its last stage"
+    check_resolution(request.resolution, slug, adapter.size_multiple, unit)
+    return adapter
 
 
 # --- transformers ViTs ----------------------------------------------------------------------------------

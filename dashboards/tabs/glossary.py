@@ -1,11 +1,12 @@
-"""The glossary tab: what the maps are, in words a first-time user can follow."""
+"""The glossary tab: what the maps are, in words a first-time user can follow. The tables of methods and
+models come from the registry (``MethodSpec.glossary``, ``ModelSpec.notes``)."""
 
 from __future__ import annotations
 
-from ssl_attention.registry import METHODS, MODELS
-from ssl_attention.warehouse.paths import DEFAULT_WAREHOUSE
+import panel as pn
 
-FILL_COMMAND = "ssl-attention run --images data/samples --models all --weights random"
+from dashboards.tabs.base import Tab
+from ssl_attention.registry import METHODS, MODELS, ROLE_LABELS
 
 _CONCEPTS = """
 ### What is an attention head?
@@ -54,48 +55,30 @@ see real attention.
 ### Colour scale
 Values are raw patch values on the model's grid; display scaling happens only here. *Shared* scales the fused
 map and the head to the same maximum (compare magnitudes); *independent* scales each to its own maximum
-(compare shapes).
+(compare shapes). The colormaps are Bokeh's 256-colour palettes, the same on every tab and in the PNG export.
 """
 
 
 def glossary_markdown() -> str:
     """Methods and models from the registry, then the concepts."""
     methods = "\n".join(
-        f"| `{spec.name}` | {spec.label} | {'yes' if spec.per_head else 'no (fused only)'} | {spec.glossary} |"
+        f"| `{spec.name}` | {spec.label} | {ROLE_LABELS[spec.role]} | {'yes' if spec.per_head else 'no (fused only)'} "
+        f"| {spec.glossary} |"
         for spec in METHODS.values()
     )
     models = "\n".join(
         f"| `{spec.slug}` | {spec.label} | {', '.join(spec.methods)} | {spec.notes} |" for spec in MODELS.values()
     )
     return (
-        "## Glossary\n\n### Methods\n\n| method | name | per head | definition |\n|---|---|---|---|\n"
+        "## Glossary\n\n### Methods\n\n| method | name | role | per head | definition |\n|---|---|---|---|---|\n"
         f"{methods}\n\n### Models\n\n| model | name | methods | notes |\n|---|---|---|---|\n{models}\n"
         f"{_CONCEPTS}"
     )
 
 
-def empty_warehouse_markdown(warehouse: str, detail: str = "") -> str:
-    """The message shown instead of the dashboard when there is nothing to show."""
-    extra = f"\n\n_Detail: {detail}_" if detail else ""
-    return (
-        "## No attention maps yet\n\n"
-        f"The warehouse at `{warehouse}` is empty or missing. Fill it with the bundled sample images "
-        "(offline, random weights):\n\n"
-        f"```bash\n{FILL_COMMAND} --warehouse {warehouse}\n```\n\n"
-        "then reload this page. Point the dashboard at another warehouse with `$SSL_ATTENTION_WAREHOUSE` or "
-        f"`ssl-attention serve --warehouse DIR`.{extra}"
-    )
+class GlossaryTab(Tab):
+    key = "glossary"
+    label = "Glossary"
 
-
-def unsupported_warehouse_markdown(location: str, detail: str = "") -> str:
-    """The message shown when the warehouse location is not one the dashboard can read (``s3://`` ...)."""
-    extra = f"\n\n_Detail: {detail}_" if detail else ""
-    return (
-        "## Unsupported warehouse location\n\n"
-        f"`{location}` is not a location the dashboard can read: the warehouse must be a local path or a "
-        "`file://` URL (object stores need the setup in docs/scaling.md). Point the dashboard at a local "
-        "warehouse with `$SSL_ATTENTION_WAREHOUSE` or `ssl-attention serve --warehouse DIR`, filled for example "
-        "with the bundled sample images (offline, random weights):\n\n"
-        f"```bash\n{FILL_COMMAND} --warehouse {DEFAULT_WAREHOUSE}\n```\n\n"
-        f"then reload this page.{extra}"
-    )
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.pane.Markdown(glossary_markdown(), width=900)
