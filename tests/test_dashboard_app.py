@@ -183,8 +183,10 @@ def test_methods_without_heads_show_one_map_named_after_the_method(
     assert any("Head grid" in str(pane.object) for pane in holders[1].objects)
     png = explorer.controls.png_download.callback().getvalue()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    session.apply_query({"model": "dinov2", "method": "cls"})
-    assert session.show_heads and all(column.visible for column in holders)
+    session.apply_query({"model": "dinov2", "method": "cls"})  # fused: the grid, but no head map repeating it
+    assert session.show_heads and holders[1].visible and not holders[0].visible
+    session.apply_query({"model": "dinov2", "method": "cls", "head": 1})
+    assert all(column.visible for column in holders)
     assert heads.overlays.fused.colorbar.title == "attention"
 
 
@@ -275,7 +277,8 @@ def test_compare_picks_the_layer_at_the_relative_depth(
         drawn = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
         rgb = data.input_rgb(str(warehouse), image, model)
         expected = overlay(rgb, expected_map(warehouse, model, method, image, layer, None), alpha=0.5, cmap="magma")
-        np.testing.assert_array_equal(drawn, expected, err_msg=f"{model} at depth {depth}")
+        # the card: the overlay at the input's size, then its colour bar
+        np.testing.assert_array_equal(drawn[:, : rgb.shape[1]], expected, err_msg=f"{model} at depth {depth}")
 
 
 def test_exports(explorer: AttentionExplorer, warehouse: Path) -> None:
@@ -300,7 +303,7 @@ def test_other_tabs_build_their_views(explorer: AttentionExplorer) -> None:
 
     session = explorer.session
     session.apply_query({"model": "resnet50"})  # Grad-CAM stages have different grids: resampled tiles
-    overview = explorer.tabs["overview"].plot((session.selection, "viridis", "shared"))
+    overview = explorer.tabs["overview"].plot((session.selection, "viridis", "shared", "zero"))
     assert isinstance(overview, hv.Image)
     assert overview.opts.get().kwargs["xticks"] == [(0.5, "Grad-CAM")]  # one column, named after the method
     session.apply_query({"model": "dinov2", "head": 1})

@@ -18,9 +18,22 @@ from dashboards.session import Session
 from dashboards.state import Selection
 from dashboards.tabs.base import Tab
 from ssl_attention.registry import METHODS
-from ssl_attention.render import overlay
+from ssl_attention.render import colorbar_image, overlay
 
-CARD_PX = 200
+CARD_PX = 200  # longer side of each card's map
+CAPTION_PX = 64  # every caption the same height: a wrapped one does not shift its card's map
+
+
+def card_image(rgb: np.ndarray, values: np.ndarray, opacity: float, cmap: str) -> np.ndarray:
+    """The map over ``rgb`` at the input's own size and aspect (a non-square grid stays the right way round),
+    beside its colour bar (0 → the map's maximum, as drawn); the page scales it to ``CARD_PX``."""
+    top = float(np.nanmax(values)) if np.isfinite(values).any() else 0.0
+    blended = Image.fromarray(overlay(rgb, values, alpha=opacity, cmap=cmap))
+    bar = colorbar_image(0.0, top if top > 0 else 1.0, cmap, blended.height)
+    card = Image.new("RGB", (blended.width + 6 + bar.width, blended.height), "white")
+    card.paste(blended, (0, 0))
+    card.paste(bar, (blended.width + 6, 0))
+    return np.asarray(card)
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -64,13 +77,16 @@ class CompareTab(Tab):
             return pn.pane.Alert(session.failure("compare the models", exc), alert_type="danger")
         cards = []
         for entry in comparison.entries:
-            blended = overlay(session.rgb(image_key, entry.model), entry.map.values, alpha=opacity, cmap=cmap)
+            card = card_image(session.rgb(image_key, entry.model), entry.map.values, opacity, cmap)
             label = session.index.models[entry.model].layer_label(entry.layer)
             caption = f"**{entry.model}** · {entry.method} · {label} (depth {entry.depth:.2f})"
             if entry.model in session.loaded.random_weights:
                 caption += "<br>⚠ **random weights**"
-            png = pn.pane.PNG(png_bytes(blended), width=CARD_PX, height=CARD_PX, fixed_aspect=True)
-            cards.append(pn.Column(pn.pane.Markdown(caption, margin=(0, 5)), png, width=CARD_PX + 15))
+            zoom = CARD_PX / max(card.shape[:2])
+            height, width = round(card.shape[0] * zoom), round(card.shape[1] * zoom)
+            png = pn.pane.PNG(png_bytes(card), width=width, height=height, fixed_aspect=True)
+            text = pn.pane.Markdown(caption, margin=(0, 5), height=CAPTION_PX, width=width)
+            cards.append(pn.Column(text, png, width=width + 15))
         missing = "".join(f"\n- {m}: {why}" for m, why in comparison.missing.items())
         notes = [pn.pane.Markdown(f"Not shown:{missing}")] if missing else []
         return pn.Column(pn.FlexBox(*cards, sizing_mode="stretch_width"), *notes, sizing_mode="stretch_width")

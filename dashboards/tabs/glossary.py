@@ -81,4 +81,4 @@ class GlossaryTab(Tab):
     label = "Glossary"
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.pane.Markdown(glossary_markdown(), width=900)
+        return pn.pane.Markdown(glossary_markdown(), max_width=900, sizing_mode="stretch_width")
