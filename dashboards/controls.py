@@ -41,7 +41,7 @@ class Controls(pn.viewable.Viewer):
         self.cmap_select = pn.widgets.Select.from_param(p.cmap, label="Colormap", **stretch)
         self.opacity_slider = pn.widgets.FloatSlider.from_param(p.opacity, label="Opacity", **stretch)
         self.scale_select = pn.widgets.Select.from_param(p.scale, label="Colour scale", **stretch)
-        self.contrast_select = pn.widgets.Select.from_param(p.contrast, label="Colour scale spans", **stretch)
+        self.contrast_select = pn.widgets.Select.from_param(p.contrast, label="Contrast", **stretch)
         self.png_download = self._download(export.png_view, "the view as PNG", "PNG view", 80, color="primary")
         self.csv_download = self._download(export.csv_maps, "the maps as CSV", "CSV maps", 80)
         self.parquet_download = self._download(export.parquet_maps, "the maps as Parquet", "Parquet", 80)

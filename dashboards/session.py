@@ -305,7 +305,7 @@ class Session(param.Parameterized):
                 except (ValueError, TypeError):
                     kept = getattr(entry.owner, name)
                     valid = _valid_values(entry.owner.param[name])
-                    notices.append(f"{key} “{value}” is not valid{valid}: showing {key}={kept}")
+                    notices.append(f"{key} “{state.asked(value)}” is not valid{valid}: showing {key}={kept}")
         self.notice = "; ".join(notices)
 
     def url_watched(self) -> list[tuple[param.Parameterized, list[str]]]:

@@ -286,6 +286,13 @@ def _parse_layer(value: Any) -> int | None:
     return int(number) if number.is_integer() else None
 
 
+def asked(value: Any) -> str:
+    """A URL value as the user typed it (the page parses ``-3`` as the number -3.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _span(values: Sequence[int]) -> str:
     return f"{values[0]}–{values[-1]}" if len(values) > 1 else str(values[0])
 
@@ -309,7 +316,7 @@ def read_query(query: Mapping[str, Any], index: WarehouseIndex) -> QueryReading:
     info = index.models[model]
     if asked_model is not None and model != asked_model:
         notices.append(
-            f"model “{asked_model}” is not in this warehouse (models: {', '.join(index.models)}): "
+            f"model “{asked(asked_model)}” is not in this warehouse (models: {', '.join(index.models)}): "
             f"showing {info.label} ({model})"
         )
     asked_method = query.get("method")
@@ -318,7 +325,7 @@ def read_query(query: Mapping[str, Any], index: WarehouseIndex) -> QueryReading:
         method = default_method(info)
         if asked_method is not None:
             notices.append(
-                f"method “{asked_method}” is not stored for {model} (methods: {', '.join(info.methods)}): "
+                f"method “{asked(asked_method)}” is not stored for {model} (methods: {', '.join(info.methods)}): "
                 f"showing {method_label(method)}"
             )
     layers = info.layers_of(method)
@@ -330,7 +337,7 @@ def read_query(query: Mapping[str, Any], index: WarehouseIndex) -> QueryReading:
             layer = number
         else:
             notices.append(
-                f"layer “{asked_layer}” is not stored for {model}/{method} (layers {_span(layers)}): "
+                f"layer “{asked(asked_layer)}” is not stored for {model}/{method} (layers {_span(layers)}): "
                 f"showing {info.layer_label(layer)}"
             )
     asked_head = query.get("head")
@@ -343,13 +350,13 @@ def read_query(query: Mapping[str, Any], index: WarehouseIndex) -> QueryReading:
             why = "it is not a head number"
         else:
             why = f"it does not exist ({_span(range(info.num_heads))})"
-        notices.append(f"head “{asked_head}”: {why}: showing the fused map")
+        notices.append(f"head “{asked(asked_head)}”: {why}: showing the fused map")
     asked_image = query.get("image")
     image = index.image_by_key(asked_image)
     if asked_image is not None and image is None:
         first = index.images[0]
         notices.append(
-            f"image “{asked_image}” is not in this warehouse: showing {first.file_name} instead "
+            f"image “{asked(asked_image)}” is not in this warehouse: showing {first.file_name} instead "
             f"(the first of its {len(index.images)} images)"
         )
     return QueryReading(Selection(image.image_id if image else base.image, model, method, layer, head), tuple(notices))
