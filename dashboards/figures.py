@@ -54,12 +54,6 @@ def frame_size(aspect: float, longer: int) -> tuple[int, int]:
     return longer, max(1, round(longer * aspect))
 
 
-def outer_size(figure: Plot) -> tuple[int, int]:
-    """(width, height) px an overlay figure takes: its frame, colour bar and labels beside it, and the title
-    and toolbar above it (measured in Chromium: 95 and 40 px)."""
-    return figure.frame_width + 100, figure.frame_height + 44
-
-
 def rgba_image(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W) uint32 RGBA, rows flipped for Bokeh."""
     height, width = rgb.shape[:2]
@@ -163,7 +157,8 @@ class LinkedOverlays:
         self.fused = OverlayFigure(self.x_range, self.y_range, self.base, "fused-plot")
         self.head = OverlayFigure(self.x_range, self.y_range, self.base, "head-plot")
         self._aspect = 1.0
-        self._frames: tuple[int, bool] = (0, False)  # (aspect, solo) the frames were sized for
+        self._frames: tuple[float, bool] = (0.0, False)  # (aspect, solo) the frames were sized for
+        self.resized = False  # set when the frames change size (the page must lay them out again)
         self._rgb: np.ndarray | None = None
 
     def render(
@@ -179,7 +174,8 @@ class LinkedOverlays:
             self.y_range.update(start=0.0, end=aspect, bounds=(0.0, aspect))
             self.x_range.update(start=0.0, end=1.0)
         if (aspect, head is None) != self._frames:
-            self._frames = (aspect, head is None)  # type: ignore[assignment]
+            self._frames = (aspect, head is None)
+            self.resized = True
             width, height = frame_size(aspect, SOLO_FRAME if head is None else OVERLAY_FRAME)
             self.fused.figure.update(frame_width=width, frame_height=height)
             width, height = frame_size(aspect, OVERLAY_FRAME)

@@ -19,17 +19,27 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pytest
 
-from bench.browser import DOC_READY_JS, WIDGET_VALUE_JS, browser_missing_reason, launch_chromium, plotted_by_title
+from bench.browser import (
+    DOC_READY_JS,
+    WIDGET_VALUE_JS,
+    browser_missing_reason,
+    launch_chromium,
+    plotted_by_title,
+    plotted_images,
+)
 from dashboards.url_sync import URL_DELAY_MS
 from ssl_attention.registry import MODELS
+from ssl_attention.render import colormap_lut, palette_index
 from tests.dashboard_fixtures import (
     RANDOM_MODEL,
     RANDOM_SEED,
+    WIDE_IMAGES,
     browser_required,
     dashboard_warehouse,
     expected_map,
     image_id_of,
     serve_threaded,
+    wide_warehouse,
 )
 
 pytestmark = pytest.mark.browser
@@ -60,7 +70,12 @@ def warehouse(tiny_warehouse: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def server(warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def wide(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory, make_tiny_checkpoint: Any) -> Path:
+    return wide_warehouse(sample_dir, tmp_path_factory.mktemp("wide"), make_tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(warehouse: Path, wide: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     from dashboards.app import create_app
 
     missing = tmp_path_factory.mktemp("no_warehouse") / "missing"
@@ -71,6 +86,7 @@ def server(warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "app": lambda: create_app(warehouse),
         "empty": lambda: create_app(missing),
         "damaged": lambda: create_app(damaged),
+        "wide": lambda: create_app(wide),
     }
     with serve_threaded(routes) as port:
         yield port
@@ -530,3 +546,81 @@ def test_the_head_selector_rules_hold_on_every_tab(page: Any, server: int, tab: 
     open_tab(page, server, f"?model=resnet50&head=1&tab={tab}")  # a CNN: hidden, and the notice says why
     wait_for_widget(page, "Head", value="-1", visible=False)
     assert "has no per-head maps: showing the fused map" in notice_text(page)
+
+
+# --- non-square grids ------------------------------------------------------------------------------------------
+
+# The data area of the figure named ``name``: its box on the page (px) and the plot's x/y ranges
+FRAME_JS = """(name) => {
+  const all = [];
+  const walk = (v) => { if (!v || all.includes(v)) return; all.push(v); (v.child_views ?? []).forEach(walk); };
+  (typeof Bokeh.index.values === 'function' ? [...Bokeh.index.values()] : Object.values(Bokeh.index)).forEach(walk);
+  const plot = all.find(v => v.model?.name === name);
+  if (!plot) return null;
+  const frame = plot.frame.bbox, canvas = plot.canvas_view.el.getBoundingClientRect();
+  return {x: canvas.x + frame.left, y: canvas.y + frame.top, width: frame.width, height: frame.height};
+}"""
+
+
+def cell_brightness(page: Any, box: dict[str, float], rows: int, cols: int) -> np.ndarray:
+    """Mean grey level of each of rows x cols equal blocks of a screenshot of ``box`` (inner halves only)."""
+    from PIL import Image
+
+    shot = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=box))).convert("L"), dtype=np.float64)
+    height, width = shot.shape
+    means = np.empty((rows, cols))
+    for r in range(rows):
+        for c in range(cols):
+            top, left = (r + 0.25) * height / rows, (c + 0.25) * width / cols
+            block = shot[round(top) : round(top + height / rows / 2), round(left) : round(left + width / cols / 2)]
+            means[r, c] = block.mean()
+    return means
+
+
+@pytest.mark.parametrize("file_name", sorted(WIDE_IMAGES))
+def test_a_non_square_map_is_drawn_the_right_way_up_and_round(
+    page: Any, server: int, wide: Path, file_name: str
+) -> None:
+    """A 2 x 3 (and a 3 x 2) grid: the page holds the Parquet rows' map, and the pixels drawn at each cell's
+    place (grey colormap, opaque, each map over its own range) are the grey of the value stored for that cell:
+    the hot cell is where the Parquet row says, not transposed or flipped."""
+    grid_h, grid_w = WIDE_IMAGES[file_name]
+    image = image_id_of(wide, file_name)
+    query = f"?image={file_name}&model=dinov2&method=cls&layer=1&head=1&cmap=gray&opacity=1&scale=independent"
+    page.goto(f"http://localhost:{server}/wide{query}")
+    page.wait_for_function(DOC_READY_JS)
+    for title, head, name in (
+        ("Head 1 · block 1", 1, "head-plot"),
+        ("All heads (fused) · block 1", None, "fused-plot"),
+    ):
+        values = expected_map(wide, "dinov2", "cls", image, 1, head)
+        assert values.shape == (grid_h, grid_w)
+        plotted = plotted_array(wait_for_title(page, title))
+        np.testing.assert_allclose(plotted, values, rtol=1e-6)
+        page.wait_for_timeout(300)  # drawn
+        box = page.evaluate(FRAME_JS, name)
+        assert box["width"] / box["height"] == pytest.approx(grid_w / grid_h, rel=0.02), box  # cells stay square
+        drawn = cell_brightness(page, box, grid_h, grid_w)
+        assert np.unravel_index(drawn.argmax(), drawn.shape) == np.unravel_index(values.argmax(), values.shape)
+        # each cell's grey is the palette entry Bokeh picks for the stored value there (0 -> its own maximum)
+        expected = colormap_lut("gray")[palette_index(values, 0.0, float(values.max()))][..., 0]
+        np.testing.assert_allclose(drawn, expected, atol=3, err_msg=f"{file_name} {title}")
+
+    # the head grid: fused then heads 0..3, each tile grid_h x grid_w, in one row of five tiles
+    grids = [p for p in plotted_images(page) if p["title"] == ""]  # the head grid is the one untitled map
+    assert len(grids) == 1
+    mosaic = plotted_array(grids[0])
+    assert mosaic.shape == (grid_h, 5 * grid_w)  # fused and 4 heads, in one row
+    for k, head in enumerate((None, 0, 1, 2, 3)):
+        values = expected_map(wide, "dinov2", "cls", image, 1, head)
+        tile = mosaic[:, k * grid_w : (k + 1) * grid_w]
+        np.testing.assert_allclose(tile, values / values.max(), rtol=1e-5)  # independent: each over its own max
+
+    # fused alone: the larger frame keeps the grid's aspect too
+    page.get_by_label("Head").select_option("All heads (fused)")
+    wait_for_query(page, head="fused")
+    page.wait_for_timeout(500)
+    box = page.evaluate(FRAME_JS, "fused-plot")
+    assert max(box["width"], box["height"]) > 300 and box["width"] / box["height"] == pytest.approx(
+        grid_w / grid_h, rel=0.02
+    )

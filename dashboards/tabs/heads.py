@@ -31,7 +31,7 @@ class HeadsTab(Tab):
     def __init__(self, session: Session, **params: Any) -> None:
         super().__init__(session, **params)
         self.overlays = figures.LinkedOverlays()
-        # each overlay in a holder sized to its figure: the page's layout follows a change of frame size
+        # each overlay in a holder re-sent when its frame size changes, so that the page lays it out again
         self.fused_holder = pn.Column(pn.pane.Bokeh(self.overlays.fused.figure), margin=0)
         self.head_holder = pn.Column(
             pn.pane.Bokeh(self.overlays.head.figure), visible=session.param.head_panel, margin=0
@@ -67,10 +67,10 @@ class HeadsTab(Tab):
         ]
         head_layer = layers[1] if len(layers) > 1 else None
         self.overlays.render(rgb, layers[0], head_layer, session.cmap, session.opacity, label)
-        for holder, overlay in ((self.fused_holder, self.overlays.fused), (self.head_holder, self.overlays.head)):
-            width, height = figures.outer_size(overlay.figure)
-            if (holder.width, holder.height) != (width, height):
-                holder.param.update(width=width, height=height)
+        if self.overlays.resized:  # the browser lays a figure out again only when its layout changes
+            self.overlays.resized = False
+            for holder in (self.fused_holder, self.head_holder):
+                holder.param.trigger("objects")
         if not heads:
             return
         self.grid_strip.tile_px, self.grid_strip.columns = grid_layout(len(grid.heads), grid.maps.shape[1:])
