@@ -91,6 +91,14 @@ class AttentionExplorer(pn.viewable.Viewer):
             margin=(5, 10),
         )
         problem = pn.pane.Alert(p.problem, alert_type="danger", visible=p.problem.rx.bool(), margin=(5, 10))
+        notice = pn.pane.Alert(
+            p.notice.rx.pipe(lambda text: f"**Not as asked in the URL** — {html.escape(text)}."),
+            alert_type="info",
+            visible=p.notice.rx.bool(),
+            margin=(5, 10),
+            name="url-notice",
+            css_classes=["url-notice"],
+        )
         skipped = pn.pane.Alert(
             skipped_markdown(session.root, session.loaded.skipped),
             alert_type="warning",
@@ -105,6 +113,7 @@ class AttentionExplorer(pn.viewable.Viewer):
             header,
             session.browser_url,
             banner,
+            notice,
             problem,
             skipped,
             pn.Row(self.controls, self._tabs(), sizing_mode="stretch_width"),

@@ -18,7 +18,7 @@ from dashboards.session import Session
 THUMB_COLUMNS = 4
 THUMB_PAGE = 12
 THUMB_PX = 64
-WIDTH = 300
+WIDTH = 280
 
 
 class Controls(pn.viewable.Viewer):
@@ -41,9 +41,10 @@ class Controls(pn.viewable.Viewer):
         self.cmap_select = pn.widgets.Select.from_param(p.cmap, label="Colormap", **stretch)
         self.opacity_slider = pn.widgets.FloatSlider.from_param(p.opacity, label="Opacity", **stretch)
         self.scale_select = pn.widgets.Select.from_param(p.scale, label="Colour scale", **stretch)
-        self.png_download = self._download(export.png_view, "the view as PNG", "PNG view", 85, color="primary")
-        self.csv_download = self._download(export.csv_maps, "the maps as CSV", "CSV maps", 85)
-        self.parquet_download = self._download(export.parquet_maps, "the maps as Parquet", "Parquet maps", 100)
+        self.contrast_select = pn.widgets.Select.from_param(p.contrast, label="Contrast", **stretch)
+        self.png_download = self._download(export.png_view, "the view as PNG", "PNG view", 80, color="primary")
+        self.csv_download = self._download(export.csv_maps, "the maps as CSV", "CSV maps", 80)
+        self.parquet_download = self._download(export.parquet_maps, "the maps as Parquet", "Parquet", 80)
         # Panel waits 50 ms after a browser change before processing it (to merge bursts); for one-value
         # selections that is pure latency on every switch.
         for widget in (self.image_select, self.model_select, self.method_select, self.head_select, self.layer_slider):
@@ -59,7 +60,7 @@ class Controls(pn.viewable.Viewer):
         self, build: Callable[[Session], export.Download], what: str, label: str, width: int, **kwargs: Any
     ) -> pn.widgets.FileDownload:
         """A button whose file is ``build(session)``, named as it says (or the text of why it failed)."""
-        widget = pn.widgets.FileDownload(label=label, width=width, **kwargs)
+        widget = pn.widgets.FileDownload(label=label, width=width, margin=(5, 4), **kwargs)
 
         def callback() -> Any:
             download = export.safely(self.session, build, what)
@@ -138,6 +139,7 @@ class Controls(pn.viewable.Viewer):
             self.cmap_select,
             self.opacity_slider,
             self.scale_select,
-            pn.Row(self.png_download, self.csv_download, self.parquet_download, margin=(10, 0)),
+            self.contrast_select,
+            pn.FlexBox(self.png_download, self.csv_download, self.parquet_download, margin=(10, 5)),
             width=WIDTH,
         )

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from dashboards.session import Session, plain
-from dashboards.views import display_max, normalise_tiles
-from ssl_attention.render import colorize, overlay
+from dashboards.views import display_range, scale_tiles, shown_values
+from ssl_attention.render import colorbar_image, colorize, overlay
 
 MARGIN_PX = 8  # around and between the parts of the PNG
 TITLE_PX = 24  # the title line above the overlays
@@ -83,24 +83,39 @@ def parquet_bytes(view: ViewMaps) -> io.BytesIO:
     return buffer
 
 
-def _panel(rgb: np.ndarray, values: np.ndarray, alpha: float, vmax: float, cmap: str, caption: str) -> Image.Image:
-    tile = Image.fromarray(overlay(rgb, values, alpha=alpha, vmax=vmax, cmap=cmap))
-    tile = tile.resize((PANEL_PX, round(PANEL_PX * rgb.shape[0] / rgb.shape[1])), Image.Resampling.BILINEAR)
-    framed = Image.new("RGB", (tile.width, tile.height + CAPTION_PX), "white")
+def _panel(
+    rgb: np.ndarray, values: np.ndarray, alpha: float, scale: tuple[float, float], cmap: str, caption: str
+) -> Image.Image:
+    """The map over the input (longer side ``PANEL_PX``, the input's aspect) with its caption and colour bar
+    (``scale`` = the screen's (low, high))."""
+    low, high = scale
+    tile = Image.fromarray(overlay(rgb, values, alpha=alpha, vmax=high, cmap=cmap, vmin=low))
+    aspect = rgb.shape[0] / rgb.shape[1]
+    size = (PANEL_PX, round(PANEL_PX * aspect)) if aspect <= 1 else (round(PANEL_PX / aspect), PANEL_PX)
+    tile = tile.resize(size, Image.Resampling.BILINEAR)
+    bar = colorbar_image(low, high, cmap, tile.height)
+    framed = Image.new("RGB", (tile.width + MARGIN_PX + bar.width, tile.height + CAPTION_PX), "white")
     framed.paste(tile, (0, CAPTION_PX))
+    framed.paste(bar, (tile.width + MARGIN_PX, CAPTION_PX))
     ImageDraw.Draw(framed).text((4, 3), caption, fill="black")
     return framed
 
 
-def grid_tiles(maps: np.ndarray, shared: bool, cmap: str) -> list[np.ndarray]:
+def grid_tiles(maps: np.ndarray, shared: bool, cmap: str, mode: str = "zero") -> list[np.ndarray]:
     """The head grid's tiles as the screen draws them (dashboards/figures.py ``TileStrip``): each map scaled to
-    [0, 1] as the colour scale says (``views.normalise_tiles``), coloured with ``cmap``, opaque, no image."""
-    return [colorize(tile, 1.0, cmap) for tile in normalise_tiles(list(maps), shared)]
+    [0, 1] as the colour scale says (``views.scale_tiles``), coloured with ``cmap``, opaque, no image; cells
+    the mode hides (NaN) are white."""
+    tiles = []
+    for tile in scale_tiles(list(maps), shared, mode):
+        coloured = colorize(tile, 1.0, cmap)
+        coloured[~np.isfinite(tile)] = 255
+        tiles.append(coloured)
+    return tiles
 
 
-def _grid(tiles: list[np.ndarray], labels: list[str]) -> Image.Image:
-    """Captioned tiles in rows of GRID_COLUMNS, each GRID_CELL_PX wide (nearest cells: as on screen)."""
-    columns = min(GRID_COLUMNS, len(tiles))
+def _grid(tiles: list[np.ndarray], labels: list[str], columns: int = GRID_COLUMNS) -> Image.Image:
+    """Captioned tiles in rows of ``columns``, each GRID_CELL_PX wide (nearest cells: as on screen)."""
+    columns = min(columns, len(tiles))
     rows = -(-len(tiles) // columns)
     cell_h = round(GRID_CELL_PX * tiles[0].shape[0] / tiles[0].shape[1])
     canvas = Image.new("RGB", (columns * GRID_CELL_PX, rows * (cell_h + GRID_CAPTION_PX)), "white")
@@ -119,23 +134,26 @@ def view_png(
     selected: int | None,
     alpha: float,
     cmap: str,
-    vmaxes: tuple[float, float],
+    scales: tuple[tuple[float, float], tuple[float, float]],
     title: str,
     captions: tuple[str, str],
     shared: bool = True,
+    mode: str = "zero",
 ) -> io.BytesIO:
     """Fused and selected head over the input image, side by side, above the head grid, with a title;
-    ``captions`` name the two maps. The overlays use ``alpha`` and the ``vmaxes`` of the screen, the grid is
-    scaled as the screen's (``shared`` or independent). A method without heads has one map: no head panel,
-    no grid."""
+    ``captions`` name the two maps. The overlays use ``alpha`` and the (low, high) ``scales`` of the screen
+    (with colour bars), the grid is scaled as the screen's (``shared`` or independent, colour scale ``mode``)
+    and wraps to the panels' width. A method without heads has one map: no head panel, no grid."""
     index = view.heads.index(selected) if selected in view.heads else 0
-    panels = [_panel(rgb, view.maps[0], alpha, vmaxes[0], cmap, captions[0])]
+    panels = [_panel(rgb, shown_values(view.maps[0], mode), alpha, scales[0], cmap, captions[0])]
     if selected is not None and index:
-        panels.append(_panel(rgb, view.maps[index], alpha, vmaxes[1], cmap, captions[1]))
+        panels.append(_panel(rgb, shown_values(view.maps[index], mode), alpha, scales[1], cmap, captions[1]))
     grid = Image.new("RGB", (0, 0))
     if len(view.heads) > 1:
         labels = ["fused" if h is None else f"h{h}" for h in view.heads]
-        grid = _grid(grid_tiles(view.maps, shared, cmap), labels)
+        panels_width = sum(p.width for p in panels) + MARGIN_PX * (len(panels) - 1)
+        columns = max(4, panels_width // GRID_CELL_PX)  # the grid as wide as the panels: no empty half
+        grid = _grid(grid_tiles(view.maps, shared, cmap, mode), labels, columns)
     gap = MARGIN_PX
     width = max(sum(p.width for p in panels) + gap * (len(panels) - 1), grid.width) + 2 * gap
     height = TITLE_PX + max(p.height for p in panels) + gap + (grid.height + gap if grid.height else 0)
@@ -190,13 +208,13 @@ def png_view(session: Session) -> Download:
     """The heads tab as the screen shows it: its opacity, colormap and colour scale."""
     view = view_maps(session)
     s = session.selection
-    shared = session.scale == "shared"
+    shared, mode = session.scale == "shared", session.contrast
     head = view.maps[view.heads.index(s.head)] if s.head in view.heads else view.maps[0]
-    vmaxes = (display_max(view.maps, view.maps[0], shared), display_max(view.maps, head, shared))
+    scales = (display_range(view.maps, view.maps[0], shared, mode), display_range(view.maps, head, shared, mode))
     title = f"{view.file_name} · {s.model}/{s.method} · {session.layer_label()} · {view.weights_mode} weights"
     captions = (session.map_title(None), session.map_title(s.head))
     rgb = session.rgb(s.image, s.model)
-    png = view_png(view, rgb, s.head, session.opacity, session.cmap, vmaxes, title, captions, shared)
+    png = view_png(view, rgb, s.head, session.opacity, session.cmap, scales, title, captions, shared, mode)
     return Download(file_stem(view, s.head) + ".png", png)
 
 

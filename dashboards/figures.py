@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from bokeh.events import Tap
 from bokeh.models import (
+    BasicTickFormatter,
     BoxZoomTool,
     ColorBar,
     ColumnDataSource,
@@ -40,7 +41,17 @@ from bokeh.models import (
 from ssl_attention.render import palette  # the 256 colours the PNG export bins values into, as Bokeh does
 
 MARK_COLOR = "#ff3860"  # outline of the selected tile
-OVERLAY_FRAME = 340  # px, side of each overlay's data area
+OVERLAY_FRAME = 264  # px, longer side of each overlay's data area beside another: two fit from 1024 px up
+SOLO_FRAME = 440  # px, longer side of the fused overlay when it is the only map shown
+TITLE_FONT = "13px"  # set, not inherited: a figure first drawn in a hidden tab otherwise picks another size later
+TRANSPARENT = (0, 0, 0, 0)
+
+
+def frame_size(aspect: float, longer: int) -> tuple[int, int]:
+    """(width, height) px of a data area of ``aspect`` = height / width whose longer side is ``longer``."""
+    if aspect >= 1:
+        return max(1, round(longer / aspect)), longer
+    return longer, max(1, round(longer * aspect))
 
 
 def rgba_image(rgb: np.ndarray) -> np.ndarray:
@@ -66,9 +77,10 @@ def _image_source(image: np.ndarray) -> ColumnDataSource:
 class MapLayer:
     """One map as an overlay shows it."""
 
-    values: np.ndarray  # (grid_h, grid_w), row 0 at the top
+    values: np.ndarray  # (grid_h, grid_w), row 0 at the top; NaN cells are transparent
     vmax: float
     title: str
+    vmin: float = 0.0
 
 
 class OverlayFigure:
@@ -81,16 +93,17 @@ class OverlayFigure:
             name,
             frame_width=OVERLAY_FRAME,
             frame_height=OVERLAY_FRAME,
-            toolbar_location="right",
-            title=Title(text=""),
+            toolbar_location="above",  # not beside the colour bar, whose labels change width on a switch
+            title=Title(text="", text_font_size=TITLE_FONT),
             min_border_right=10,
         )
         self.figure.add_glyph(base, ImageRGBA(image="image", x=0, y=0, dw="dw", dh="dh"))
-        self.mapper = LinearColorMapper(palette=palette("viridis"), low=0.0, high=1.0)
+        self.mapper = LinearColorMapper(palette=palette("viridis"), low=0.0, high=1.0, nan_color=TRANSPARENT)
         self.heat = _image_source(np.zeros((1, 1), np.float32))
         glyph = Image(image="image", x=0, y=0, dw="dw", dh="dh", color_mapper=self.mapper, global_alpha=0.6)
         self.heat_renderer = self.figure.add_glyph(self.heat, glyph)
-        self.colorbar = ColorBar(color_mapper=self.mapper, width=12, title="attention")
+        plain_numbers = BasicTickFormatter(use_scientific=False, precision="auto")  # 0.0015, not 1.500e-3
+        self.colorbar = ColorBar(color_mapper=self.mapper, width=12, title="attention", formatter=plain_numbers)
         self.figure.add_layout(self.colorbar, "right")
         wheel = WheelZoomTool()
         self.hover = HoverTool(renderers=[self.heat_renderer], tooltips=_tooltips("attention"))
@@ -114,8 +127,8 @@ class OverlayFigure:
         if self._changed("aspect", aspect) or values_changed:
             flipped = np.flipud(np.asarray(layer.values, dtype=np.float32)).copy()
             self.heat.data = {"image": [flipped], "dw": [1.0], "dh": [aspect]}
-        if self._changed("vmax", layer.vmax):
-            self.mapper.high = layer.vmax
+        if self._changed("range", (layer.vmin, layer.vmax)):
+            self.mapper.update(low=layer.vmin, high=layer.vmax)
         if self._changed("cmap", cmap):
             self.mapper.palette = palette(cmap)
         if self._changed("alpha", alpha):
@@ -144,20 +157,29 @@ class LinkedOverlays:
         self.fused = OverlayFigure(self.x_range, self.y_range, self.base, "fused-plot")
         self.head = OverlayFigure(self.x_range, self.y_range, self.base, "head-plot")
         self._aspect = 1.0
+        self._frames: tuple[float, bool] = (0.0, False)  # (aspect, solo) the frames were sized for
+        self.resized = False  # set when the frames change size (the page must lay them out again)
         self._rgb: np.ndarray | None = None
 
     def render(
         self, rgb: np.ndarray, fused: MapLayer, head: MapLayer | None, cmap: str, alpha: float, value_label: str
     ) -> None:
         """``head=None``: the head figure is hidden and keeps its map and title (it catches up when shown again);
-        only its value label follows, so every colour bar in the page names what the maps are."""
+        only its value label follows, so every colour bar in the page names what the maps are. The fused map
+        alone takes the room of both (``SOLO_FRAME``). ``aspect`` = height / width of the model's input: the
+        map spans it, so a 28 × 42 grid over a 448 × 672 input keeps its cells square and its rows in order."""
         aspect = rgb.shape[0] / rgb.shape[1]
         if aspect != self._aspect:  # a model with another input shape: reset the view to the whole image
             self._aspect = aspect
             self.y_range.update(start=0.0, end=aspect, bounds=(0.0, aspect))
             self.x_range.update(start=0.0, end=1.0)
-            for overlay in (self.fused, self.head):
-                overlay.figure.frame_height = round(OVERLAY_FRAME * aspect)
+        if (aspect, head is None) != self._frames:
+            self._frames = (aspect, head is None)
+            self.resized = True
+            width, height = frame_size(aspect, SOLO_FRAME if head is None else OVERLAY_FRAME)
+            self.fused.figure.update(frame_width=width, frame_height=height)
+            width, height = frame_size(aspect, OVERLAY_FRAME)
+            self.head.figure.update(frame_width=width, frame_height=height)
         if self._rgb is None or not (self._rgb is rgb or np.array_equal(self._rgb, rgb)):
             self._rgb = rgb
             self.base.data = {"image": [rgba_image(rgb)], "dw": [1.0], "dh": [aspect]}
@@ -194,16 +216,20 @@ class TileStrip:
                     text="text",
                     source=self.captions,
                     text_color="white",
-                    text_font_size="8pt",
+                    text_font_size="10pt",
+                    text_font_style="bold",
+                    text_outline_color="black",  # readable on bright and dark tiles alike
                     text_baseline="top",
                     x_offset=2,
                     y_offset=-1,
                 )
             )
         self.outline = ColumnDataSource({"left": [], "right": [], "bottom": [], "top": []})
-        outline = Quad(left="left", right="right", bottom="bottom", top="top", fill_alpha=0, line_width=3)
-        outline.line_color = MARK_COLOR
-        self.figure.add_glyph(self.outline, outline)
+        # the selection frame: white under the mark colour, visible on bright and dark tiles
+        for color, width in (("white", 6), (MARK_COLOR, 3)):
+            frame = Quad(left="left", right="right", bottom="bottom", top="top", fill_alpha=0, line_width=width)
+            frame.line_color = color
+            self.figure.add_glyph(self.outline, frame)
         self._shape: tuple[int, int, float] = (0, 0, 0.0)
         self._selected: int | None = -2
         self._drawn: tuple[Any, ...] = ()  # (mosaic, captions, cmap) last sent

@@ -23,9 +23,17 @@ from dashboards import data, state, url_sync
 from ssl_attention.query import HeadGrid, QueryError
 from ssl_attention.render import COLORMAPS
 
+CONTRAST_MODES = {  # label -> value (dashboards.views.display_range)
+    "0 → max": "zero",
+    "min → max": "min",
+    "Clip to 2nd–98th percentile": "clip",
+    "Top 60% of the mass (mask)": "mass",
+}
+
 log = logging.getLogger(__name__)
 
-SHARED_URL_KEYS = {"cmap": "cmap", "opacity": "opacity", "scale": "scale"}  # URL key -> Session parameter
+# URL key -> Session parameter
+SHARED_URL_KEYS = {"cmap": "cmap", "opacity": "opacity", "scale": "scale", "contrast": "contrast"}
 TAB_URL_KEY = "tab"
 GREY_INPUT = (224, 224, 3)  # shape of the grey square shown when an input image cannot be read
 
@@ -49,6 +57,16 @@ class UrlKeys:
     parse: Callable[[str, Any], Any] = _same
 
 
+def _valid_values(parameter: param.Parameter) -> str:
+    """ " (valid: a, b, c)" for a selector, " (from a to b)" for a bounded number, "" otherwise."""
+    if isinstance(parameter, param.Selector):
+        return f" (valid: {', '.join(str(v) for v in parameter.objects)})"
+    bounds = getattr(parameter, "bounds", None)
+    if bounds and None not in bounds:
+        return f" (from {bounds[0]:g} to {bounds[1]:g})"
+    return ""
+
+
 def set_options(parameter: param.Selector, options: dict[str, Any]) -> None:
     """Set a selector's labelled options unless they are already those (a change re-sends the widget)."""
     if dict(parameter.names or {}) != options or list(parameter.objects) != list(options.values()):
@@ -68,6 +86,9 @@ class Session(param.Parameterized):
     cmap = param.Selector(objects=list(COLORMAPS), default="viridis", doc="colormap of the maps")
     opacity = param.Number(default=0.6, bounds=(0.0, 1.0), step=0.05)
     scale = param.Selector(objects={"Shared": "shared", "Independent": "independent"}, default="shared")
+    contrast = param.Selector(
+        objects=CONTRAST_MODES, default="zero", doc="what the colour scale spans (dashboards.views.display_range)"
+    )
     tab = param.Selector(objects=[], check_on_set=True, doc="key of the open tab (objects: set per session)")
 
     # derived state, set by _apply only. Each view depends on the narrowest key that changes it.
@@ -79,6 +100,8 @@ class Session(param.Parameterized):
     layer_title = param.String(default="Layer", doc="the layer slider's title: Layer (a ViT) or Stage (a CNN)")
     layer_names = param.Dict(default={}, doc="the layer slider's labels: str(layer index) -> name")
     problem = param.String(default="", doc="why the maps on screen could not be loaded (Markdown); '' when fine")
+    notice = param.String(default="", doc="URL values that were replaced: what was asked, what is shown instead")
+    head_panel = param.Boolean(default=False, doc="a head is selected: the head map is shown beside the fused map")
 
     def __init__(self, loaded: data.Loaded, tabs: Sequence[str], **params: Any) -> None:
         super().__init__(**params)
@@ -136,6 +159,7 @@ class Session(param.Parameterized):
                 layer=selection.layer,
                 head=state.FUSED_VALUE if selection.head is None else selection.head,
                 show_heads=state.has_heads(info, selection.method),
+                head_panel=state.has_heads(info, selection.method) and selection.head is not None,
                 multi_layer=len(layers) > 1,
             )
         self.param.update(selection=selection, image_key=selection.image, shape_key=(selection.model, selection.method))
@@ -155,6 +179,7 @@ class Session(param.Parameterized):
     def _on_controls(self) -> None:
         if self._applying or self.selection is None:
             return
+        self.notice = ""  # the user has moved on from what the URL asked
         requested = state.apply_request(
             self.selection,
             self.index,
@@ -266,15 +291,22 @@ class Session(param.Parameterized):
 
     def apply_query(self, query: Mapping[str, Any]) -> None:
         """Restore a view from URL values; anything invalid keeps its current value (the selection: its
-        default)."""
-        self._apply(state.from_query(query, self.index))
+        default), and ``notice`` says what was asked and what is shown instead."""
+        reading = state.read_query(query, self.index)
+        self._apply(reading.selection)
+        notices = list(reading.notices)
         for entry in self._all_url_keys():
             for key, name in entry.keys.items():
                 value = query.get(key)
                 if value is None:
                     continue
-                with contextlib.suppress(ValueError, TypeError):
+                try:
                     setattr(entry.owner, name, entry.parse(name, value))
+                except (ValueError, TypeError):
+                    kept = getattr(entry.owner, name)
+                    valid = _valid_values(entry.owner.param[name])
+                    notices.append(f"{key} “{state.asked(value)}” is not valid{valid}: showing {key}={kept}")
+        self.notice = "; ".join(notices)
 
     def url_watched(self) -> list[tuple[param.Parameterized, list[str]]]:
         """The parameters the URL depends on, per owner."""

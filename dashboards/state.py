@@ -8,7 +8,6 @@ Nothing here imports Panel or touches the warehouse, so every rule is unit-teste
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -276,24 +275,93 @@ def parse_head(value: Any) -> int | None:
     return int(text) if text.lstrip("-").isdigit() else None
 
 
+def _parse_layer(value: Any) -> int | None:
+    """An integer layer from a URL value (``"3"``, ``3``, ``3.0``); None for anything else."""
+    if not isinstance(value, int | float | str) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def asked(value: Any) -> str:
+    """A URL value as the user typed it (the page parses ``-3`` as the number -3.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _span(values: Sequence[int]) -> str:
+    return f"{values[0]}–{values[-1]}" if len(values) > 1 else str(values[0])
+
+
+@dataclass(frozen=True)
+class QueryReading:
+    """The selection a URL asks for, and one notice per value that had to be replaced: what was asked and
+    what is shown instead (plain text, shown above the maps)."""
+
+    selection: Selection
+    notices: tuple[str, ...] = ()
+
+
+def read_query(query: Mapping[str, Any], index: WarehouseIndex) -> QueryReading:
+    """The selection a URL asks for; each missing value takes its default, each invalid one too, with a notice
+    saying what was asked and what is shown instead (never a silent replacement)."""
+    base = default_selection(index)
+    notices: list[str] = []
+    asked_model = query.get("model")
+    model = asked_model if isinstance(asked_model, str) and asked_model in index.models else base.model
+    info = index.models[model]
+    if asked_model is not None and model != asked_model:
+        notices.append(
+            f"model “{asked(asked_model)}” is not in this warehouse (models: {', '.join(index.models)}): "
+            f"showing {info.label} ({model})"
+        )
+    asked_method = query.get("method")
+    method = asked_method if isinstance(asked_method, str) and asked_method in info.methods else None
+    if method is None:
+        method = default_method(info)
+        if asked_method is not None:
+            notices.append(
+                f"method “{asked(asked_method)}” is not stored for {model} (methods: {', '.join(info.methods)}): "
+                f"showing {method_label(method)}"
+            )
+    layers = info.layers_of(method)
+    layer = layers[-1]
+    asked_layer = query.get("layer")
+    if asked_layer is not None:
+        number = _parse_layer(asked_layer)
+        if number is not None and number in layers:
+            layer = number
+        else:
+            notices.append(
+                f"layer “{asked(asked_layer)}” is not stored for {model}/{method} (layers {_span(layers)}): "
+                f"showing {info.layer_label(layer)}"
+            )
+    asked_head = query.get("head")
+    requested = parse_head(asked_head)
+    head = valid_head(info, method, requested)
+    if asked_head is not None and head is None and str(asked_head).strip().lower() != FUSED_URL:
+        if not has_heads(info, method):
+            why = f"{method_label(method)} of {model} has no per-head maps"
+        elif requested is None:
+            why = "it is not a head number"
+        else:
+            why = f"it does not exist ({_span(range(info.num_heads))})"
+        notices.append(f"head “{asked(asked_head)}”: {why}: showing the fused map")
+    asked_image = query.get("image")
+    image = index.image_by_key(asked_image)
+    if asked_image is not None and image is None:
+        first = index.images[0]
+        notices.append(
+            f"image “{asked(asked_image)}” is not in this warehouse: showing {first.file_name} instead "
+            f"(the first of its {len(index.images)} images)"
+        )
+    return QueryReading(Selection(image.image_id if image else base.image, model, method, layer, head), tuple(notices))
+
+
 def from_query(query: Mapping[str, Any], index: WarehouseIndex) -> Selection:
     """The selection a URL asks for; each missing or invalid value falls back to its default."""
-    base = default_selection(index)
-    model = query.get("model")
-    model = model if isinstance(model, str) and model in index.models else base.model
-    info = index.models[model]
-    method = query.get("method")
-    method = method if isinstance(method, str) and method in info.methods else default_method(info)
-    layers = info.layers_of(method)
-    layer_value = query.get("layer")
-    layer = layers[-1]
-    if isinstance(layer_value, int | float | str) and not isinstance(layer_value, bool):
-        try:
-            number = float(layer_value)
-        except ValueError:
-            number = math.nan
-        if number.is_integer() and int(number) in layers:
-            layer = int(number)
-    head = valid_head(info, method, parse_head(query.get("head")))
-    image = index.image_by_key(query.get("image"))
-    return Selection(image.image_id if image else base.image, model, method, layer, head)
+    return read_query(query, index).selection

@@ -29,6 +29,72 @@ def display_max(layer_maps: np.ndarray, values: np.ndarray, shared: bool) -> flo
     return _finite_max(layer_maps if shared else values)
 
 
+CLIP_PERCENTILES = (2.0, 98.0)  # the percentile clip's range
+MASS_FRACTION = 0.6  # DINO's threshold: the smallest set of patches holding 60% of the map's mass
+CONTRAST = ("zero", "min", "clip", "mass")  # the colour scale modes (dashboards.session.CONTRAST_MODES)
+
+
+def display_range(layer_maps: np.ndarray, values: np.ndarray, shared: bool, mode: str) -> tuple[float, float]:
+    """(low, high) of the colour scale of ``values``, over the layer's maps (shared) or its own (independent):
+
+    - ``zero``: 0 → max (magnitudes comparable; near-uniform maps are one flat colour);
+    - ``min``: min → max (the map's whole contrast);
+    - ``clip``: the 2nd → 98th percentile (a few hot cells no longer flatten the rest);
+    - ``mass``: 0 → max, drawn only where ``mass_mask`` holds (the top 60% of the mass).
+    A degenerate range (constant map) widens to (low, low + 1) or (0, 1)."""
+    if mode not in CONTRAST:
+        raise ValueError(f"unknown colour scale mode {mode!r}; valid: {', '.join(CONTRAST)}")
+    scope = np.asarray(layer_maps if shared else values, dtype=np.float64)
+    finite = scope[np.isfinite(scope)]
+    if not finite.size:
+        return 0.0, 1.0
+    if mode == "min":
+        low, high = float(finite.min()), float(finite.max())
+    elif mode == "clip":
+        low, high = (float(v) for v in np.percentile(finite, CLIP_PERCENTILES))
+    else:
+        low, high = 0.0, _finite_max(finite)
+    if not high > low:
+        return (low, low + 1.0) if mode != "zero" else (0.0, 1.0)
+    return low, high
+
+
+def mass_mask(values: np.ndarray, fraction: float = MASS_FRACTION) -> np.ndarray:
+    """The smallest set of cells whose values sum to ``fraction`` of the map's total (cells in decreasing
+    order until the running sum reaches it; DINO's attention threshold). Bool, the map's shape; all False
+    for a map without positive mass."""
+    flat = np.nan_to_num(np.asarray(values, dtype=np.float64).ravel(), nan=0.0).clip(min=0.0)
+    total = flat.sum()
+    mask = np.zeros(flat.shape, dtype=bool)
+    if total <= 0:
+        return mask.reshape(np.shape(values))
+    order = np.argsort(-flat, kind="stable")
+    running = np.cumsum(flat[order])
+    count = int(np.searchsorted(running, fraction * total - 1e-12 * total)) + 1  # first prefix reaching it
+    mask[order[: min(count, flat.size)]] = True
+    return mask.reshape(np.shape(values))
+
+
+def shown_values(values: np.ndarray, mode: str) -> np.ndarray:
+    """The map as drawn: float32, NaN (transparent) outside the top-60% mass in ``mass`` mode."""
+    shown = np.asarray(values, dtype=np.float32).copy()
+    if mode == "mass":
+        shown[~mass_mask(values)] = np.nan
+    return shown
+
+
+def scale_tiles(maps: Sequence[np.ndarray], shared: bool, mode: str = "zero") -> list[np.ndarray]:
+    """Each map scaled to [0, 1] by ``display_range`` (over all maps when shared), clipped, NaN where
+    ``shown_values`` hides it: the head grid's tiles, on screen and in the PNG."""
+    stack = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in maps])
+    tiles = []
+    for values in maps:
+        low, high = display_range(stack, np.asarray(values), shared, mode)
+        scaled = np.clip((shown_values(values, mode) - low) / (high - low), 0.0, 1.0)
+        tiles.append(scaled.astype(np.float32))
+    return tiles
+
+
 # --- mosaics -----------------------------------------------------------------------------------------------
 
 
@@ -63,6 +129,7 @@ def overview_image(
     cmap: str,
     shared: bool,
     method_label: str = "fused",
+    mode: str = "zero",
 ) -> hv.Image:
     """Layers (rows, first layer on top) x (fused + heads) (columns) of one image, one mosaic image.
 
@@ -72,10 +139,12 @@ def overview_image(
     rows, cols = len(per_layer), len(heads)
     tile_h = max(m.shape[1] for m in per_layer)
     tile_w = max(m.shape[2] for m in per_layer)
-    tiles = [resample(t, tile_h, tile_w) for t in normalise_tiles([m for layer in per_layer for m in layer], shared)]
+    scaled = scale_tiles([m for layer in per_layer for m in layer], shared, mode)  # as the head grid's tiles
+    tiles = [resample(t, tile_h, tile_w) for t in scaled]
     grid_rows = [np.concatenate(tiles[r * cols : (r + 1) * cols], axis=1) for r in range(rows)]
     mosaic = np.concatenate(grid_rows, axis=0)  # (rows * tile_h, cols * tile_w), first layer at the top
-    cell = max(28, min(72, 900 // max(cols, 1), 640 // max(rows, 1)))
+    aspect = tile_h / tile_w  # a tile keeps its grid's shape: a 28 x 42 grid is a wide tile, rows in order
+    cell = max(24, min(72, 560 // max(cols, 1), round(640 / max(rows, 1) / aspect)))  # fits from 1024 px up
     return hv.Image(
         mosaic, bounds=(0, 0, cols, rows), kdims=["ox", "oy"], vdims=[hv.Dimension("scaled", range=(0, 1))]
     ).opts(
@@ -89,7 +158,7 @@ def overview_image(
         xlabel="head" if cols > 1 else "",
         ylabel="layer",
         width=cell * cols + 120,
-        height=cell * rows + 50,
+        height=round(cell * aspect * rows) + 50,
         framewise=True,
     )
 
@@ -122,7 +191,7 @@ def stat_heatmap_element(
     finite = values[np.isfinite(values)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     heat = hv.HeatMap(records, kdims=["head", "layer"], vdims=[hv.Dimension(stat, range=(low, high))], label=title)
-    cell = max(22, min(48, 560 // max(len(heads), 1)))
+    cell = max(22, min(40, 480 // max(len(heads), 1)))  # fits beside the controls from 1024 px
     return heat.opts(
         cmap=palette(cmap),
         colorbar=True,

@@ -51,25 +51,64 @@ def palette_index(values: np.ndarray, low: float, high: float, size: int = 256) 
     return np.clip(np.nan_to_num(index, nan=0.0), 0, size - 1).astype(np.int64)
 
 
-def colorize(values: np.ndarray, vmax: float | None = None, cmap: str = "viridis") -> np.ndarray:
-    """(h, w) map -> (h, w, 3) uint8, coloured over [0, vmax] (vmax defaults to the map's own maximum);
+def colorize(values: np.ndarray, vmax: float | None = None, cmap: str = "viridis", vmin: float = 0.0) -> np.ndarray:
+    """(h, w) map -> (h, w, 3) uint8, coloured over [vmin, vmax] (vmax defaults to the map's own maximum);
     non-finite values take the lowest colour."""
-    values = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    values = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=vmin, posinf=vmin, neginf=vmin)
     top = float(values.max()) if vmax is None else float(vmax)
     lut = colormap_lut(cmap)
-    if not top > 0:
+    if not top > vmin:
         return lut[np.zeros(values.shape, dtype=np.int64)]
-    return lut[palette_index(values, 0.0, top, len(lut))]
+    return lut[palette_index(values, vmin, top, len(lut))]
+
+
+def _upsample(cells: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour upsampling of an (h, w, ...) array to (height, width, ...), as PIL's NEAREST."""
+    rows = np.minimum(((np.arange(height) + 0.5) * cells.shape[0] / height).astype(np.int64), cells.shape[0] - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * cells.shape[1] / width).astype(np.int64), cells.shape[1] - 1)
+    return cells[np.ix_(rows, cols)]
 
 
 def overlay(
-    image: np.ndarray, values: np.ndarray, alpha: float = 0.6, vmax: float | None = None, cmap: str = "viridis"
+    image: np.ndarray,
+    values: np.ndarray,
+    alpha: float = 0.6,
+    vmax: float | None = None,
+    cmap: str = "viridis",
+    vmin: float = 0.0,
 ) -> np.ndarray:
-    """Blend a map (upsampled with nearest-neighbour cells) over an (H, W, 3) image."""
+    """Blend a map (upsampled with nearest-neighbour cells) over an (H, W, 3) image; NaN cells leave the image
+    as it is (a masked map, as the screen draws it)."""
     height, width = image.shape[:2]
-    heat = Image.fromarray(colorize(values, vmax, cmap)).resize((width, height), Image.Resampling.NEAREST)
-    blended = (1 - alpha) * image.astype(np.float64) + alpha * np.asarray(heat, dtype=np.float64)
+    heat = Image.fromarray(colorize(values, vmax, cmap, vmin)).resize((width, height), Image.Resampling.NEAREST)
+    weight = np.where(_upsample(np.isfinite(np.asarray(values, dtype=np.float64)), height, width), alpha, 0.0)
+    weight = weight[..., None]
+    blended = (1 - weight) * image.astype(np.float64) + weight * np.asarray(heat, dtype=np.float64)
     return blended.round().astype(np.uint8)
+
+
+def tick_label(value: float) -> str:
+    """A colour-bar label as a plain number: 0.0015, 12.5, 0 (never 1.500e-3)."""
+    if value == 0:
+        return "0"
+    digits = max(0, 3 - int(np.floor(np.log10(abs(value)))))
+    return f"{value:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def colorbar_image(low: float, high: float, cmap: str, height: int, ticks: int = 5) -> Image.Image:
+    """A vertical colour bar (low at the bottom) with ``ticks`` plain-number labels, as an RGB image."""
+    bar_w, label_w = 12, 56
+    lut = colormap_lut(cmap)
+    rows = np.linspace(len(lut) - 1, 0, height).round().astype(np.int64)  # top row = highest colour
+    canvas = Image.new("RGB", (bar_w + 4 + label_w, height), "white")
+    canvas.paste(Image.fromarray(np.repeat(lut[rows][:, None, :], bar_w, axis=1)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k in range(ticks):
+        value = low + (high - low) * k / (ticks - 1)
+        y = round((height - 1) * (1 - k / (ticks - 1)))
+        draw.line([(bar_w, y), (bar_w + 3, y)], fill="black")
+        draw.text((bar_w + 5, min(max(y - 5, 0), height - 11)), tick_label(value), fill="black")
+    return canvas
 
 
 def head_grid_png(

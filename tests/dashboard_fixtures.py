@@ -138,3 +138,29 @@ def serve_threaded(app: Callable[[], Any], timeout: float = 30.0) -> Iterator[in
     finally:
         thread.stop()
         thread.join(10)
+
+
+WIDE_RESOLUTION = 32  # shorter side in px: with 16-px patches a 3:2 image is a 2 x 3 grid, a 2:3 one 3 x 2
+WIDE_IMAGES = {"coffee.jpg": (2, 3), "coffee_tall.jpg": (3, 2)}  # file -> (grid_h, grid_w) expected
+
+
+def wide_warehouse(sample_dir: Path, destination: Path, make_checkpoint: Callable[..., Path]) -> Path:
+    """A warehouse of non-square grids: coffee.jpg (600 x 400) and the same photo turned upright (400 x 600)
+    through a tiny DINOv2 with 16-px patches at resolution 32 (no crop): 2 x 3 and 3 x 2 grids."""
+    from PIL import Image
+
+    from ssl_attention.extraction import catalog_images, extract_model
+    from ssl_attention.models.loading import LoadRequest, load_model
+
+    folder = destination / "images"
+    folder.mkdir(parents=True)
+    photo = Image.open(sample_dir / "coffee.jpg")
+    photo.save(folder / "coffee.jpg", quality=95)
+    photo.transpose(Image.Transpose.ROTATE_90).save(folder / "coffee_tall.jpg", quality=95)
+    checkpoint = make_checkpoint("dinov2", destination / "checkpoint", seed=3, patch_size=16, image_size=64)
+    adapter = load_model("dinov2", LoadRequest(checkpoint=checkpoint, device="cpu", resolution=WIDE_RESOLUTION))
+    warehouse = destination / "warehouse"
+    records = catalog_images(folder, warehouse).catalog.records
+    report = extract_model(adapter, records, warehouse)
+    assert report.images_extracted == len(WIDE_IMAGES), report
+    return warehouse

@@ -183,8 +183,10 @@ def test_methods_without_heads_show_one_map_named_after_the_method(
     assert any("Head grid" in str(pane.object) for pane in holders[1].objects)
     png = explorer.controls.png_download.callback().getvalue()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    session.apply_query({"model": "dinov2", "method": "cls"})
-    assert session.show_heads and all(column.visible for column in holders)
+    session.apply_query({"model": "dinov2", "method": "cls"})  # fused: the grid, but no head map repeating it
+    assert session.show_heads and holders[1].visible and not holders[0].visible
+    session.apply_query({"model": "dinov2", "method": "cls", "head": 1})
+    assert all(column.visible for column in holders)
     assert heads.overlays.fused.colorbar.title == "attention"
 
 
@@ -264,7 +266,7 @@ def test_compare_picks_the_layer_at_the_relative_depth(
     cards = compare.objects[0].objects
     assert len(cards) == len(MODELS)
     for card in cards:
-        caption, png = card.objects[0].object, card.objects[1].object
+        caption, png = card.objects[0].object, card.objects[1].objects[0].object  # caption; (map, colour bar)
         model, method = caption.split("**")[1], caption.split(" · ")[1]
         layers = stored_layers(warehouse, model, method)
         position = depth * (len(layers) - 1)
@@ -300,7 +302,7 @@ def test_other_tabs_build_their_views(explorer: AttentionExplorer) -> None:
 
     session = explorer.session
     session.apply_query({"model": "resnet50"})  # Grad-CAM stages have different grids: resampled tiles
-    overview = explorer.tabs["overview"].plot((session.selection, "viridis", "shared"))
+    overview = explorer.tabs["overview"].plot((session.selection, "viridis", "shared", "zero"))
     assert isinstance(overview, hv.Image)
     assert overview.opts.get().kwargs["xticks"] == [(0.5, "Grad-CAM")]  # one column, named after the method
     session.apply_query({"model": "dinov2", "head": 1})
@@ -654,3 +656,76 @@ def test_compare_groups_are_the_roles_present(explorer: AttentionExplorer) -> No
     view = compare.view(session.selection.image, 1.0, "flow", "viridis", 0.6, "compare")
     methods = {c.objects[0].object.split("**")[1]: c.objects[0].object.split(" · ")[1] for c in view.objects[0].objects}
     assert methods == {m: "gradcam" if m == "resnet50" else "rollout" for m in MODELS}
+
+
+# --- non-square grids: every view keeps a 2 x 3 (and 3 x 2) grid the right way up and round ----------------
+
+
+@pytest.fixture(scope="module")
+def wide(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory, make_tiny_checkpoint: Any) -> Path:
+    from tests.dashboard_fixtures import wide_warehouse
+
+    return wide_warehouse(sample_dir, tmp_path_factory.mktemp("wide_app"), make_tiny_checkpoint)
+
+
+@pytest.mark.parametrize("file_name", ["coffee.jpg", "coffee_tall.jpg"])
+def test_non_square_grids_in_every_view(wide: Path, file_name: str) -> None:
+    from PIL import Image
+
+    from dashboards import data
+    from dashboards.app import create_app
+    from tests.dashboard_fixtures import WIDE_IMAGES
+
+    grid_h, grid_w = WIDE_IMAGES[file_name]
+    image = image_id_of(wide, file_name)
+    app = create_app(wide)
+    session = app.session
+    session.apply_query({"image": file_name, "model": "dinov2", "method": "cls", "layer": 1, "head": 2})
+    assert session.notice == ""
+    stored = {h: expected_map(wide, "dinov2", "cls", image, 1, h) for h in (None, 0, 1, 2, 3)}
+    heads = heads_tab(app)
+    # overlays: the stored rows, spanning the input's frame (x in [0, 1], y in [0, h / w]) with square cells
+    for overlay, head in ((heads.overlays.fused, None), (heads.overlays.head, 2)):
+        np.testing.assert_array_equal(shown(overlay), stored[head])
+        assert overlay.heat.data["dh"][0] == pytest.approx(grid_h / grid_w)
+        assert overlay.figure.frame_height / overlay.figure.frame_width == pytest.approx(grid_h / grid_w, rel=0.01)
+    # head grid: one row of (grid_h x grid_w) tiles, fused first
+    mosaic = np.flipud(heads.grid_strip.maps.data["image"][0])
+    assert mosaic.shape == (grid_h, 5 * grid_w)
+    top = max(float(m.max()) for m in stored.values())  # shared scale
+    for k, head in enumerate((None, 0, 1, 2, 3)):
+        np.testing.assert_allclose(mosaic[:, k * grid_w : (k + 1) * grid_w], stored[head] / top, rtol=1e-6)
+    # overview: layers (rows) x (fused + heads), each tile grid_h x grid_w, first layer on top
+    overview = app.tabs["overview"].plot((session.selection, "viridis", "shared", "zero"))
+    cells = np.flipud(overview.dimension_values(2, flat=False))  # hv gives rows bottom-up: back to top-down
+    assert cells.shape == (2 * grid_h, 5 * grid_w)
+    layer_top = max(
+        float(expected_map(wide, "dinov2", "cls", image, layer, h).max()) for layer in (0, 1) for h in stored
+    )
+    np.testing.assert_allclose(cells[grid_h:, 3 * grid_w : 4 * grid_w], stored[2] / layer_top, rtol=1e-6)
+    # CSV export: row and col index the grid as stored
+    table = pacsv.read_csv(io.BytesIO(app.controls.csv_download.callback().getvalue())).to_pylist()
+    for row in (r for r in table if r["head"] == 2):
+        assert row["value"] == pytest.approx(float(stored[2][row["row"], row["col"]]), rel=1e-6)
+    assert {(r["row"], r["col"]) for r in table} == {(r, c) for r in range(grid_h) for c in range(grid_w)}
+    # PNG export: each panel is the map at the input's aspect (longer side PANEL_PX), its hot cell in place
+    from dashboards import export
+
+    png = Image.open(io.BytesIO(app.controls.png_download.callback().getvalue()))
+    assert png.width > 0
+    rgb = data.input_rgb(str(wide), image, "dinov2")
+    assert rgb.shape[:2] == (grid_h * 16, grid_w * 16)  # what the model saw: no crop, 16-px patches
+    panel = np.asarray(export._panel(rgb, stored[None], 1.0, (0.0, float(stored[None].max())), "gray", "x"))
+    map_h = panel.shape[0] - export.CAPTION_PX
+    map_w = round(map_h * grid_w / grid_h)
+    assert max(map_h, map_w) == export.PANEL_PX
+    hot_r, hot_c = np.unravel_index(stored[None].argmax(), stored[None].shape)
+    centre = panel[export.CAPTION_PX + round((hot_r + 0.5) * map_h / grid_h), round((hot_c + 0.5) * map_w / grid_w)]
+    assert centre.min() >= 250  # white: the top of the grey scale, at the stored row and column
+    # compare: the card is the overlay at the input's size (rows and columns as the model saw them)
+    compare = app.tabs["compare"].view(image, 1.0, "cls", "gray", 1.0, "compare")
+    card = compare.objects[0].objects[0]
+    drawn = np.asarray(Image.open(io.BytesIO(card.objects[1].objects[0].object)).convert("RGB"))
+    assert drawn.shape[:2] == rgb.shape[:2]
+    cell = drawn[hot_r * 16 : (hot_r + 1) * 16, hot_c * 16 : (hot_c + 1) * 16]
+    assert cell.min() >= 250  # the hottest cell is white in the grey colormap, at its stored row and column

@@ -19,17 +19,27 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pytest
 
-from bench.browser import DOC_READY_JS, WIDGET_VALUE_JS, browser_missing_reason, launch_chromium, plotted_by_title
+from bench.browser import (
+    DOC_READY_JS,
+    WIDGET_VALUE_JS,
+    browser_missing_reason,
+    launch_chromium,
+    plotted_by_title,
+    plotted_images,
+)
 from dashboards.url_sync import URL_DELAY_MS
 from ssl_attention.registry import MODELS
+from ssl_attention.render import colormap_lut, palette_index
 from tests.dashboard_fixtures import (
     RANDOM_MODEL,
     RANDOM_SEED,
+    WIDE_IMAGES,
     browser_required,
     dashboard_warehouse,
     expected_map,
     image_id_of,
     serve_threaded,
+    wide_warehouse,
 )
 
 pytestmark = pytest.mark.browser
@@ -60,7 +70,12 @@ def warehouse(tiny_warehouse: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def server(warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def wide(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory, make_tiny_checkpoint: Any) -> Path:
+    return wide_warehouse(sample_dir, tmp_path_factory.mktemp("wide"), make_tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(warehouse: Path, wide: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     from dashboards.app import create_app
 
     missing = tmp_path_factory.mktemp("no_warehouse") / "missing"
@@ -71,6 +86,7 @@ def server(warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "app": lambda: create_app(warehouse),
         "empty": lambda: create_app(missing),
         "damaged": lambda: create_app(damaged),
+        "wide": lambda: create_app(wide),
     }
     with serve_threaded(routes) as port:
         yield port
@@ -387,3 +403,224 @@ def test_exported_png_has_the_colours_bokeh_draws(page: Any, server: int) -> Non
         wrong = {entry["kind"] for entry in plotted if entry["palette"] != expected}
         assert not wrong, (tab, wrong)
     assert seen == {"figure", "mosaic", "heatmap"}
+
+
+# --- what a new user tripped over ---------------------------------------------------------------------------
+
+# [low, high] of the colour scale of the map plotted in the figure whose title starts with the argument
+SCALE_RANGE_JS = """(prefix) => {
+  const fig = [...Bokeh.documents[0].all_models].find(m => m.type === 'Plot' && m.title?.text?.startsWith(prefix));
+  const mapper = fig?.renderers.find(r => r.glyph?.type === 'Image')?.glyph.color_mapper;
+  return mapper ? [mapper.low, mapper.high] : null;
+}"""
+# Every element (through shadow roots) whose box reaches past the window's right edge, with its class
+CUT_OFF_JS = """() => {
+  const out = [];
+  const walk = (root) => { for (const e of root.querySelectorAll('*')) {
+    const r = e.getBoundingClientRect();
+    if (r.width > 0 && r.height > 0 && r.right > window.innerWidth + 0.5)
+      out.push(`${e.tagName}.${e.className} right=${r.right}`);
+    if (e.shadowRoot) walk(e.shadowRoot); } };
+  walk(document);
+  return {cut: out.slice(0, 10), scroll: document.documentElement.scrollWidth, inner: window.innerWidth};
+}"""
+
+
+def open_tab(page: Any, port: int, query: str) -> None:
+    """Open the app on any tab (``open_app`` waits for the heads tab's maps, which only it draws)."""
+    page.goto(f"http://localhost:{port}/app{query}")
+    page.wait_for_function(f"() => !!({WIDGET_VALUE_JS})(['{SELECT}', 'Head'])")
+
+
+def notice_text(page: Any) -> str:
+    notice = page.get_by_text("Not as asked in the URL")
+    notice.wait_for()
+    return notice.locator("xpath=..").inner_text()
+
+
+def test_each_bad_url_value_is_named_and_never_shows_another_image_unannounced(
+    page: Any, server: int, warehouse: Path
+) -> None:
+    open_app(page, server, "?image=gone.jpg&model=dinov2&method=cls&layer=1&head=99")
+    text = notice_text(page)
+    assert "image “gone.jpg” is not in this warehouse" in text
+    assert "head “99”: it does not exist (0–3): showing the fused map" in text  # the tiny models have 4 heads
+    shown = text.split("showing ", 2)[-1].split(" instead", 1)[0]  # the image the notice says is shown instead
+    fused = plotted_array(wait_for_title(page, "All heads (fused) · block 1"))
+    np.testing.assert_allclose(fused, expected_map(warehouse, "dinov2", "cls", image_id_of(warehouse, shown), 1, None))
+    assert widget(page, "Image")["value"] == image_id_of(warehouse, shown)
+
+    for query, named in (
+        ("?model=nope", "model “nope” is not in this warehouse"),
+        ("?model=dinov2&head=-3", "head “-3”: it does not exist (0–3)"),
+        ("?model=dinov2&method=cls&layer=99", "layer “99” is not stored for dinov2/cls (layers 0–1)"),
+        ("?model=dinov2&cmap=rainbow", "cmap “rainbow” is not valid (valid: viridis"),
+    ):
+        open_app(page, server, query)
+        assert named in notice_text(page), query
+
+    open_app(page, server, "?image=chelsea.jpg&model=dinov2&method=cls&layer=1&head=2")  # all valid: no notice
+    wait_for_title(page, "Head 2 · block 1")
+    assert not page.get_by_text("Not as asked in the URL").is_visible()
+
+
+@pytest.mark.parametrize("mode", ["zero", "min", "clip", "mass"])
+def test_each_scale_mode_changes_what_is_drawn(page: Any, server: int, warehouse: Path, mode: str) -> None:
+    image = image_id_of(warehouse, "chelsea.jpg")
+    open_app(
+        page, server, f"?image=chelsea.jpg&model=dinov2&method=cls&layer=1&head=2&scale=independent&contrast={mode}"
+    )
+    title = "Head 2 · block 1"
+    plotted = plotted_array(wait_for_title(page, title))
+    values = expected_map(warehouse, "dinov2", "cls", image, 1, 2).astype(np.float64)
+    low, high = page.evaluate(SCALE_RANGE_JS, title)
+    expected_range = {
+        "zero": (0.0, values.max()),
+        "min": (values.min(), values.max()),
+        "clip": tuple(np.percentile(values, [2, 98])),
+        "mass": (0.0, values.max()),
+    }[mode]
+    assert (low, high) == pytest.approx(expected_range, rel=1e-5)
+    hidden = np.isnan(plotted)
+    if mode == "mass":  # drawn: the fewest cells, hottest first, that hold 60% of the map's mass
+        order = np.argsort(-values.ravel(), kind="stable")
+        needed = int(np.argmax(np.cumsum(values.ravel()[order]) >= 0.6 * values.sum())) + 1
+        kept = np.zeros(values.size, bool)
+        kept[order[:needed]] = True
+        assert (~hidden).ravel().tolist() == kept.tolist()
+        np.testing.assert_allclose(plotted[~hidden], values[~hidden], rtol=1e-6)
+    else:
+        assert not hidden.any()
+        np.testing.assert_allclose(plotted, values, rtol=1e-6)
+
+
+def test_fused_is_never_shown_twice(page: Any, server: int) -> None:
+    open_app(page, server, "?image=chelsea.jpg&model=dinov2&method=cls&layer=1&head=fused")
+    wait_for_title(page, "All heads (fused) · block 1")
+    titles = page.locator(".bk-Canvas >> visible=true")
+    assert titles.count() == 3  # thumbnails, the fused map, the head grid: no second copy of the fused map
+    page.get_by_label("Head").select_option("Head 1")
+    wait_for_title(page, "Head 1 · block 1")
+    expect_canvases(page, 4)
+    page.get_by_label("Head").select_option(FUSED_OPTION)
+    expect_canvases(page, 3)
+
+
+FUSED_OPTION = "All heads (fused)"
+
+
+def expect_canvases(page: Any, count: int) -> None:
+    deadline = 50
+    while page.locator(".bk-Canvas >> visible=true").count() != count and deadline:
+        page.wait_for_timeout(100)
+        deadline -= 1
+    assert page.locator(".bk-Canvas >> visible=true").count() == count
+
+
+@pytest.mark.parametrize("tab", ["heads", "overview", "statistics", "compare", "glossary"])
+def test_nothing_is_cut_off_at_1024_by_768(browser: Any, server: int, tab: str) -> None:
+    context = browser.new_context(viewport={"width": 1024, "height": 768})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    try:
+        open_tab(page, server, f"?image=chelsea.jpg&model=dinov2&method=cls&layer=1&head=2&tab={tab}")
+        page.wait_for_timeout(1500)  # the open tab's plots are laid out
+        layout = page.evaluate(CUT_OFF_JS)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"cut_off_1024_{tab}.png"), full_page=True)
+        assert layout["cut"] == [], layout
+        assert layout["scroll"] <= layout["inner"], layout
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("tab", ["heads", "overview", "statistics", "compare", "glossary"])
+def test_the_head_selector_rules_hold_on_every_tab(page: Any, server: int, tab: str) -> None:
+    open_tab(page, server, f"?model=clip&method=cls&head=2&tab={tab}")
+    wait_for_widget(page, "Head", value="2", visible=True)
+    page.get_by_label("Method").first.select_option("Attention rollout")  # no heads: fused, hidden
+    wait_for_query(page, method="rollout", head="fused", tab=tab)
+    wait_for_widget(page, "Head", value="-1", visible=False)
+    page.get_by_label("Method").first.select_option("CLS attention")  # back: shown, still fused
+    wait_for_widget(page, "Head", value="-1", visible=True)
+    open_tab(page, server, f"?model=resnet50&head=1&tab={tab}")  # a CNN: hidden, and the notice says why
+    wait_for_widget(page, "Head", value="-1", visible=False)
+    assert "has no per-head maps: showing the fused map" in notice_text(page)
+
+
+# --- non-square grids ------------------------------------------------------------------------------------------
+
+# The data area of the figure named ``name``: its box on the page (px) and the plot's x/y ranges
+FRAME_JS = """(name) => {
+  const all = [];
+  const walk = (v) => { if (!v || all.includes(v)) return; all.push(v); (v.child_views ?? []).forEach(walk); };
+  (typeof Bokeh.index.values === 'function' ? [...Bokeh.index.values()] : Object.values(Bokeh.index)).forEach(walk);
+  const plot = all.find(v => v.model?.name === name);
+  if (!plot) return null;
+  const frame = plot.frame.bbox, canvas = plot.canvas_view.el.getBoundingClientRect();
+  return {x: canvas.x + frame.left, y: canvas.y + frame.top, width: frame.width, height: frame.height};
+}"""
+
+
+def cell_brightness(page: Any, box: dict[str, float], rows: int, cols: int) -> np.ndarray:
+    """Mean grey level of each of rows x cols equal blocks of a screenshot of ``box`` (inner halves only)."""
+    from PIL import Image
+
+    shot = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=box))).convert("L"), dtype=np.float64)
+    height, width = shot.shape
+    means = np.empty((rows, cols))
+    for r in range(rows):
+        for c in range(cols):
+            top, left = (r + 0.25) * height / rows, (c + 0.25) * width / cols
+            block = shot[round(top) : round(top + height / rows / 2), round(left) : round(left + width / cols / 2)]
+            means[r, c] = block.mean()
+    return means
+
+
+@pytest.mark.parametrize("file_name", sorted(WIDE_IMAGES))
+def test_a_non_square_map_is_drawn_the_right_way_up_and_round(
+    page: Any, server: int, wide: Path, file_name: str
+) -> None:
+    """A 2 x 3 (and a 3 x 2) grid: the page holds the Parquet rows' map, and the pixels drawn at each cell's
+    place (grey colormap, opaque, each map over its own range) are the grey of the value stored for that cell:
+    the hot cell is where the Parquet row says, not transposed or flipped."""
+    grid_h, grid_w = WIDE_IMAGES[file_name]
+    image = image_id_of(wide, file_name)
+    query = f"?image={file_name}&model=dinov2&method=cls&layer=1&head=1&cmap=gray&opacity=1&scale=independent"
+    page.goto(f"http://localhost:{server}/wide{query}")
+    page.wait_for_function(DOC_READY_JS)
+    for title, head, name in (
+        ("Head 1 · block 1", 1, "head-plot"),
+        ("All heads (fused) · block 1", None, "fused-plot"),
+    ):
+        values = expected_map(wide, "dinov2", "cls", image, 1, head)
+        assert values.shape == (grid_h, grid_w)
+        plotted = plotted_array(wait_for_title(page, title))
+        np.testing.assert_allclose(plotted, values, rtol=1e-6)
+        page.wait_for_timeout(300)  # drawn
+        box = page.evaluate(FRAME_JS, name)
+        assert box["width"] / box["height"] == pytest.approx(grid_w / grid_h, rel=0.02), box  # cells stay square
+        drawn = cell_brightness(page, box, grid_h, grid_w)
+        assert np.unravel_index(drawn.argmax(), drawn.shape) == np.unravel_index(values.argmax(), values.shape)
+        # each cell's grey is the palette entry Bokeh picks for the stored value there (0 -> its own maximum)
+        expected = colormap_lut("gray")[palette_index(values, 0.0, float(values.max()))][..., 0]
+        np.testing.assert_allclose(drawn, expected, atol=3, err_msg=f"{file_name} {title}")
+
+    # the head grid: fused then heads 0..3, each tile grid_h x grid_w, in one row of five tiles
+    grids = [p for p in plotted_images(page) if p["title"] == ""]  # the head grid is the one untitled map
+    assert len(grids) == 1
+    mosaic = plotted_array(grids[0])
+    assert mosaic.shape == (grid_h, 5 * grid_w)  # fused and 4 heads, in one row
+    for k, head in enumerate((None, 0, 1, 2, 3)):
+        values = expected_map(wide, "dinov2", "cls", image, 1, head)
+        tile = mosaic[:, k * grid_w : (k + 1) * grid_w]
+        np.testing.assert_allclose(tile, values / values.max(), rtol=1e-5)  # independent: each over its own max
+
+    # fused alone: the larger frame keeps the grid's aspect too
+    page.get_by_label("Head").select_option("All heads (fused)")
+    wait_for_query(page, head="fused")
+    page.wait_for_timeout(500)
+    box = page.evaluate(FRAME_JS, "fused-plot")
+    assert max(box["width"], box["height"]) > 300 and box["width"] / box["height"] == pytest.approx(
+        grid_w / grid_h, rel=0.02
+    )

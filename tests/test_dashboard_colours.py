@@ -79,7 +79,7 @@ def test_every_tab_draws_with_the_same_palette(explorer: AttentionExplorer) -> N
             "head overlay": heads.overlays.head.mapper,
             "head grid": heads.grid_strip.mapper,
         }
-        mosaic = hv.render(overview.plot((session.selection, session.cmap, session.scale)))
+        mosaic = hv.render(overview.plot((session.selection, session.cmap, session.scale, session.contrast)))
         mappers["layers × heads"] = next(
             r.glyph.color_mapper for r in mosaic.renderers if hasattr(r.glyph, "color_mapper")
         )

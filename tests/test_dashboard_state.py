@@ -313,3 +313,40 @@ def test_a_registered_method_brings_its_own_rules() -> None:
     with registry.registered(plain, models=[]):
         assert state.map_title(_vit("toy", 4, 3, ("toyplain",)), "toyplain", 2, None) == "Toy plain · block 2"
     assert state.value_label("toyflow") == "attention"  # gone again: the registry's default label
+
+
+# --- URL values that had to be replaced: each one named ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "shown", "asked", "instead"),
+    [
+        ({"model": "nope"}, sel(), "model “nope”", "showing DINOV2 (dinov2)"),
+        ({"method": "gradcam"}, sel(), "method “gradcam”", "showing CLS attention"),
+        ({"layer": "99"}, sel(), "layer “99”", "(layers 0–11): showing block 11"),
+        ({"layer": "1.5"}, sel(), "layer “1.5”", "showing block 11"),
+        ({"head": "99"}, sel(), "head “99”", "does not exist (0–11): showing the fused map"),
+        ({"head": "-3"}, sel(), "head “-3”", "does not exist (0–11): showing the fused map"),
+        ({"head": "banana"}, sel(), "head “banana”", "not a head number: showing the fused map"),
+        ({"method": "rollout", "head": "2"}, sel(method="rollout"), "head “2”", "no per-head maps"),
+        ({"image": "gone.jpg"}, sel(), "image “gone.jpg” is not in this warehouse", "showing astronaut.jpg instead"),
+    ],
+)
+def test_each_replaced_url_value_has_a_notice(
+    query: dict[str, str], shown: Selection, asked: str, instead: str
+) -> None:
+    reading = state.read_query(query, INDEX)
+    assert reading.selection == shown == state.from_query(query, INDEX)
+    assert len(reading.notices) == 1, reading.notices
+    assert asked in reading.notices[0] and instead in reading.notices[0]
+
+
+def test_valid_url_values_have_no_notice() -> None:
+    query = {"image": "cat.png", "model": "large", "method": "mean", "layer": "20", "head": "15"}
+    assert state.read_query(query, INDEX) == state.QueryReading(
+        sel(image="0123456789", model="large", method="mean", layer=20, head=15)
+    )
+    assert state.read_query({"head": "fused"}, INDEX).notices == ()
+    # several bad values: one notice each, in the order model, method, layer, head, image
+    notices = state.read_query({"model": "x", "layer": "x", "head": "x", "image": "x"}, INDEX).notices
+    assert [n.split(" ", 1)[0] for n in notices] == ["model", "layer", "head", "image"]

@@ -18,9 +18,16 @@ from dashboards.session import Session
 from dashboards.state import Selection
 from dashboards.tabs.base import Tab
 from ssl_attention.registry import METHODS
-from ssl_attention.render import overlay
+from ssl_attention.render import colorbar_image, overlay
 
-CARD_PX = 200
+CARD_PX = 200  # longer side of each card's map
+CAPTION_PX = 64  # every caption the same height: a wrapped one does not shift its card's map
+
+
+def card_bar(values: np.ndarray, cmap: str, height: int) -> np.ndarray:
+    """The card's colour bar, ``height`` px as the map is shown: 0 → the map's maximum, as ``overlay`` colours it."""
+    top = float(np.nanmax(values)) if np.isfinite(values).any() else 0.0
+    return np.asarray(colorbar_image(0.0, top if top > 0 else 1.0, cmap, height))
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -64,13 +71,19 @@ class CompareTab(Tab):
             return pn.pane.Alert(session.failure("compare the models", exc), alert_type="danger")
         cards = []
         for entry in comparison.entries:
-            blended = overlay(session.rgb(image_key, entry.model), entry.map.values, alpha=opacity, cmap=cmap)
+            rgb = session.rgb(image_key, entry.model)
+            blended = overlay(rgb, entry.map.values, alpha=opacity, cmap=cmap)  # at the input's size and aspect
             label = session.index.models[entry.model].layer_label(entry.layer)
             caption = f"**{entry.model}** · {entry.method} · {label} (depth {entry.depth:.2f})"
             if entry.model in session.loaded.random_weights:
                 caption += "<br>⚠ **random weights**"
-            png = pn.pane.PNG(png_bytes(blended), width=CARD_PX, height=CARD_PX, fixed_aspect=True)
-            cards.append(pn.Column(pn.pane.Markdown(caption, margin=(0, 5)), png, width=CARD_PX + 15))
+            zoom = CARD_PX / max(rgb.shape[:2])  # a non-square input keeps its aspect: 200 x 133 for 3:2
+            height, width = round(rgb.shape[0] * zoom), round(rgb.shape[1] * zoom)
+            png = pn.pane.PNG(png_bytes(blended), width=width, height=height, fixed_aspect=True, margin=0)
+            bar = pn.pane.PNG(png_bytes(card_bar(entry.map.values, cmap, height)), margin=(0, 0, 0, 4))
+            text = pn.pane.Markdown(caption, margin=(0, 5), height=CAPTION_PX, width=width + 70)
+            card = pn.Row(png, bar, margin=0)
+            cards.append(pn.Column(text, card, width=width + 85))
         missing = "".join(f"\n- {m}: {why}" for m, why in comparison.missing.items())
         notes = [pn.pane.Markdown(f"Not shown:{missing}")] if missing else []
         return pn.Column(pn.FlexBox(*cards, sizing_mode="stretch_width"), *notes, sizing_mode="stretch_width")

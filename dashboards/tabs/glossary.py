@@ -55,7 +55,11 @@ see real attention.
 ### Colour scale
 Values are raw patch values on the model's grid; display scaling happens only here. *Shared* scales the fused
 map and the head to the same maximum (compare magnitudes); *independent* scales each to its own maximum
-(compare shapes). The colormaps are Bokeh's 256-colour palettes, the same on every tab and in the PNG export.
+(compare shapes). *Contrast* sets what the colours span: **0 → max** (magnitudes), **min → max** (the whole
+contrast of a near-uniform map: rollout, SigLIP's probe, flat heads), **clip to the 2nd–98th percentile** (a
+few hot cells no longer flatten the rest), or **top 60% of the mass**: only the fewest patches holding 60% of
+the map's mass are drawn (DINO's threshold), the rest left clear. The colormaps are Bokeh's 256-colour
+palettes, the same on every tab and in the PNG export.
 """
 
 
@@ -81,4 +85,4 @@ class GlossaryTab(Tab):
     label = "Glossary"
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.pane.Markdown(glossary_markdown(), width=900)
+        return pn.pane.Markdown(glossary_markdown(), max_width=900, sizing_mode="stretch_width")

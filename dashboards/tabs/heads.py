@@ -15,11 +15,12 @@ from dashboards import figures, views
 from dashboards.session import Session
 from dashboards.tabs.base import Tab
 
-GRID_WIDTH = 880  # px available to the head grid
+GRID_TILE_PX = 96  # px, the longer side of a head grid tile
+GRID_WIDTH = 680  # px the head grid may take: fits beside the controls from a 1024-px window up
 GRID_CAPTION = (
     "<b>Head grid</b> — fused first, then every head of this layer (tiles scaled as chosen under "
     "<i>Colour scale</i>: shared = one scale for the layer, independent = each tile its own). "
-    "Click a tile to select it."
+    "Click a tile to select it; <i>All heads (fused)</i> shows the fused map alone, larger."
 )
 
 
@@ -30,8 +31,13 @@ class HeadsTab(Tab):
     def __init__(self, session: Session, **params: Any) -> None:
         super().__init__(session, **params)
         self.overlays = figures.LinkedOverlays()
-        self.grid_strip = figures.TileStrip(self.on_grid_tile, 80, columns=64, name="head-grid")
-        session.param.watch(self.render, ["selection", "cmap", "opacity", "scale"])
+        # each overlay in a holder re-sent when its frame size changes, so that the page lays it out again
+        self.fused_holder = pn.Column(pn.pane.Bokeh(self.overlays.fused.figure), margin=0)
+        self.head_holder = pn.Column(
+            pn.pane.Bokeh(self.overlays.head.figure), visible=session.param.head_panel, margin=0
+        )
+        self.grid_strip = figures.TileStrip(self.on_grid_tile, GRID_TILE_PX, columns=7, name="head-grid")
+        session.param.watch(self.render, ["selection", "cmap", "opacity", "scale", "contrast"])
         self.render()
 
     def render(self, *_: Any) -> None:
@@ -51,21 +57,25 @@ class HeadsTab(Tab):
             self.overlays.render(rgb, empty, empty, session.cmap, 0.0, label)
             return
         session.problem = ""
-        shared = session.scale == "shared"
+        shared, mode = session.scale == "shared", session.contrast
         head = s.head if s.head in grid.heads else None
         heads = len(grid.heads) > 1  # else the head map and the grid are hidden (show_heads): left as they are
-        layers = []
-        for shown in (None, head) if heads else (None,):
-            values = grid.maps[grid.heads.index(shown)]
-            layers.append(
-                figures.MapLayer(values, views.display_max(grid.maps, values, shared), session.map_title(shown))
-            )
-        self.overlays.render(rgb, layers[0], layers[1] if heads else None, session.cmap, session.opacity, label)
+        # never the same map twice: with fused selected (head None) the head figure is hidden (head_panel)
+        layers = [
+            layer_of(grid.maps, grid.maps[grid.heads.index(shown)], shared, mode, session.map_title(shown))
+            for shown in ((None, head) if heads and head is not None else (None,))
+        ]
+        head_layer = layers[1] if len(layers) > 1 else None
+        self.overlays.render(rgb, layers[0], head_layer, session.cmap, session.opacity, label)
+        if self.overlays.resized:  # the browser lays a figure out again only when its layout changes
+            self.overlays.resized = False
+            for holder in (self.fused_holder, self.head_holder):
+                holder.param.trigger("objects")
         if not heads:
             return
-        self.grid_strip.tile_px = max(40, min(110, GRID_WIDTH // len(grid.heads)))
+        self.grid_strip.tile_px, self.grid_strip.columns = grid_layout(len(grid.heads), grid.maps.shape[1:])
         captions = ["fused" if h is None else f"h{h}" for h in grid.heads]
-        self.grid_strip.render_maps(views.normalise_tiles(list(grid.maps), shared), captions, session.cmap)
+        self.grid_strip.render_maps(views.scale_tiles(list(grid.maps), shared, mode), captions, session.cmap)
         self.grid_strip.select(grid.heads.index(head))
 
     def on_grid_tile(self, index: int) -> None:
@@ -78,19 +88,32 @@ class HeadsTab(Tab):
             self.session.select_head(heads[index])
 
     def __panel__(self) -> pn.viewable.Viewable:
-        # A method without heads (the registry's per_head=False) has one map: no head map, no grid. The Bokeh
-        # panes sit in layouts that hide them: a Bokeh pane created hidden would still be drawn (its figure is
-        # its model).
-        show_heads = self.session.param.show_heads
+        # A method without heads (the registry's per_head=False) has one map: no head map, no grid; with the
+        # fused map selected, no head map either (it would repeat the fused one). The Bokeh panes sit in layouts
+        # that hide them: a Bokeh pane created hidden would still be drawn (its figure is its model). The two maps
+        # fit side by side beside the controls from a 1024-px window up (figures.OVERLAY_FRAME).
+        p = self.session.param
         return pn.Column(
-            pn.Row(
-                pn.pane.Bokeh(self.overlays.fused.figure),
-                pn.Column(pn.pane.Bokeh(self.overlays.head.figure), visible=show_heads, margin=0),
-            ),
+            pn.Row(self.fused_holder, self.head_holder),
             pn.Column(
-                pn.pane.HTML(GRID_CAPTION, margin=(0, 10)),
+                pn.pane.HTML(GRID_CAPTION, margin=(0, 10), max_width=GRID_WIDTH, sizing_mode="stretch_width"),
                 pn.pane.Bokeh(self.grid_strip.figure, margin=(0, 10)),
-                visible=show_heads,
+                visible=p.show_heads,
                 margin=0,
             ),
+            sizing_mode="stretch_width",
         )
+
+
+def layer_of(layer_maps: np.ndarray, values: np.ndarray, shared: bool, mode: str, title: str) -> figures.MapLayer:
+    """One map as the overlay draws it under colour scale ``mode`` (``views.display_range``/``shown_values``)."""
+    low, high = views.display_range(layer_maps, values, shared, mode)
+    return figures.MapLayer(views.shown_values(values, mode), high, title, vmin=low)
+
+
+def grid_layout(count: int, grid_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(tile px, columns) of the head grid: tiles of ``GRID_TILE_PX`` on their longer side, as many per row as
+    fit in ``GRID_WIDTH`` (rows wrap: 13 tiles of 96 px make rows of 7 and 6)."""
+    grid_h, grid_w = grid_shape
+    tile_w = GRID_TILE_PX if grid_w >= grid_h else round(GRID_TILE_PX * grid_w / grid_h)
+    return tile_w, max(1, min(count, GRID_WIDTH // tile_w))

@@ -27,16 +27,17 @@ class OverviewTab(Tab):
 
     # What the plot draws, updated only while the tab is open: its plot stays alive (and would redraw, ~60 ms)
     # after a visit, so a hidden tab must not see the selection change.
-    view_key = param.Tuple(default=None, length=3, allow_None=True, doc="(selection, cmap, scale)")
+    view_key = param.Tuple(default=None, length=4, allow_None=True, doc="(selection, cmap, scale, contrast)")
 
     def __init__(self, session: Session, **params: Any) -> None:
         super().__init__(session, **params)
         self._taps: dict[str, hv.streams.Tap] = {}  # Tap streams must stay referenced to keep firing
-        session.param.watch(self.update_key, ["tab", "selection", "cmap", "scale"])
+        session.param.watch(self.update_key, ["tab", "selection", "cmap", "scale", "contrast"])
 
     def update_key(self, *_: Any) -> None:
         if self.is_open:
-            self.view_key = (self.session.selection, self.session.cmap, self.session.scale)
+            s = self.session
+            self.view_key = (s.selection, s.cmap, s.scale, s.contrast)
 
     def maps(self, selection: state.Selection) -> LayerHeadMaps | str:
         """The layers x heads maps, or why they cannot be loaded."""
@@ -46,17 +47,17 @@ class OverviewTab(Tab):
         except Exception as exc:
             return session.failure(f"load the {selection.model}/{selection.method} maps", exc)
 
-    def plot(self, view_key: tuple[state.Selection, str, str]) -> hv.Image:
-        selection, cmap, scale = view_key
+    def plot(self, view_key: tuple[state.Selection, str, str, str]) -> hv.Image:
+        selection, cmap, scale, mode = view_key
         maps = self.maps(selection)
         if isinstance(maps, str):
             blank = views.overview_image([np.zeros((1, 1, 1), np.float32)], (None,), ["—"], cmap, True)
             return blank.opts(title=plain(maps)[:160])
         labels = [self.session.layer_label(layer) for layer in maps.layers]
         method = state.method_label(selection.method)
-        return views.overview_image(maps.per_layer, maps.heads, labels, cmap, scale == "shared", method)
+        return views.overview_image(maps.per_layer, maps.heads, labels, cmap, scale == "shared", method, mode)
 
-    def marks(self, view_key: tuple[state.Selection, str, str]) -> hv.Bounds:
+    def marks(self, view_key: tuple[state.Selection, str, str, str]) -> hv.Bounds:
         selection = view_key[0]
         maps = self.maps(selection)
         if isinstance(maps, str):

@@ -73,7 +73,7 @@ class StatisticsTab(Tab):
             grid = data.stat_grid(session.root, selection.model, selection.method, stat, image)
         except Exception as exc:
             what = f"load the {STAT_LABELS.get(stat, stat)} statistic of {selection.model}/{selection.method}"
-            return message_plot(plain(session.failure(what, exc)), width=700)
+            return message_plot(plain(session.failure(what, exc)), width=640)
         labels = [session.layer_label(layer) for layer in grid.layers]
         where = session.file_name(selection.image) if image else "mean over all images"
         title = f"{STAT_LABELS.get(stat, stat)} · {selection.model}/{selection.method} · {where}"
@@ -120,7 +120,7 @@ class StatisticsTab(Tab):
 
     def __panel__(self) -> pn.viewable.Viewable:
         session, p = self.session.param, self.param
-        return pn.Row(
+        return pn.FlexBox(  # the heatmap wraps below the table in a narrow window
             pn.pane.HTML(pn.bind(self.table, session.selection, session.tab), width=360, stylesheets=[STATS_CSS]),
             pn.Column(
                 pn.Row(
@@ -129,4 +129,5 @@ class StatisticsTab(Tab):
                 ),
                 pn.bind(self.pane, session.shape_key, session.tab),
             ),
+            sizing_mode="stretch_width",
         )
