@@ -2,8 +2,8 @@
 
 import dagster as dg
 
-from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
-from pipelines.jobs import extraction_job
+from pipelines.assets import attention_maps, attention_maps_checks, head_stats, images, warehouse_catalog
+from pipelines.jobs import check_maps_job, demo_job, extraction_job
 from pipelines.resources import ExtractionSettings
 from pipelines.sensors import new_images_sensor
 from ssl_attention.settings import environment_fields
@@ -14,7 +14,8 @@ extraction_settings = ExtractionSettings(**{field: dg.EnvVar(var) for field, var
 
 defs = dg.Definitions(
     assets=[images, attention_maps, head_stats, warehouse_catalog],
-    jobs=[extraction_job],
+    asset_checks=[attention_maps_checks],
+    jobs=[extraction_job, demo_job, check_maps_job],
     sensors=[new_images_sensor],
     resources={"extraction": extraction_settings},
 )
