@@ -2,8 +2,6 @@
 
 import dagster as dg
 
-from pipelines.partitions import MODEL_PARTITIONS
-
 EXTRACTION_ASSETS = dg.AssetSelection.assets("images", "attention_maps", "head_stats", "warehouse_catalog")
 
 extraction_job = dg.define_asset_job(
@@ -29,6 +27,5 @@ demo_job = dg.define_asset_job(
 check_maps_job = dg.define_asset_job(
     name="check_attention_maps",
     selection=dg.AssetSelection.checks_for_assets("attention_maps"),
-    partitions_def=MODEL_PARTITIONS,
     description="Re-run the checks of one model's attention_maps partition on the files as they are now.",
 )
