@@ -12,11 +12,19 @@ from ssl_attention.settings import environment_fields
 # falls back to the environment, then to data/samples and data/warehouse, when a run resolves it.
 extraction_settings = ExtractionSettings(**{field: dg.EnvVar(var) for field, var in environment_fields().items()})
 
+# Evaluates the automation conditions of head_stats and warehouse_catalog (they follow new attention_maps) in
+# the daemon `dagster dev` runs; on by default, so downstream never goes silently stale.
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "downstream_follows_new_maps",
+    target=dg.AssetSelection.assets(head_stats, warehouse_catalog),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+
 defs = dg.Definitions(
     assets=[images, attention_maps, head_stats, warehouse_catalog],
     asset_checks=[attention_maps_checks],
     jobs=[extraction_job, demo_job, check_maps_job],
-    sensors=[new_images_sensor],
+    sensors=[new_images_sensor, automation_sensor],
     resources={"extraction": extraction_settings},
 )
 

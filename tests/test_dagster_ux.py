@@ -1,8 +1,6 @@
 """Dagster as a first UI user meets it: config refused before launch, a demo job with no YAML, checks re-run
 on their own, downstream assets that follow new maps, metadata that describes the partition as it is."""
 
-from pathlib import Path
-
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
@@ -209,7 +207,9 @@ def test_descriptions_render_in_the_ui():
             assert "<" not in outside_code, text
 
 
-def test_the_automation_sensor_is_part_of_the_definitions():
+def test_the_automation_sensor_runs_by_default_and_targets_downstream():
+    sensor = defs.resolve_sensor_def("downstream_follows_new_maps")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    graph = defs.resolve_asset_graph()
+    assert sensor.asset_selection.resolve(graph) == {head_stats.key, warehouse_catalog.key}
     assert head_stats.automation_conditions_by_key[head_stats.key] is not None
-    assert warehouse_catalog.automation_conditions_by_key[warehouse_catalog.key] is not None
-    assert Path(assets_module.__file__).name == "assets.py"
