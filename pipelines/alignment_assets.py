@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.assets import attention_maps, images
+from pipelines.assets import HEAD_STATS_AUTOMATION, attention_maps, images
 from pipelines.metadata import check_result
 from pipelines.partitions import MODEL_PARTITIONS
 from pipelines.resources import ExtractionSettings
@@ -115,6 +115,7 @@ with warnings.catch_warnings():  # partitioned checks are a preview feature of D
 @dg.asset(
     deps=[attention_maps, annotations],
     partitions_def=MODEL_PARTITIONS,
+    automation_condition=HEAD_STATS_AUTOMATION,  # follows new maps once their blocking checks pass
     kinds={"numpy", "parquet"},
     group_name="alignment",
     check_specs=ALIGNMENT_CHECK_SPECS,

@@ -2,13 +2,14 @@
 
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import torch
 from tqdm import tqdm
 
-from pipelines.metadata import check_result, extraction_metadata, issues_markdown
+from pipelines.metadata import check_result, extraction_metadata, issues_markdown, table_metadata
 from pipelines.partitions import MODEL_PARTITIONS
 from pipelines.resources import ExtractionSettings
 from ssl_attention.extraction import WeightsDowngradeError, catalog_images, extract_model, read_catalog_records
@@ -39,6 +40,17 @@ def _locations(extraction: ExtractionSettings) -> tuple[Path, Path]:
         raise dg.Failure(description=str(exc)) from None
 
 
+def _images_folder(extraction: ExtractionSettings) -> tuple[Path, Path]:
+    """(images folder, warehouse root), or a step failure saying that the folder does not exist and how to fix it."""
+    folder, warehouse = _locations(extraction)
+    if not folder.is_dir():
+        raise dg.Failure(
+            description=f"images folder {folder} does not exist: create it, or set `images_dir` in the launchpad "
+            f"(resources: extraction: config: images_dir) or $SSL_ATTENTION_IMAGES to an existing folder"
+        )
+    return folder, warehouse
+
+
 def _with_model(model: str, exc: Exception) -> str:
     """The error message, prefixed with the model unless it already names it first."""
     text = str(exc)
@@ -52,9 +64,7 @@ def _with_model(model: str, exc: Exception) -> str:
     "table of files that cannot be used.",
 )
 def images(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
-    folder, warehouse = _locations(extraction)
-    if not folder.is_dir():
-        raise dg.Failure(description=f"images folder {folder} does not exist (set images_dir or $SSL_ATTENTION_IMAGES)")
+    folder, warehouse = _images_folder(extraction)
     report = catalog_images(folder, warehouse, max_pixels=extraction.max_pixels)
     for issue in report.catalog.issues:
         context.log.warning(f"skipped {issue.file_name}: {issue.reason}")
@@ -71,28 +81,18 @@ def images(context: dg.AssetExecutionContext, extraction: ExtractionSettings) ->
     )
 
 
-with warnings.catch_warnings():  # partitioned checks are a preview feature of Dagster 1.13; they work as used here
-    warnings.simplefilter("ignore", dg.PreviewWarning)
-    # partitioned like the asset: each model keeps its own result (one model's pass never hides another's failure)
-    CHECK_SPECS = [
-        dg.AssetCheckSpec(name, asset="attention_maps", description=text, partitions_def=MODEL_PARTITIONS)
-        for name, text in CHECK_NAMES.items()
-    ]
-
-
 @dg.asset(
     deps=[images],
     partitions_def=MODEL_PARTITIONS,
     pool=extraction_pool(),
     kinds={"pytorch", "parquet"},
     group_name="extraction",
-    check_specs=CHECK_SPECS,
     description="Per-head and fused attention maps (Grad-CAM for ResNet-50) of one model: "
-    "attention_maps/model=<slug>/method=*/ Parquet partitions, from one forward pass per image batch.",
+    "`attention_maps/model=<slug>/method=<name>/data.parquet`, from one forward pass per image batch.",
 )
 def attention_maps(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
     model = context.partition_key
-    folder, warehouse = _locations(extraction)
+    folder, warehouse = _images_folder(extraction)
     records = read_catalog_records(warehouse, folder)
     if not records:
         raise dg.Failure(
@@ -123,11 +123,40 @@ def attention_maps(context: dg.AssetExecutionContext, extraction: ExtractionSett
         bar.close()
     for issue in report.issues:
         context.log.warning(f"{model}: skipped {issue.file_name}: {issue.reason}")
-    outcomes = merge_outcomes(check_model(warehouse, model))
-    return dg.MaterializeResult(
-        metadata=extraction_metadata(report, str(warehouse)),
-        check_results=[check_result(o, model) for o in outcomes],
-    )
+    return dg.MaterializeResult(metadata=extraction_metadata(report, str(warehouse)))
+
+
+with warnings.catch_warnings():  # partitioned checks are a preview feature of Dagster 1.13; they work as used here
+    warnings.simplefilter("ignore", dg.PreviewWarning)
+    # partitioned like the asset: each model keeps its own result (one model's pass never hides another's failure);
+    # blocking: a failed check keeps head_stats (and what follows) from being built on bad maps in the same run
+    CHECK_SPECS = [
+        dg.AssetCheckSpec(
+            name, asset="attention_maps", description=text, partitions_def=MODEL_PARTITIONS, blocking=True
+        )
+        for name, text in CHECK_NAMES.items()
+    ]
+
+
+@dg.multi_asset_check(
+    specs=CHECK_SPECS,
+    description="Re-reads one model's attention_maps partition and checks it (the Checks tab re-runs these "
+    "without re-extracting).",
+)
+def attention_maps_checks(
+    context: dg.AssetCheckExecutionContext, extraction: ExtractionSettings
+) -> Iterator[dg.AssetCheckResult]:
+    model = context.partition_key
+    for outcome in merge_outcomes(check_model(_locations(extraction)[1], model)):
+        yield check_result(outcome, model)
+
+
+# Downstream follows a new attention_maps materialization (the automation sensor `dagster dev` runs evaluates
+# these): eager, once the partition's blocking checks passed.
+HEAD_STATS_AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+# The catalog depends on every model's partition: it follows any of them, without waiting for models that
+# were never extracted (eager alone waits until no upstream partition is missing).
+CATALOG_AUTOMATION = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
 
 
 @dg.asset(
@@ -135,6 +164,7 @@ def attention_maps(context: dg.AssetExecutionContext, extraction: ExtractionSett
     partitions_def=MODEL_PARTITIONS,
     kinds={"numpy", "parquet"},
     group_name="analysis",
+    automation_condition=HEAD_STATS_AUTOMATION,
     description="Per-head statistics (entropy, distance, concentration, agreement with the fused map) of "
     "every map of one model; formulas in docs/sql.md.",
 )
@@ -142,11 +172,11 @@ def head_stats(context: dg.AssetExecutionContext, extraction: ExtractionSettings
     from ssl_attention.stats import write_head_stats
 
     model = context.partition_key
-    written = write_head_stats(_locations(extraction)[1], model)
-    rows = sum(s.rows for s in written.values())
+    warehouse = _locations(extraction)[1]
+    written = write_head_stats(warehouse, model)
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": dg.MetadataValue.int(rows),
+            **table_metadata(warehouse, "head_stats", model=model),
             "bytes_written": dg.MetadataValue.int(sum(s.bytes for s in written.values())),
             "methods": dg.MetadataValue.json({m: s.rows for m, s in written.items()}),
         }
@@ -157,6 +187,7 @@ def head_stats(context: dg.AssetExecutionContext, extraction: ExtractionSettings
     deps=[images, head_stats, dg.AssetKey("alignment")],
     kinds={"duckdb"},
     group_name="analysis",
+    automation_condition=CATALOG_AUTOMATION,
     description="attention.duckdb in the warehouse: DuckDB views over every Parquet table, for any client.",
 )
 def warehouse_catalog(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:

@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import dagster as dg
+import pyarrow.parquet as pq
 
 from ssl_attention.extraction import ModelRunReport
 from ssl_attention.images import ImageIssue
 from ssl_attention.registry import METHODS
 from ssl_attention.render import head_grid_png
 from ssl_attention.validation import CheckOutcome
+from ssl_attention.warehouse.paths import iter_partitions, partition_dir
+
+
+def table_metadata(warehouse: Path, table: str, **keys: str) -> dict[str, dg.RawMetadataValue]:
+    """What the partition holds now (not what this run wrote): its total rows over every data file under
+    ``table/k=v/...``, the column schema of its files, its location and the DuckDB view that reads it."""
+    files = [p.path for p in iter_partitions(warehouse, table, **keys)]
+    rows = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
+    location = partition_dir(warehouse, table, **keys)
+    metadata: dict[str, dg.RawMetadataValue] = {
+        "dagster/row_count": dg.MetadataValue.int(rows),
+        "dagster/table_name": dg.MetadataValue.text(table),
+        "dagster/uri": dg.MetadataValue.url(location.as_uri()),
+        "location": dg.MetadataValue.path(str(location)),
+        "files": dg.MetadataValue.int(len(files)),
+    }
+    if files:
+        schema = pq.read_schema(files[0])
+        columns = [dg.TableColumn(name=f.name, type=str(f.type)) for f in schema]
+        metadata["dagster/column_schema"] = dg.TableSchema(columns=columns)
+    return metadata
 
 
 def issues_markdown(issues: list[ImageIssue], limit: int = 50) -> str:
@@ -51,7 +74,7 @@ def preview_markdown(report: ModelRunReport) -> str:
 def extraction_metadata(report: ModelRunReport, warehouse: str) -> dict[str, dg.RawMetadataValue]:
     rows = int(sum(v for k, v in report.rows_written.items() if k != "inputs"))
     return {
-        "dagster/row_count": dg.MetadataValue.int(rows),
+        **table_metadata(Path(warehouse), "attention_maps", model=report.model),
         "rows_written": dg.MetadataValue.int(rows),
         "rows_extracted_this_run": dg.MetadataValue.int(report.rows_extracted),
         "bytes_written": dg.MetadataValue.int(int(sum(report.bytes_written.values()))),

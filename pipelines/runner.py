@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from pipelines.alignment_assets import alignment, annotations
-from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
+from pipelines.assets import attention_maps, attention_maps_checks, head_stats, images, warehouse_catalog
 from pipelines.resources import ExtractionSettings
 from ssl_attention.processes import pid_alive
 from ssl_attention.warehouse.paths import partition_file
 
-ALL_ASSETS = [images, attention_maps, head_stats, warehouse_catalog, annotations, alignment]
+ALL_ASSETS = [images, attention_maps, attention_maps_checks, head_stats, warehouse_catalog, annotations, alignment]
 # The CLI prints its own summary; Dagster's console logger would add stack traces for failed steps.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+MAPS_ONLY = dg.AssetSelection.assets(attention_maps).without_checks()
+CHECKS_THEN_STATS = dg.AssetSelection.checks_for_assets(attention_maps) | dg.AssetSelection.assets(head_stats)
 PID_TAG, HOST_TAG = "ssl_attention/pid", "ssl_attention/host"
 UNFINISHED = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 
@@ -110,9 +112,7 @@ def run_extraction(
     if instance.is_persistent:
         reap_dead_cli_runs(instance)
 
-    def materialize(
-        selection: list[dg.AssetsDefinition], partition_key: str | None = None
-    ) -> dg.ExecuteInProcessResult:
+    def materialize(selection: dg.AssetSelection, partition_key: str | None = None) -> dg.ExecuteInProcessResult:
         return dg.materialize(
             ALL_ASSETS,
             selection=selection,
@@ -124,7 +124,7 @@ def run_extraction(
             tags={"trigger": "ssl-attention run", PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()},
         )
 
-    catalog = materialize([images])
+    catalog = materialize(dg.AssetSelection.assets(images))
     if not catalog.success:
         return RunOutcome(images={}, models=[], images_error=_failure(catalog))
     found = _metadata(catalog, "images")
@@ -134,30 +134,35 @@ def run_extraction(
         return RunOutcome(images=found, models=[], images_error=f"no usable images in {folder} ({skipped} skipped)")
     annotated: dict[str, object] = {}
     annotations_error, annotations_warnings = None, []
-    per_model = [attention_maps, head_stats]
+    after_maps = CHECKS_THEN_STATS
     if settings.annotations.strip():  # the annotation file once, then alignment with each model
-        labels = materialize([annotations])
+        labels = materialize(dg.AssetSelection.assets(annotations))
         annotations_error = _failure(labels)
         annotated = _metadata(labels, "annotations")
         annotations_warnings = [e.check_name for e in labels.get_asset_check_evaluations() if not e.passed]
     # alignment follows each model's maps whenever there are annotations (given now or read by an earlier run)
     if annotations_error is None and partition_file(settings.warehouse_path(), "annotations").is_file():
-        per_model = [attention_maps, head_stats, alignment]
+        after_maps = CHECKS_THEN_STATS | dg.AssetSelection.assets(alignment)
     outcomes = []
     for model in models:
-        result = materialize(per_model, partition_key=model)
+        # two runs: a failed extraction then plans no checks (Dagster marks the checks planned in a failed run as
+        # failed, though the data they read is intact); the blocking checks still run before the statistics
+        extracted = materialize(MAPS_ONLY, partition_key=model)
+        checked = materialize(after_maps, partition_key=model) if extracted.success else None
         outcome = ModelOutcome(
             model=model,
-            success=result.success,
-            error=_failure(result),
-            metadata=_metadata(result, "attention_maps"),
-            checks_failed=[e.check_name for e in result.get_asset_check_evaluations() if not e.passed],
-            alignment=_metadata(result, "alignment"),
+            success=extracted.success and checked is not None and checked.success,
+            error=_failure(extracted) if checked is None else _failure(checked),
+            metadata=_metadata(extracted, "attention_maps"),
+            checks_failed=[e.check_name for e in checked.get_asset_check_evaluations() if not e.passed]
+            if checked is not None
+            else [],
+            alignment=_metadata(checked, "alignment") if checked is not None else {},
         )
         outcomes.append(outcome)
         if on_model_done is not None:
             on_model_done(outcome)
-    final = materialize([warehouse_catalog])
+    final = materialize(dg.AssetSelection.assets(warehouse_catalog))
     return RunOutcome(
         images=_metadata(catalog, "images"),
         models=outcomes,

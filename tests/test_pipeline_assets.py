@@ -17,7 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.assets import attention_maps, extraction_pool, head_stats, images, warehouse_catalog
+from pipelines.assets import (
+    attention_maps,
+    attention_maps_checks,
+    extraction_pool,
+    head_stats,
+    images,
+    warehouse_catalog,
+)
 from pipelines.definitions import defs
 from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.settings import POOL_ENV
@@ -25,7 +32,7 @@ from ssl_attention.validation import CHECK_NAMES
 from tests.pipeline_helpers import read_partition, tiny_settings
 from tests.test_validation import CORRUPTIONS
 
-ALL_ASSETS = [images, attention_maps, head_stats, warehouse_catalog]
+ALL_ASSETS = [images, attention_maps, attention_maps_checks, head_stats, warehouse_catalog]
 REPO = Path(__file__).resolve().parents[1]
 TINY_LAYERS, TINY_HEADS = 2, 4
 
@@ -37,9 +44,11 @@ def test_definitions_are_loadable_and_complete():
     assert keys == {"images", "attention_maps", "head_stats", "warehouse_catalog", "annotations", "alignment"}
     assert attention_maps.partitions_def.get_partition_keys() == list(MODELS)
     assert head_stats.partitions_def.get_partition_keys() == list(MODELS)
-    checks = {spec.name for spec in attention_maps.check_specs}
-    assert checks == set(CHECK_NAMES)
-    assert {spec.partitions_def for spec in attention_maps.check_specs} == {attention_maps.partitions_def}
+    specs = list(attention_maps_checks.check_specs)
+    assert {spec.name for spec in specs} == set(CHECK_NAMES)
+    assert {spec.asset_key for spec in specs} == {attention_maps.key}
+    assert {spec.partitions_def for spec in specs} == {attention_maps.partitions_def}
+    assert all(spec.blocking for spec in specs)
     if POOL_ENV not in os.environ:  # the pool chosen at import: gpu only where CUDA is
         assert attention_maps.op.pool == ("gpu" if torch.cuda.is_available() else None)
 
@@ -188,8 +197,15 @@ def test_failing_data_fails_its_check_in_the_ui(tmp_path, tiny_checkpoints, samp
     _corrupt_after_extraction(monkeypatch, "clip", "cls", corrupt)
     settings = tiny_settings(sample_dir, tmp_path / "wh", tiny_checkpoints)
     result = dg.materialize(
-        ALL_ASSETS, selection=[images, attention_maps], partition_key="clip", resources={"extraction": settings}
+        ALL_ASSETS,
+        selection=[images, attention_maps, head_stats],
+        partition_key="clip",
+        resources={"extraction": settings},
+        raise_on_error=False,
     )
+    assert not result.success  # the checks are blocking: the run fails ...
+    assert result.asset_materializations_for_node("attention_maps")  # ... after the maps were written
+    assert not result.asset_materializations_for_node("head_stats")  # ... and no statistics of bad maps
     outcomes = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert set(outcomes) == set(CHECK_NAMES)
     assert not outcomes[check].passed
@@ -216,8 +232,9 @@ def test_one_models_failed_check_is_not_hidden_by_another_models_pass(
                 partition_key=model,
                 resources={"extraction": settings},
                 instance=instance,
+                raise_on_error=False,
             )
-            assert result.success
+            assert result.success == (model != "clip")  # clip's blocking check fails its run
         history = instance.event_log_storage.get_asset_check_execution_history(key, limit=10)
         latest: dict[str, str] = {}
         for record in history:  # newest first

@@ -19,12 +19,12 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
+from pipelines.assets import attention_maps, attention_maps_checks, head_stats, images, warehouse_catalog
 from pipelines.runner import run_extraction
 from ssl_attention.registry import MODELS
 from tests.pipeline_helpers import checkpoint_args, read_partition, tiny_settings
 
-ALL_ASSETS = [images, attention_maps, head_stats, warehouse_catalog]
+ALL_ASSETS = [images, attention_maps, attention_maps_checks, head_stats, warehouse_catalog]
 REPO = Path(__file__).resolve().parents[1]
 
 
