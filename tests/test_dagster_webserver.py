@@ -95,8 +95,15 @@ def test_workspace_loads_without_errors(webserver):
 
 def test_asset_graph_partitions_and_checks_are_served(webserver):
     nodes = {tuple(n["assetKey"]["path"]): n for n in _graphql(webserver, QUERY)["data"]["assetNodes"]}
-    assert set(nodes) == {("images",), ("attention_maps",), ("head_stats",), ("warehouse_catalog",)}
-    for key in (("attention_maps",), ("head_stats",)):
+    assert set(nodes) == {
+        ("images",),
+        ("attention_maps",),
+        ("head_stats",),
+        ("warehouse_catalog",),
+        ("annotations",),
+        ("alignment",),
+    }
+    for key in (("attention_maps",), ("head_stats",), ("alignment",)):
         assert nodes[key]["isPartitioned"]
         (dimension,) = nodes[key]["partitionKeysByDimension"]
         assert dimension["partitionKeys"] == list(MODELS)
