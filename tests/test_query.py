@@ -40,7 +40,7 @@ from ssl_attention.warehouse.atomic import PartitionWriter
 from ssl_attention.warehouse.paths import iter_partitions
 from tests.sql_helpers import build_sql_warehouse, fused_first, grid_of, read_partition, select
 
-VIEWS = (*TABLES, "methods", "attention_cells")
+VIEWS = (*TABLES, "methods", "attention_cells", "head_feature_matrix", "exemplars")
 
 
 @pytest.fixture(scope="module")
@@ -405,6 +405,10 @@ def _inputs(image_id: str, rows: int) -> pa.Table:
             "input_w": pa.array([1] * rows, pa.int16()),
             "jpeg": [b"x" * 200] * rows,
             "weights_id": ["w"] * rows,
+            **{
+                name: pa.nulls(rows, schema.INPUTS.field(name).type)
+                for name in ("scale_x", "scale_y", "crop_left", "crop_top")
+            },
         },
         schema=schema.INPUTS,
     )
