@@ -77,6 +77,11 @@ class Reference:
         self.models = {}
         for partition in iter_partitions(warehouse, "models"):
             self.models[partition.keys["model"]] = pq.read_table(partition.path).to_pylist()[0]
+        self.input_sizes = {  # each image's own input size per model (NaFlex and --resolution N vary per image)
+            (partition.keys["model"], r["image_id"]): (r["input_h"], r["input_w"])
+            for partition in iter_partitions(warehouse, "inputs")
+            for r in pq.read_table(partition.path, columns=["image_id", "input_h", "input_w"]).to_pylist()
+        }
         self.files = {
             r["image_id"]: r["file_name"] for r in pq.read_table(warehouse / "images/data.parquet").to_pylist()
         }
@@ -99,8 +104,7 @@ class Reference:
 
     def _compute(self, m: Map) -> dict[str, float]:
         gh, gw = m.grid
-        info = self.models[m.model]
-        ih, iw = info["input_h"], info["input_w"]
+        ih, iw = self.input_sizes[(m.model, m.image_id)]
         p = m.values.astype(np.float64) / m.values.astype(np.float64).sum()
         n = len(p)
         entropy = -sum(v * math.log(v) for v in p if v > 0)
