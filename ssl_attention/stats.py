@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter, WriteStats
 from ssl_attention.warehouse.paths import iter_partitions, partition_dir, partition_file
+from ssl_attention.warehouse.tables import flat_map_values
 
 AREA_MASS = 0.6  # DINO keeps the patches holding 60% of the attention mass
 TOP_FRACTION_DIVISOR = 100  # top-1%: the ceil(N / 100) largest cells
@@ -192,12 +193,7 @@ def head_stats_table(maps: pa.Table, input_sizes: InputSizes, computed_at: dt.da
     image_codes = pc.dictionary_encode(maps["image_id"]).combine_chunks().indices.to_numpy()
     partner = _fused_partner(image_codes, layers, is_fused)
 
-    map_values = maps["map_values"].combine_chunks()
-    lengths = pc.list_value_length(map_values).to_numpy()
-    if np.any(lengths != grid_h * grid_w):
-        raise ValueError("attention_maps rows whose map length is not grid_h * grid_w")
-    flat = pc.list_flatten(map_values).to_numpy(zero_copy_only=False)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat, offsets, lengths = flat_map_values(maps)
 
     columns = {name: np.full(rows, np.nan) for name in STATISTICS}
     shapes = set(zip(grid_h.tolist(), grid_w.tolist(), input_h.tolist(), input_w.tolist(), strict=True))

@@ -47,7 +47,7 @@ from ssl_attention.alignment.store import read_regions
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter, WriteStats
 from ssl_attention.warehouse.paths import DATA_FILE, iter_partitions, partition_dir, partition_file
-from ssl_attention.warehouse.tables import copy_rows_except
+from ssl_attention.warehouse.tables import copy_rows_except, flat_map_values
 
 FEATURE_ALL = "all"
 MAP_KINDS = ("map", "uniform", "centre_gaussian")
@@ -230,12 +230,7 @@ def score_maps(
     grid_h = group["grid_h"].to_numpy().astype(np.int64)
     grid_w = group["grid_w"].to_numpy().astype(np.int64)
     layers = group["layer"].to_numpy().astype(np.int64)
-    values = group["map_values"].combine_chunks()
-    lengths = pc.list_value_length(values).to_numpy()
-    if np.any(lengths != grid_h * grid_w):
-        raise ValueError("attention_maps rows whose map length is not grid_h * grid_w")
-    flat = pc.list_flatten(values).to_numpy(zero_copy_only=False)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat, offsets, _ = flat_map_values(group)
 
     head_values = group["head"].fill_null(-1).to_numpy().astype(np.int64)  # -1: fused
     codes = pc.dictionary_encode(group["image_id"]).combine_chunks().indices.to_numpy().astype(np.int64)

@@ -190,3 +190,15 @@ def copy_rows_except(path: Path, drop_ids: set[str], write: Callable[[pa.Table],
             write(group)
             kept += group.num_rows
     return kept
+
+
+def flat_map_values(maps: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``attention_maps`` rows -> (flat values of every map, end to end; offsets (R + 1,) where row i's map is
+    ``flat[offsets[i]:offsets[i + 1]]``; lengths (R,)). Raises when a map's length is not grid_h * grid_w."""
+    values = maps["map_values"].combine_chunks()
+    lengths = pc.list_value_length(values).to_numpy()
+    cells = maps["grid_h"].to_numpy().astype(np.int64) * maps["grid_w"].to_numpy().astype(np.int64)
+    if np.any(lengths != cells):
+        raise ValueError("attention_maps rows whose map length is not grid_h * grid_w")
+    flat = pc.list_flatten(values).to_numpy(zero_copy_only=False)
+    return flat, np.concatenate([[0], np.cumsum(lengths)]), lengths
