@@ -164,3 +164,12 @@ def wide_warehouse(sample_dir: Path, destination: Path, make_checkpoint: Callabl
     report = extract_model(adapter, records, warehouse)
     assert report.images_extracted == len(WIDE_IMAGES), report
     return warehouse
+
+
+def open_explorer(warehouse: Path) -> Any:
+    """The dashboard's explorer over ``warehouse``, as ``create_app`` builds it for a browser session."""
+    from dashboards.app import AttentionExplorer, create_app
+
+    app = create_app(warehouse)
+    assert isinstance(app, AttentionExplorer)
+    return app

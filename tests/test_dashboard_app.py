@@ -23,6 +23,7 @@ from tests.dashboard_fixtures import (
     dashboard_warehouse,
     expected_map,
     image_id_of,
+    open_explorer,
     stored_layers,
 )
 
@@ -39,11 +40,7 @@ def warehouse(tiny_warehouse: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture
 def explorer(warehouse: Path) -> AttentionExplorer:
-    from dashboards.app import AttentionExplorer, create_app
-
-    app = create_app(warehouse)
-    assert isinstance(app, AttentionExplorer)
-    return app
+    return open_explorer(warehouse)
 
 
 def shown(overlay: OverlayFigure) -> np.ndarray:

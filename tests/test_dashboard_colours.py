@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from bokeh import palettes
 
-from tests.dashboard_fixtures import dashboard_warehouse
+from tests.dashboard_fixtures import dashboard_warehouse, open_explorer
 
 if TYPE_CHECKING:
     from dashboards.app import AttentionExplorer
@@ -47,11 +47,7 @@ def warehouse(tiny_warehouse: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture
 def explorer(warehouse: Path) -> AttentionExplorer:
-    from dashboards.app import AttentionExplorer, create_app
-
-    app = create_app(warehouse)
-    assert isinstance(app, AttentionExplorer)
-    return app
+    return open_explorer(warehouse)
 
 
 def test_the_offered_colormaps_are_bokehs_palettes() -> None:
