@@ -128,7 +128,9 @@ def child(source: Path, count: int, models: list[str]) -> None:
             start = time.perf_counter()
             for method in report.methods:
                 target = partition_dir(warehouse, "head_ranking", model=model, method=method)
-                write_head_ranking(partition_file(warehouse, "alignment", model=model, method=method), target)
+                write_head_ranking(
+                    partition_file(warehouse, "alignment", model=model, method=method, shard="0"), target
+                )
             ranked = time.perf_counter() - start
             result["models"][model] = {"maps": report.maps_scored, "seconds": report.seconds, "rank_s": ranked}
             ranking += ranked

@@ -46,7 +46,9 @@ def materialized(tmp_path_factory, tiny_checkpoints, sample_dir):
     settings = tiny_settings(sample_dir, warehouse, tiny_checkpoints, annotations=str(SAMPLE_ANNOTATIONS))
     resources = {"extraction": settings}
     first = dg.materialize(ASSETS, selection=[images, annotations], resources=resources)
-    second = dg.materialize(ASSETS, selection=[attention_maps, alignment], partition_key=MODEL, resources=resources)
+    second = dg.materialize(
+        ASSETS, selection=[attention_maps, alignment], partition_key=f"{MODEL}|0", resources=resources
+    )
     return warehouse, settings, first, second
 
 
@@ -71,7 +73,7 @@ def test_the_assets_materialize_and_their_checks_pass(materialized):
     (event,) = [e for e in second.get_asset_materialization_events() if e.asset_key == dg.AssetKey("alignment")]
     metadata = event.materialization.metadata
     stored_maps = sum(
-        pq.read_table(partition_file(warehouse, "attention_maps", model=MODEL, method=m)).num_rows
+        pq.read_table(partition_file(warehouse, "attention_maps", model=MODEL, method=m, shard="0")).num_rows
         for m in ("cls", "mean", "rollout")
     )
     assert metadata["maps_scored_this_run"].value == stored_maps  # every map of every image is annotated
@@ -84,12 +86,12 @@ def test_a_failing_alignment_check_fails(materialized, tmp_path):
     warehouse, settings, _, _ = materialized
     copy = tmp_path / "wh"
     shutil.copytree(warehouse, copy)
-    path = partition_file(copy, "alignment", model=MODEL, method="cls")
+    path = partition_file(copy, "alignment", model=MODEL, method="cls", shard="0")
     table = pq.read_table(path)
     broken = pc.if_else(pc.equal(pa.array(range(table.num_rows)), 0), 2.0, table["iou_50"])
     pq.write_table(table.set_column(table.schema.get_field_index("iou_50"), "iou_50", broken), path)
     resources = {"extraction": _settings(settings, warehouse=str(copy))}
-    result = dg.materialize(ASSETS, selection=[alignment], partition_key=MODEL, resources=resources)
+    result = dg.materialize(ASSETS, selection=[alignment], partition_key=f"{MODEL}|0", resources=resources)
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not checks["metric_ranges"].passed  # the partition was up to date, so the bad value stayed
     assert "iou_50 = 2.0" in checks["metric_ranges"].metadata["examples"].value
@@ -181,7 +183,7 @@ def test_run_with_annotations_computes_alignment(tmp_path, tiny_checkpoints, ima
     assert "annotations: " in out and "unusable entries" in out
     assert out.count("alignment: ") == 2
     for method in ("cls", "mean", "rollout"):
-        assert partition_file(warehouse, "alignment", model="clip", method=method).is_file()
+        assert partition_file(warehouse, "alignment", model="clip", method=method, shard="0").is_file()
     assert partition_file(warehouse, "head_ranking", model="resnet50", method="gradcam").is_file()
     import duckdb
 

@@ -85,7 +85,7 @@ def materialized(tmp_path_factory, tiny_checkpoints, sample_dir):
     results = {"images": dg.materialize(ALL_ASSETS, selection=[images], resources=resources)}
     for model in ("dinov2", "siglip", "resnet50"):
         results[model] = dg.materialize(
-            ALL_ASSETS, selection=[attention_maps, head_stats], partition_key=model, resources=resources
+            ALL_ASSETS, selection=[attention_maps, head_stats], partition_key=f"{model}|0", resources=resources
         )
     results["catalog"] = dg.materialize(ALL_ASSETS, selection=[warehouse_catalog], resources=resources)
     return warehouse, results
@@ -137,8 +137,8 @@ def test_attention_maps_partitions_and_metadata(materialized, model, sample_dir,
     assert metadata["random_weights"] is False
     assert str(tiny_checkpoints[model]) in metadata["weights"]
     written = [
-        *warehouse.glob(f"attention_maps/model={model}/*/data.parquet"),
-        *warehouse.glob(f"inputs/model={model}/data.parquet"),
+        *warehouse.glob(f"attention_maps/model={model}/*/shard=*/data.parquet"),
+        *warehouse.glob(f"inputs/model={model}/shard=0/data.parquet"),
     ]
     assert metadata["bytes_written"] == sum(p.stat().st_size for p in written)
     # the preview is a PNG embedded in markdown: fused first, then one tile per head
@@ -180,7 +180,7 @@ def _corrupt_after_extraction(monkeypatch, model: str, method: str, corrupt) -> 
     def corrupting(adapter, records, warehouse, **kwargs):
         report = real(adapter, records, warehouse, **kwargs)
         if adapter.spec.slug == model:
-            path = warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "data.parquet"
+            path = warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "shard=0" / "data.parquet"
             pq.write_table(corrupt(pq.read_table(path)), path)
         return report
 
@@ -199,7 +199,7 @@ def test_failing_data_fails_its_check_in_the_ui(tmp_path, tiny_checkpoints, samp
     result = dg.materialize(
         ALL_ASSETS,
         selection=[images, attention_maps, head_stats],
-        partition_key="clip",
+        partition_key="clip|0",
         resources={"extraction": settings},
         raise_on_error=False,
     )
@@ -229,7 +229,7 @@ def test_one_models_failed_check_is_not_hidden_by_another_models_pass(
             result = dg.materialize(
                 ALL_ASSETS,
                 selection=selection,
-                partition_key=model,
+                partition_key=f"{model}|0",
                 resources={"extraction": settings},
                 instance=instance,
                 raise_on_error=False,

@@ -12,6 +12,7 @@ means. ``rank`` orders every entry of (layer, metric, feature) by its mean, best
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -138,12 +139,11 @@ def head_ranking_table(alignment: pa.Table, computed_at: dt.datetime | None = No
     return pa.table(out, schema=schema.HEAD_RANKING)
 
 
-def write_head_ranking(alignment_file: Path, target_dir: Path) -> WriteStats:
-    """Rebuild one ``head_ranking`` partition from its ``alignment`` partition file."""
+def write_head_ranking(alignment_files: Path | Sequence[Path], target_dir: Path) -> WriteStats:
+    """Rebuild one ``head_ranking`` partition from its ``alignment`` files: one file, or the files of every image
+    shard of the (model, method) (an image's rows are all in one shard)."""
     columns = ["image_id", "layer", "head", "map_kind", "feature", *METRIC_COLUMNS]
-    table = (
-        pq.read_table(alignment_file, columns=columns)
-        if Path(alignment_file).is_file()
-        else schema.ALIGNMENT.empty_table().select(columns)
-    )
+    paths = [alignment_files] if isinstance(alignment_files, str | Path) else list(alignment_files)
+    tables = [pq.read_table(path, columns=columns) for path in paths if Path(path).is_file()]
+    table = pa.concat_tables(tables) if tables else schema.ALIGNMENT.empty_table().select(columns)
     return write_table_atomic(Path(target_dir), head_ranking_table(table), schema.HEAD_RANKING)

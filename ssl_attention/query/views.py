@@ -21,6 +21,7 @@ from ssl_attention.alignment.ranking import LOWER_IS_BETTER
 from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.paths import TABLES, has_partitions, table_glob
+from ssl_attention.warehouse.shards import SHARD_KEY, readable_shards
 
 DERIVED_VIEWS = ("methods", "attention_cells", "head_feature_matrix", "exemplars")
 MACROS = ("map_cells",)
@@ -47,12 +48,18 @@ def duckdb_types(table: str) -> tuple[tuple[str, str], ...]:
     return tuple((name, str(kind)) for name, kind in zip(relation.columns, relation.types, strict=True))
 
 
+def view_keys(table: str) -> tuple[str, ...]:
+    """The partition keys a view shows: all but ``shard``, a storage detail (a function of ``image_id``), so
+    queries read the same whatever the shard count."""
+    return tuple(key for key in TABLES[table] if key != SHARD_KEY)
+
+
 def _source(root: Path, table: str, present: bool) -> str:
-    """A FROM-able source with the partition keys first, then the file columns."""
+    """A FROM-able source with the partition keys first (``view_keys``), then the file columns."""
     keys = TABLES[table]
     columns = duckdb_types(table)
     if not present:
-        casts = [f"CAST(NULL AS VARCHAR) AS {quote_ident(k)}" for k in keys]
+        casts = [f"CAST(NULL AS VARCHAR) AS {quote_ident(k)}" for k in view_keys(table)]
         casts += [f"CAST(NULL AS {kind}) AS {quote_ident(name)}" for name, kind in columns]
         return f"(SELECT {', '.join(casts)} LIMIT 0)"
     root_text = str(root)
@@ -66,7 +73,7 @@ def _source(root: Path, table: str, present: bool) -> str:
         reader = f"read_parquet({glob}, hive_partitioning = true, hive_types = {{{types}}})"
     else:
         reader = f"read_parquet({glob}, hive_partitioning = false)"
-    projection = ", ".join(quote_ident(name) for name in (*keys, *(c for c, _ in columns)))
+    projection = ", ".join(quote_ident(name) for name in (*view_keys(table), *(c for c, _ in columns)))
     return f"(SELECT {projection} FROM {reader})"
 
 
@@ -126,6 +133,7 @@ def view_statements(root: Path, present: dict[str, bool]) -> list[str]:
     """CREATE OR REPLACE statements for every view and macro, in dependency order; ``present`` says which
     tables have files (the others get empty typed views)."""
     root = Path(root).resolve()
+    readable_shards(root)  # a warehouse written before image shards: LegacyLayoutError names the migration
     statements = []
     for table in TABLES:
         source = _source(root, table, present[table])
