@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.alignment_assets import alignment, annotations
+from pipelines.alignment_assets import alignment, annotations, head_ranking
 from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
 from pipelines.definitions import defs
 from pipelines.sensors import new_images_sensor
@@ -23,7 +23,7 @@ from ssl_attention.warehouse.paths import partition_file
 from tests.pipeline_helpers import checkpoint_args, tiny_settings
 from tests.sql_helpers import SAMPLE_ANNOTATIONS
 
-ASSETS = [images, attention_maps, head_stats, warehouse_catalog, annotations, alignment]
+ASSETS = [images, attention_maps, head_stats, warehouse_catalog, annotations, alignment, head_ranking]
 MODEL = "clip"
 
 
@@ -37,7 +37,11 @@ def test_both_assets_and_their_checks_are_defined():
         "attention_maps",
         "annotations",
     }
-    assert alignment.partitions_def == attention_maps.partitions_def
+    assert alignment.partitions_def == attention_maps.partitions_def  # (model, shard)
+    (dep,) = head_ranking.specs_by_key[head_ranking.key].deps  # per model, over every shard of its alignment
+    assert dep.asset_key == alignment.key and isinstance(
+        dep.partition_mapping, dg.MultiToSingleDimensionPartitionMapping
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +53,9 @@ def materialized(tmp_path_factory, tiny_checkpoints, sample_dir):
     second = dg.materialize(
         ASSETS, selection=[attention_maps, alignment], partition_key=f"{MODEL}|0", resources=resources
     )
+    ranked = dg.materialize(ASSETS, selection=[head_ranking], partition_key=MODEL, resources=resources)
+    assert ranked.success
+    second.ranked = ranked  # the ranking's metadata, read by the first test
     return warehouse, settings, first, second
 
 
@@ -77,9 +84,17 @@ def test_the_assets_materialize_and_their_checks_pass(materialized):
         for m in ("cls", "mean", "rollout")
     )
     assert metadata["maps_scored_this_run"].value == stored_maps  # every map of every image is annotated
-    best = metadata["best_heads"].value
+    (event,) = [e for e in second.ranked.get_asset_materialization_events() if e.asset_key == head_ranking.key]
+    ranking = event.materialization.metadata
+    best = ranking["best_heads"].value
     assert "| all | head " in best and "fused" in best and "centre_gaussian" in best
-    assert "data:image/png;base64," in metadata["best_head_preview"].value
+    assert "data:image/png;base64," in ranking["best_head_preview"].value
+    assert ranking["dagster/row_count"].value == pq.read_table(
+        partition_file(warehouse, "head_ranking", model=MODEL, method="cls")
+    ).num_rows + sum(
+        pq.read_table(partition_file(warehouse, "head_ranking", model=MODEL, method=m)).num_rows
+        for m in ("mean", "rollout")
+    )
 
 
 def test_a_failing_alignment_check_fails(materialized, tmp_path):

@@ -92,7 +92,7 @@ def test_a_check_re_runs_on_its_own_without_re_extracting(tmp_path, tiny_checkpo
     # the partition as a run tag, as the Checks tab launches it (in-process execution finds no partitioned asset
     # in a checks-only selection to validate a partition_key against)
     checks_only = job.resolve_job_def("check_attention_maps").execute_in_process(
-        tags={"dagster/partition": "clip"}, raise_on_error=False
+        tags={"dagster/partition": "clip|0"}, raise_on_error=False
     )
     assert not checks_only.asset_materializations_for_node("attention_maps")  # nothing re-extracted
     outcomes = {e.check_name: e.passed for e in checks_only.get_asset_check_evaluations()}
@@ -119,7 +119,7 @@ def test_a_failed_extraction_does_not_mark_intact_datas_checks_failed(
         assert not outcome.success and "attention_maps" in (outcome.models[0].error or "")
         for key in keys:
             (latest,) = instance.event_log_storage.get_asset_check_execution_history(key, limit=1)
-            assert (latest.partition, latest.status.value) == ("clip", "SUCCEEDED"), key.name
+            assert (latest.partition, latest.status.value) == ("clip|0", "SUCCEEDED"), key.name
 
 
 def _requested(result: dg.EvaluateAutomationConditionsResult) -> dict[str, set[str | None]]:
@@ -140,7 +140,7 @@ def test_downstream_assets_follow_new_maps(tmp_path, tiny_checkpoints, images_co
         assert "head_stats" not in _requested(before)  # no maps yet: nothing to compute statistics of
         assert _extract(settings, "clip", instance).success
         after = dg.evaluate_automation_conditions(defs=automated, instance=instance, cursor=before.cursor)
-        assert _requested(after) == {"head_stats": {"clip"}, "warehouse_catalog": {None}}
+        assert _requested(after) == {"head_stats": {"clip|0"}, "warehouse_catalog": {None}}
         # once they are built, nothing more is requested
         dg.materialize(
             ALL_ASSETS,
@@ -197,7 +197,7 @@ def _descriptions(field: dg.Field) -> list[str]:
 def test_descriptions_render_in_the_ui():
     """Markdown in the UI: a partition path is a code span (so <slug> is not taken for HTML), no RST literals."""
     assert (
-        "`attention_maps/model=<slug>/method=<name>/shard=0/data.parquet`"
+        "`attention_maps/model=<slug>/method=<name>/shard=<s>/data.parquet`"
         in attention_maps.descriptions_by_key[attention_maps.key]
     )
     schema = defs.resolve_job_def("extract_model").resource_defs["extraction"].config_schema.as_field()
@@ -214,6 +214,7 @@ def test_the_automation_sensor_runs_by_default_and_targets_downstream():
     sensor = defs.resolve_sensor_def("downstream_follows_new_maps")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     graph = defs.resolve_asset_graph()
-    assert sensor.asset_selection.resolve(graph) == {head_stats.key, alignment.key, warehouse_catalog.key}
+    downstream = {head_stats.key, alignment.key, dg.AssetKey("head_ranking"), warehouse_catalog.key}
+    assert sensor.asset_selection.resolve(graph) == downstream
     assert alignment.automation_conditions_by_key[alignment.key] is not None
     assert head_stats.automation_conditions_by_key[head_stats.key] is not None

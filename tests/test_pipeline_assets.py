@@ -26,6 +26,7 @@ from pipelines.assets import (
     warehouse_catalog,
 )
 from pipelines.definitions import defs
+from pipelines.partitions import SHARDS
 from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.settings import POOL_ENV
 from ssl_attention.validation import CHECK_NAMES
@@ -41,9 +42,22 @@ def test_definitions_are_loadable_and_complete():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {"images", "attention_maps", "head_stats", "warehouse_catalog", "annotations", "alignment"}
-    assert attention_maps.partitions_def.get_partition_keys() == list(MODELS)
-    assert head_stats.partitions_def.get_partition_keys() == list(MODELS)
+    assert keys == {
+        "images",
+        "attention_maps",
+        "head_stats",
+        "warehouse_catalog",
+        "annotations",
+        "alignment",
+        "head_ranking",
+    }
+    # (model, shard): one shard unless $SSL_ATTENTION_SHARDS says otherwise when the definitions load
+    shards = [str(s) for s in range(SHARDS)]
+    expected = {f"{model}|{shard}" for model in MODELS for shard in shards}
+    assert set(attention_maps.partitions_def.get_partition_keys()) == expected
+    assert set(head_stats.partitions_def.get_partition_keys()) == expected
+    ranking = graph.get(dg.AssetKey("head_ranking"))
+    assert ranking.partitions_def.get_partition_keys() == list(MODELS)  # over every shard of its model
     specs = list(attention_maps_checks.check_specs)
     assert {spec.name for spec in specs} == set(CHECK_NAMES)
     assert {spec.asset_key for spec in specs} == {attention_maps.key}
@@ -239,7 +253,7 @@ def test_one_models_failed_check_is_not_hidden_by_another_models_pass(
         latest: dict[str, str] = {}
         for record in history:  # newest first
             latest.setdefault(record.partition, record.status.value)
-        assert latest == {"clip": "FAILED", "resnet50": "SUCCEEDED"}
+        assert latest == {"clip|0": "FAILED", "resnet50|0": "SUCCEEDED"}
 
 
 def test_the_shipped_dagster_instance_config_loads(tmp_path):

@@ -185,9 +185,10 @@ def test_two_partitions_in_parallel_with_the_multiprocess_executor(tmp_path, tin
     run_config = {"resources": {"extraction": {"config": config}}}
     with dg.instance_for_test() as instance:
         with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-            results = list(pool.map(_run_partition, [instance.get_ref()] * 2, ["dinov2", "clip"], [run_config] * 2))
+            keys = ["dinov2|0", "clip|0"]  # (model, shard) partitions
+            results = list(pool.map(_run_partition, [instance.get_ref()] * 2, keys, [run_config] * 2))
         assert all(ok for ok, _ in results)
-        for run_id, partition in zip((r for _, r in results), ("dinov2", "clip"), strict=True):
+        for run_id, partition in zip((r for _, r in results), keys, strict=True):
             run = instance.get_run_by_id(run_id)
             assert run.tags["dagster/partition"] == partition
             # the multiprocess executor runs each step in a child process of the run's process
@@ -197,7 +198,7 @@ def test_two_partitions_in_parallel_with_the_multiprocess_executor(tmp_path, tin
             assert step_pids and run_pid not in step_pids
         windows = sorted(_step_window(instance, run_id, "attention_maps") for _, run_id in results)
         assert windows[1][0] < windows[0][1], f"steps did not overlap: {windows}"
-        assert instance.get_materialized_partitions(dg.AssetKey("attention_maps")) == {"dinov2", "clip"}
+        assert instance.get_materialized_partitions(dg.AssetKey("attention_maps")) == set(keys)
     for model in ("dinov2", "clip"):
         for method in MODELS[model].methods:
             assert len({r["image_id"] for r in read_partition(warehouse, model, method)}) == 3
