@@ -78,7 +78,8 @@ def warehouses(tmp_path_factory, tiny_adapters, sample_dir):
 
 
 def assert_close(ours: object, theirs: object, where: object = "") -> None:
-    """Equal, floats to 1e-6 or 1e-5 relative (batches of another composition may differ in the last bits: Grad-CAM's BLAS)."""
+    """Equal, floats to 1e-6 or 1e-5 relative (batches of another composition, sums in another order, may differ
+    in the last bits)."""
     if isinstance(ours, dict) and isinstance(theirs, dict):
         assert ours.keys() == theirs.keys(), where
         for key in ours:
