@@ -37,7 +37,7 @@ from ssl_attention.models.resolution import DEFAULT_MAX_TOKENS, Resolution, pars
 from ssl_attention.models.weights import DEFAULT_SEED, parse_checkpoints
 from ssl_attention.registry import MODELS, UnknownNameError, parse_model_list
 from ssl_attention.warehouse.paths import DEFAULT_WAREHOUSE, local_path
-from ssl_attention.warehouse.shards import DEFAULT_SHARDS, MAX_SHARDS, check_shards
+from ssl_attention.warehouse.shards import DEFAULT_SHARDS, MAX_SHARDS, check_shards, recorded_shards
 
 WAREHOUSE_ENV = "SSL_ATTENTION_WAREHOUSE"
 IMAGES_ENV = "SSL_ATTENTION_IMAGES"
@@ -144,7 +144,8 @@ class ExtractionFields(BaseModel):
         le=MAX_SHARDS,
         description=f"Image shards per (model, method) partition: each image's rows live in shard "
         f"int(image_id[:8], 16) mod N, and a backfill runs one step per (model, shard); recorded in the warehouse "
-        f"(layout.json), a run with another count is refused. 0: ${SHARDS_ENV}, else {DEFAULT_SHARDS}.",
+        f"(layout.json), a run with another count is refused. 0: ${SHARDS_ENV}, else the recorded count, else "
+        f"{DEFAULT_SHARDS}.",
     )
     annotations: Annotations = Field(
         default="",
@@ -163,8 +164,15 @@ class ExtractionFields(BaseModel):
         return local_path(self.annotations, "annotation file") if self.annotations.strip() else None
 
     def shard_count(self) -> int:
-        """``shards``, or (0) ``$SSL_ATTENTION_SHARDS``, else 1."""
-        return self.shards or default_shards()
+        """``shards``; when 0, ``$SSL_ATTENTION_SHARDS``, else the count the warehouse records, else 1."""
+        if self.shards:
+            return self.shards
+        if os.environ.get(SHARDS_ENV, "").strip():
+            return default_shards()
+        try:
+            return recorded_shards(self.warehouse_path()) or DEFAULT_SHARDS
+        except ValueError:  # an unreadable layout file: the run's own layout check reports it
+            return DEFAULT_SHARDS
 
     def checkpoint_dirs(self) -> dict[str, Path]:
         return parse_checkpoints(self.checkpoints, list(MODELS))

@@ -2,11 +2,9 @@
 worker processes (all started here on 127.0.0.1 and stopped afterwards), a backfill of 2 image shards x 2 models
 (four (model, shard) runs launched at once); the warehouse they write equals a single-process run's."""
 
-import json
 import os
 import shutil
 import subprocess
-import sys
 
 import dagster as dg
 import numpy as np
@@ -14,24 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.runner import run_extraction
-from tests.cluster_services import REPO, celery_workers, postgres, postgres_bin, redis
+from tests.cluster_services import REPO, celery_workers, launch_run, postgres, postgres_bin, redis
+from tests.cluster_services import run_finished as finished
 from tests.pipeline_helpers import checkpoint_args, tiny_settings
 
 REQUIRED = os.environ.get("SSL_ATTENTION_REQUIRE_DISTRIBUTED") == "1"  # CI: run, never skip
 MODELS = ("clip", "dinov2")
 SHARDS = 2  # the first three samples fall in both shards (ids 5d23…: 1, fc89…: 0, 52da…: 0)
-LAUNCH = """
-import json, sys
-import dagster as dg
-from pipelines.distributed import celery_job_def
-home, run_config, partition, assets = json.loads(sys.argv[1])
-with dg.DagsterInstance.from_config(home) as instance:
-    result = dg.execute_job(
-        dg.reconstructable(celery_job_def), instance, run_config=run_config,
-        tags={"dagster/partition": partition} if partition else {}, asset_selection=[dg.AssetKey(a) for a in assets],
-    )
-    print(result.run_id, "SUCCESS" if result.success else "FAILURE")
-"""
 
 
 def _missing() -> str | None:
@@ -97,16 +84,7 @@ def test_celery_workers_on_a_postgres_instance_write_the_single_process_warehous
     env["SSL_ATTENTION_SHARDS"] = str(SHARDS)  # the definitions of the launchers and the workers: 2 shards
 
     def launch(partition: str | None, assets: list[str]) -> subprocess.Popen:
-        """One run, launched from its own process (as a run launcher would): it orchestrates, the workers execute."""
-        args = json.dumps([str(home), run_config, partition, assets])
-        return subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, args], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
-        )
-
-    def finished(process: subprocess.Popen) -> tuple[str, bool]:
-        out, _ = process.communicate(timeout=240)
-        run_id, status = out.strip().splitlines()[-1].split()
-        return run_id, status == "SUCCESS"
+        return launch_run(home, run_config, partition, assets, env)
 
     with celery_workers(broker, backend, 2, env) as workers:
         assert finished(launch(None, ["images"]))[1]
