@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from ssl_attention.registry import METHODS, MODELS, get_method
 from ssl_attention.warehouse.paths import partition_file
-from ssl_attention.warehouse.shards import readable_shards, shard_names
+from ssl_attention.warehouse.shards import readable_shards, shard_names, shard_of
 
 MASS_TOLERANCE = 1e-4
 FUSED_TOLERANCE = 1e-5
@@ -90,8 +90,8 @@ def check_method_partition(warehouse: Path, model: str, method: str, shard: str 
     path = partition_file(warehouse, "attention_maps", model=model, method=method, shard=shard)
     facts = ModelFacts.read(warehouse, model)
     inputs = partition_file(warehouse, "inputs", model=model, shard=shard)
-    if not path.is_file() and not inputs.is_file() and facts is not None:
-        return list(outcomes.values())  # no image of this model falls in this shard: nothing to check
+    if not path.is_file() and not inputs.is_file() and not _catalogued_in(warehouse, shard):
+        return list(outcomes.values())  # no catalogued image falls in this shard: nothing to check
     if not path.is_file() or facts is None:
         for outcome in outcomes.values():
             outcome.fail(f"partition {path} or its models row is missing")
@@ -122,6 +122,15 @@ def check_method_partition(warehouse: Path, model: str, method: str, shard: str 
     if len(weights_ids) > 1:
         outcomes["single_weights"].fail(f"{len(weights_ids)} weights in one partition: {sorted(weights_ids)}")
     return list(outcomes.values())
+
+
+def _catalogued_in(warehouse: Path, shard: str) -> bool:
+    """Whether any catalogued image falls in ``shard`` (without a catalog: none does)."""
+    path = partition_file(warehouse, "images")
+    if not path.is_file():
+        return False
+    shards = readable_shards(warehouse)
+    return any(shard_of(i, shards) == shard for i in pq.read_table(path, columns=["image_id"])["image_id"].to_pylist())
 
 
 def _input_sizes(path: Path) -> dict[str, tuple[int, int]]:

@@ -235,3 +235,18 @@ def test_the_cli_re_shards_and_a_run_with_another_count_is_refused(warehouses, t
     outcome = run_extraction(tiny_settings(tmp_path, copy, {}, shards=5), ["clip"])
     assert not outcome.success and "laid out in 2 image shards" in outcome.images_error
     assert f"ssl-attention migrate-shards --warehouse {copy} --shards 5" in outcome.images_error
+
+
+def test_each_shard_replaces_only_its_own_rows_of_the_models_errors(tmp_path):
+    from ssl_attention.extraction import read_errors, write_model_errors
+    from ssl_attention.images import ImageIssue
+
+    even, odd = "00000000" + "a" * 24, "00000001" + "b" * 24  # shards 0 and 1 of 2
+    write_model_errors(tmp_path, "clip", "0", 2, [ImageIssue("even.jpg", "truncated", even)])
+    write_model_errors(tmp_path, "clip", "1", 2, [ImageIssue("odd.jpg", "corrupt", odd)])
+    assert sorted((r["file_name"], r["reason"]) for r in read_errors(tmp_path)) == [
+        ("even.jpg", "truncated"),
+        ("odd.jpg", "corrupt"),
+    ]
+    write_model_errors(tmp_path, "clip", "0", 2, [])  # shard 0 now extracts cleanly: shard 1's error stays
+    assert [(r["source"], r["file_name"]) for r in read_errors(tmp_path)] == [("clip", "odd.jpg")]
