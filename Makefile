@@ -27,7 +27,7 @@ demo: install
 	@echo "Dashboard:   $(BIN)/ssl-attention serve --warehouse $(WAREHOUSE)                       (http://127.0.0.1:5006/app)"
 	@echo "SQL:         $(BIN)/ssl-attention sql --warehouse $(WAREHOUSE) \"SELECT * FROM models\""
 	@echo "Head ranking: $(BIN)/ssl-attention sql --warehouse $(WAREHOUSE) \"SELECT model, method, layer, entry, mean, rank FROM head_ranking WHERE metric = 'iou_50' AND feature = 'all' ORDER BY model, method, layer, rank\""
-	@echo "SQL prompt:  duckdb -readonly $(WAREHOUSE)/attention.duckdb   (DuckDB's client: make shell installs it)"
+	@echo "SQL prompt:  duckdb -readonly -cmd \"SET file_search_path = '$(WAREHOUSE)'\" $(WAREHOUSE)/attention.duckdb   (DuckDB's client: make shell installs it)"
 
 lint: install
 	$(BIN)/ruff check .
@@ -45,4 +45,4 @@ dashboard: install
 
 shell: install
 	$(BIN)/python -m pip install --quiet -e '.[shell]'
-	@echo "then: $(BIN)/duckdb -readonly $(WAREHOUSE)/attention.duckdb"
+	@echo "then: $(BIN)/duckdb -readonly -cmd \"SET file_search_path = '$(WAREHOUSE)'\" $(WAREHOUSE)/attention.duckdb"
