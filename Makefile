@@ -23,7 +23,7 @@ demo: install
 	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/ssl-attention run --images data/samples --models all \
 		--weights random --warehouse $(WAREHOUSE) --annotations data/samples/annotations.json
 	@echo
-	@echo "Dagster UI:  DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dagster dev -w workspace.yaml   (http://127.0.0.1:3000)"
+	@echo "Dagster UI:  DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dg dev   (http://127.0.0.1:3000; make ui)"
 	@echo "Dashboard:   $(BIN)/ssl-attention serve --warehouse $(WAREHOUSE)                       (http://127.0.0.1:5006/app)"
 	@echo "SQL:         $(BIN)/ssl-attention sql --warehouse $(WAREHOUSE) \"SELECT * FROM models\""
 	@echo "Head ranking: $(BIN)/ssl-attention sql --warehouse $(WAREHOUSE) \"SELECT model, method, layer, entry, mean, rank FROM head_ranking WHERE metric = 'iou_50' AND feature = 'all' ORDER BY model, method, layer, rank\""
@@ -34,11 +34,13 @@ lint: install
 	$(BIN)/ruff format --check .
 
 test: lint
+	$(BIN)/dg check defs
 	$(BIN)/dagster definitions validate -w workspace.yaml
 	$(BIN)/pytest
 
+# `dg dev` loads the dg project of pyproject.toml ([tool.dg]); `dagster dev -w workspace.yaml` still works too
 ui: install
-	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dagster dev -w workspace.yaml
+	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dg dev
 
 dashboard: install
 	$(BIN)/ssl-attention serve --warehouse $(WAREHOUSE)
