@@ -21,7 +21,7 @@ from ssl_attention.query import client_command, open_catalog, open_warehouse, re
 from ssl_attention.query.catalog import CATALOG_FORMAT, catalog_is_current
 from ssl_attention.query.views import create_views
 from ssl_attention.stats import write_head_stats
-from ssl_attention.warehouse.paths import CATALOG_FILE, iter_partitions
+from ssl_attention.warehouse.paths import CATALOG_FILE, DATA_FILE, iter_partitions
 
 COUNT_BY_MODEL = "SELECT model, count(*) AS n FROM attention_maps GROUP BY model ORDER BY model"
 
@@ -86,15 +86,19 @@ def test_a_client_without_the_search_path_is_told_what_to_run(original: Path, tm
         con.close()
 
 
-def test_a_copy_reads_its_own_files_while_the_original_exists(original: Path, tmp_path: Path):
+def test_a_copy_reads_its_own_files_while_the_original_exists(original: Path, tmp_path: Path, monkeypatch):
     copy = Path(shutil.copytree(original, tmp_path / "copy"))
     drop_model(copy, "clip")
+    images = pq.read_table(copy / "images" / DATA_FILE)
+    pq.write_table(images.slice(1), copy / "images" / DATA_FILE)  # one image fewer in the copy's catalog
     in_copy, in_original = rows_on_disk(copy), rows_on_disk(original)
     assert "clip" in dict(in_original) and "clip" not in dict(in_copy)
-    for root, expected in ((copy, in_copy), (original, in_original)):
+    monkeypatch.chdir(original)  # inside the original: DuckDB would find its files by a plain relative name
+    for root, expected, image_rows in ((copy, in_copy, images.num_rows - 1), (original, in_original, images.num_rows)):
         con = plain_client(root, file_search_path=str(root))
         try:
             assert con.execute(COUNT_BY_MODEL).fetchall() == expected
+            assert con.execute("SELECT count(*) FROM images").fetchone() == (image_rows,)
         finally:
             con.close()
     wh = open_warehouse(copy)

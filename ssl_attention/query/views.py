@@ -64,6 +64,17 @@ def duckdb_types(table: str) -> tuple[tuple[str, str], ...]:
     return tuple((name, str(kind)) for name, kind in zip(relation.columns, relation.types, strict=True))
 
 
+def _relative_glob(table: str) -> str:
+    """``table``'s files relative to the warehouse root, always as a glob: DuckDB looks a glob up in
+    ``file_search_path`` only, but a plain relative file name in the working directory first (a client inside
+    another warehouse would read that one's ``images/data.parquet``), so a key-less table's one file is
+    written ``images/[d]ata.parquet``."""
+    pattern = Path(table_glob(Path(), table))
+    if _GLOB_CHARACTERS & set(str(pattern)):
+        return str(pattern)
+    return str(pattern.parent / f"[{pattern.name[0]}]{pattern.name[1:]}")
+
+
 def _source(root: Path | None, table: str, present: bool) -> str:
     """A FROM-able source with the partition keys first, then the file columns; ``root=None``: a glob relative to
     the warehouse root, resolved by the client's ``file_search_path`` (and refused while that is unset)."""
@@ -74,7 +85,7 @@ def _source(root: Path | None, table: str, present: bool) -> str:
         casts += [f"CAST(NULL AS {kind}) AS {quote_ident(name)}" for name, kind in columns]
         return f"(SELECT {', '.join(casts)} LIMIT 0)"
     if root is None:
-        relative = quote_literal(table_glob(Path(), table))
+        relative = quote_literal(_relative_glob(table))
         glob = (
             f"CASE WHEN current_setting('file_search_path') = '' THEN error({quote_literal(RELATIVE_GUARD)}) "
             f"ELSE {relative} END"
