@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 from pathlib import Path
 
@@ -57,12 +58,19 @@ def test_dg_check_defs_fails_on_broken_definitions(env, tmp_path):
         "import dagster as dg\n\n\n@dg.asset(required_resource_keys={'missing'})\ndef a():\n    pass\n\n\n"
         "defs = dg.Definitions(assets=[a])\n"
     )
-    config = (REPO / "pyproject.toml").read_text().split("[tool.dg]", 1)[1].split("\n[tool.pytest", 1)[0]
-    config = config.replace('"pipelines', '"broken_pipelines')
-    (project / "pyproject.toml").write_text(f'[project]\nname = "broken"\nversion = "0"\n\n[tool.dg]{config}')
+    dg_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["dg"]
+    lines = [
+        '[project]\nname = "broken"\nversion = "0"\n',
+        "[tool.dg]",
+        f'directory_type = "{dg_config["directory_type"]}"',
+    ]
+    lines.append("[tool.dg.project]")
+    for key, value in dg_config["project"].items():  # the same settings, over the broken module
+        lines.append(f'{key} = "{value.replace("pipelines", "broken_pipelines")}"')
+    (project / "pyproject.toml").write_text("\n".join(lines) + "\n")
     checked = dg("check", "defs", cwd=project, env={**env, "PYTHONPATH": str(project)})
     assert checked.returncode != 0
-    assert "missing" in checked.stdout + checked.stderr
+    assert "resource with key 'missing'" in checked.stdout + checked.stderr  # the real cause, named
 
 
 def test_dg_dev_serves_the_project_without_the_supersession_warning(env, tmp_path):
