@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from ssl_attention.query import alignment, maps, statistics
 from ssl_attention.query.alignment import HeadFeatureMatrix, read_arrow
+from ssl_attention.query.catalog import refresh_catalog
 from ssl_attention.query.connection import views_cursor
 from ssl_attention.query.errors import (
     EmptyWarehouseError,
@@ -397,10 +398,14 @@ _warehouses_lock = threading.Lock()
 
 def open_warehouse(location: str | os.PathLike[str] | None = None) -> Warehouse:
     """The process-wide ``Warehouse`` of ``location`` (``--warehouse`` value, else ``$SSL_ATTENTION_WAREHOUSE``,
-    else ``data/warehouse``). A missing or empty warehouse opens fine and answers with empty lists."""
+    else ``data/warehouse``). A missing or empty warehouse opens fine and answers with empty lists.
+
+    The first open in a process also rewrites the warehouse's ``attention.duckdb`` if it is stale (written by
+    an older version, with absolute paths into where the warehouse was then: ``catalog.refresh_catalog``)."""
     root = resolve_warehouse(location)
     with _warehouses_lock:
         warehouse = _warehouses.get(root)
         if warehouse is None:
+            refresh_catalog(root)
             warehouse = _warehouses[root] = Warehouse(root)
     return warehouse
