@@ -128,7 +128,8 @@ def scores_html(scores: pa.Table, head: int | None, feature: str, map_label: str
     unscored = all(mine[m] is None for m in SHOWN_METRICS)
     after = "<br><small>Every region lies outside the model's view: not scored.</small>" if unscored else ""
     return (
-        f'<table class="region-scores" data-feature="{html.escape(feature)}" style="font-size:12px;'
+        f'<table class="region-scores" data-feature="{html.escape(feature)}" data-map="{html.escape(map_label)}" '
+        'style="font-size:12px;'
         'border-collapse:collapse;text-align:right">'
         f'<caption style="text-align:left;font-size:12px">Alignment with <b>{html.escape(feature)}</b></caption>'
         f"<tr><th></th>{header}</tr>{body}</table>{after}"
