@@ -56,8 +56,8 @@ class HeadsTab(Tab):
         self.toggle = pn.widgets.Toggle.from_param(
             self.param.annotations,
             name="Annotations",
-            button_type="primary",
-            button_style="outline",  # filled when on
+            color="primary",
+            variant="outline",  # filled when on
             width=120,
             margin=(22, 10, 5, 10),
         )
@@ -125,6 +125,10 @@ class HeadsTab(Tab):
         self.grid_strip.render_maps(views.scale_tiles(list(grid.maps), shared, mode), captions, session.cmap)
         self.grid_strip.select(grid.heads.index(head))
 
+    def _say(self, note: str) -> None:
+        """The note beside the toggle (HTML); '' for none."""
+        self.note.object = f'<div class="regions-note">{note}</div>' if note else ""
+
     def _failed(self, what: str, exc: Exception) -> str:
         """``Session.failure``'s message (logged), as HTML."""
         return html.escape(plain(self.session.failure(what, exc)))
@@ -137,7 +141,7 @@ class HeadsTab(Tab):
         self.toggle.disabled = not usable
         self.feature_select.disabled = not usable
         on = usable and self.annotations
-        self.note.object = self.annotations_problem or why
+        self._say(self.annotations_problem or why)
         if not on:
             self.overlays.show_regions(figures.empty_regions())
             self.fused_scores.visible = self.head_scores.visible = False
@@ -145,12 +149,12 @@ class HeadsTab(Tab):
         try:
             view = data.regions_in_view(session.root, s.image, s.model).of_feature(self.feature)
         except Exception as exc:
-            self.note.object = self._failed(f"place the regions on the {s.model} input", exc)
+            self._say(self._failed(f"place the regions on the {s.model} input", exc))
             self.overlays.show_regions(figures.empty_regions())
             self.fused_scores.visible = self.head_scores.visible = False
             return
         features_here = self.annotated.get(s.image, ())
-        self.note.object = regions.regions_note(view, self.feature, session.file_name(s.image), features_here)
+        self._say(regions.regions_note(view, self.feature, session.file_name(s.image), features_here))
         self.overlays.show_regions(regions.outline_data(view, rgb.shape[0] / rgb.shape[1], self.colours))
         try:
             scores = data.image_scores(session.root, s.image, s.model, s.method, s.layer, self.feature)
