@@ -272,7 +272,7 @@ def test_the_overlay_draws_the_stored_regions_through_the_models_transform(
     # one feature: only its regions; back off: none drawn
     feature = expected[0][0].removesuffix(" (cut)")
     page.get_by_label("Feature").select_option(feature)
-    wait_for_query(page, feature=feature, annotations="1")
+    wait_for_query(page, regions=feature, annotations="1")
     mine = [e for e in expected if e[0].removesuffix(" (cut)") == feature]
     drawn = in_input_pixels(drawn_regions(page, "fused-plot", len(mine)), width, height)
     np.testing.assert_allclose([d[1:] for d in drawn], [e[1:] for e in mine], atol=1e-6)
@@ -309,7 +309,7 @@ def test_regions_the_crop_cuts_or_leaves_out_are_clipped_and_named(page: Any, se
 
 def test_the_scores_beside_each_map_are_the_alignment_rows(page: Any, server: int, annotated: Path) -> None:
     image = image_id_of(annotated, "astronaut.jpg")
-    open_app(page, server, "?image=astronaut.jpg&model=dinov2&method=cls&layer=1&head=2&annotations=1&feature=face")
+    open_app(page, server, "?image=astronaut.jpg&model=dinov2&method=cls&layer=1&head=2&annotations=1&regions=face")
     rows = alignment_rows(annotated, "dinov2", "cls", image, 1, "face")
     assert shown_scores(page, "fused") == expected_scores(rows, None)
     assert shown_scores(page, "head 2") == expected_scores(rows, 2)
@@ -347,11 +347,11 @@ def test_without_annotations_the_toggle_says_so(page: Any, server: int) -> None:
 
 def test_the_overlay_is_kept_in_the_url(page: Any, server: int) -> None:
     open_app(page, server, "?image=chelsea.jpg&model=dinov2&method=cls&head=1")
-    wait_for_query(page, annotations="0", feature="all")
+    wait_for_query(page, annotations="0", regions="all")
     page.get_by_role("button", name="Annotations").click()
     wait_for_query(page, annotations="1")
     page.get_by_label("Feature").select_option("eye")
-    wait_for_query(page, annotations="1", feature="eye")
+    wait_for_query(page, annotations="1", regions="eye")
     drawn_regions(page, "head-plot", 2)  # chelsea has two eyes
 
     page.reload()  # the URL restores the view
@@ -359,11 +359,11 @@ def test_the_overlay_is_kept_in_the_url(page: Any, server: int) -> None:
     assert page.evaluate(TOGGLE_JS)["active"] is True
     drawn_regions(page, "fused-plot", 2)
 
-    open_app(page, server, "?model=dinov2&annotations=maybe&feature=wing")
+    open_app(page, server, "?model=dinov2&annotations=maybe&regions=wing")
     notice = page.get_by_text("Not as asked in the URL")
     notice.wait_for()
     text = notice.locator("xpath=..").inner_text()
-    assert "feature “wing” is not valid (valid: all, cup, eye" in text
+    assert "regions “wing” is not valid (valid: all, cup, eye" in text
     assert "annotations “maybe” is not valid" in text
 
 

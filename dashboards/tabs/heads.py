@@ -33,7 +33,8 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "on", "yes"), ("0", "false", "off", "no"
 class HeadsTab(Tab):
     key = "heads"
     label = "Heads"
-    url_keys: ClassVar[Mapping[str, str]] = {"annotations": "annotations", "feature": "feature"}
+    # "regions", not "feature": the Alignment tab keeps its own feature picker under that key
+    url_keys: ClassVar[Mapping[str, str]] = {"annotations": "annotations", "regions": "feature"}
 
     annotations = param.Boolean(default=False, doc="draw the annotated regions and show each map's scores")
     feature = param.Selector(
