@@ -53,8 +53,8 @@ OUTLINE_JS = """(name) => {
     dw: heat.dw[0], dh: heat.dh[0], shape: heat.image[0].shape, values: Array.from(heat.image[0])};
 }"""
 TOGGLE_JS = """() => {
-  const m = [...Bokeh.documents[0].all_models].find(m => m.type === 'Toggle' && m.label === 'Annotations');
-  return m ? {active: m.active, disabled: m.disabled} : null;
+  const m = [...Bokeh.documents[0].all_models].find(m => m.type === 'Toggle');
+  return m ? {label: m.label, active: m.active, disabled: m.disabled} : null;
 }"""
 # The overlays' title views: what Bokeh draws them with.
 TITLE_FONTS_JS = """() => {
@@ -330,19 +330,19 @@ def test_the_scores_beside_each_map_are_the_alignment_rows(page: Any, server: in
 
 def test_without_annotations_the_toggle_says_so(page: Any, server: int) -> None:
     open_app(page, server, "?image=astronaut.jpg&model=dinov2&annotations=1", route="bare")
-    assert page.evaluate(TOGGLE_JS) == {"active": True, "disabled": True}
+    assert page.evaluate(TOGGLE_JS) == {"label": "No annotations", "active": True, "disabled": True}
     assert page.get_by_role("button", name="Annotations").is_disabled()
     text = note_text(page, "No annotations")
     assert "in this warehouse" in text and "ssl-attention run --annotations FILE" in text
     assert page.evaluate(REGIONS_JS, "fused-plot")["left"] == []
 
     open_app(page, server, f"?image={UNANNOTATED}&model=dinov2&annotations=1", route="partial")
-    assert page.evaluate(TOGGLE_JS) == {"active": True, "disabled": True}
+    assert page.evaluate(TOGGLE_JS) == {"label": "No regions here", "active": True, "disabled": True}
     assert f"on {UNANNOTATED} (4 of the 5 images have some)" in note_text(page, "No annotated regions")
     assert page.evaluate(REGIONS_JS, "fused-plot")["left"] == []
     page.get_by_label("Image").first.select_option("astronaut.jpg")  # an annotated image: usable again, still on
     drawn_regions(page, "fused-plot")
-    assert page.evaluate(TOGGLE_JS) == {"active": True, "disabled": False}
+    assert page.evaluate(TOGGLE_JS) == {"label": "Annotations", "active": True, "disabled": False}
 
 
 def test_the_overlay_is_kept_in_the_url(page: Any, server: int) -> None:

@@ -139,7 +139,8 @@ class HeadsTab(Tab):
         head, None without one), when *Annotations* is on and this image has regions; else the note says why not."""
         session, s = self.session, self.session.selection
         usable, why = regions.status(self.annotated, s.image, session.file_name(s.image), len(session.index.images))
-        self.toggle.disabled = not usable
+        label = "Annotations" if usable else ("No regions here" if self.annotated else "No annotations")
+        self.toggle.param.update(disabled=not usable, name=label)  # it keeps its state for the next image
         self.feature_select.disabled = not usable
         on = usable and self.annotations
         self._say(self.annotations_problem or why)
