@@ -6,8 +6,9 @@ synthetic COCO annotations (seeded: 1-4 boxes per image from 4 categories, some 
 ``write_annotations``; then for each image count a fresh process scores the first N annotated images of every
 model with ``write_alignment`` (Parquet reads, geometry, metrics, baselines, atomic writes; the head ranking
 timed apart) and reports maps/s and the growth of its peak memory (VmHWM) over the process after imports and
-the annotations: after the scoring, and after the rankings. The scoring's must stay flat as the count grows
-(the partitions are streamed 32 images at a time); the ranking holds each partition's per-image scores.
+the annotations: after the scoring, and after the rankings. Both must stay flat as the count grows (the
+partitions are streamed 32 images at a time; the ranking streams its alignment rows, bootstrap and medians
+within ``ranking.MEMORY_BUDGET_BYTES``).
 
     python bench/alignment_throughput.py [--warehouse DIR] [--counts 100,300,1000] [--models all]
     python bench/alignment_throughput.py --core [--maps 50000] [--repeats 3] [--grids 14 16]
