@@ -17,6 +17,7 @@ from ssl_attention.alignment.geometry import (
     centre_gaussian_baseline,
     coverage_grid,
     feature_targets,
+    feature_targets_grids,
     input_transform,
     map_boxes,
     pool_to_grid,
@@ -25,6 +26,7 @@ from ssl_attention.alignment.geometry import (
     transform_from_processor,
     transform_from_timm,
     uniform_baseline,
+    union_area,
 )
 from ssl_attention.images import load_image, scan_images
 from ssl_attention.models.weights import CONFIG_DIR
@@ -327,3 +329,33 @@ def test_baselines():
     assert centre.sum() == pytest.approx(1.0)
     assert centre == pytest.approx(centre[::-1, ::-1])  # symmetric about the centre
     assert np.unravel_index(centre.argmax(), centre.shape) == (1, 2)
+
+
+@pytest.mark.parametrize("grid", [(56, 56), (28, 28), (14, 14), (7, 7), (16, 16), (4, 8)])
+def test_block_pooling_equals_each_cells_mean(grid):
+    raster = np.random.default_rng(4).random((224, 224))
+    grid_h, grid_w = grid
+    bh, bw = 224 // grid_h, 224 // grid_w
+    expected = np.array(
+        [[raster[r * bh : (r + 1) * bh, c * bw : (c + 1) * bw].mean() for c in range(grid_w)] for r in range(grid_h)]
+    )
+    np.testing.assert_allclose(pool_to_grid(raster, grid_h, grid_w), expected, rtol=1e-13)
+
+
+def test_targets_on_several_grids_equal_each_grid_by_the_raster_route():
+    """Grad-CAM's four stages at once (one union, one soft-target raster) against ``coverage_grid``,
+    ``soft_target_grid`` and ``union_area`` per grid; a cut region and a region outside the view included."""
+    t = InputTransform(0.35, 0.35, 0, 0, 224, 224)
+    regions = np.array([[30.0, 40.0, 300.0, 250.0], [200.0, 100.0, 700.0, 500.0], [900.0, 900.0, 950.0, 950.0]])
+    grids = [(56, 56), (28, 28), (14, 14), (7, 7)]
+    got = feature_targets_grids(regions, t, grids)
+    mapped = map_boxes(regions, t)
+    for grid in grids:
+        g = got[grid]
+        np.testing.assert_allclose(g.coverage, coverage_grid(regions, t, *grid), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(g.soft_target, soft_target_grid(regions, t, *grid), rtol=1e-12, atol=1e-18)
+        assert g.area_fraction == pytest.approx(union_area(mapped.clipped) / 224**2, rel=1e-12)
+        assert g.visible_fraction == pytest.approx(union_area(mapped.clipped) / union_area(mapped.boxes), rel=1e-12)
+        assert g.scored
+        single = feature_targets(regions, t, *grid)
+        assert np.array_equal(single.coverage, g.coverage) and np.array_equal(single.soft_target, g.soft_target)

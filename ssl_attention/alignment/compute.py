@@ -39,7 +39,7 @@ from ssl_attention.alignment.geometry import (
     FeatureTargets,
     InputTransform,
     centre_gaussian_baseline,
-    feature_targets,
+    feature_targets_grids,
 )
 from ssl_attention.alignment.metrics import METRIC_COLUMNS, alignment_metrics_many
 from ssl_attention.alignment.ranking import write_head_ranking
@@ -237,7 +237,11 @@ def score_maps(
     block_keys = (codes * 65536 + grid_h) * 65536 + grid_w  # one key per (image, grid)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in ("row", "layer", "head", "kind", *METRIC_COLUMNS)}
     per_block: list[tuple[int, str, int, int, int, FeatureTargets]] = []  # (first row, feature, gh, gw, count, t)
-    for key in dict.fromkeys(block_keys.tolist()):  # (image, grid) in order of appearance
+    blocks = list(dict.fromkeys(block_keys.tolist()))  # (image, grid) in order of appearance
+    grids_of: dict[int, list[tuple[int, int]]] = {}  # image code -> its grids here (Grad-CAM: several)
+    for key in blocks:
+        grids_of.setdefault(key >> 32, []).append(((key >> 16) & 0xFFFF, key & 0xFFFF))
+    for key in blocks:
         members = np.flatnonzero(block_keys == key)
         first = int(members[0])
         image_id, gh, gw = str(image_ids[first]), int(grid_h[first]), int(grid_w[first])
@@ -256,8 +260,9 @@ def score_maps(
         feature_targets_here = {}
         for feature, regions in image.features.items():
             cache_key = (image_id, feature, gh, gw)
-            if cache_key not in cache:
-                cache[cache_key] = feature_targets(regions, image.transform, gh, gw)
+            if cache_key not in cache:  # every grid of the image at once: one raster of the soft target
+                for (h, w), t in feature_targets_grids(regions, image.transform, grids_of[key >> 32]).items():
+                    cache.setdefault((image_id, feature, h, w), t)
             feature_targets_here[feature] = cache[cache_key]
         scored = [f for f, t in feature_targets_here.items() if t.scored]
         stacked = np.concatenate([maps, baselines.astype(maps.dtype)])  # the maps and the baselines together

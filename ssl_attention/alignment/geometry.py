@@ -281,8 +281,11 @@ def pool_to_grid(raster: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
         raise ValueError(f"grid must be positive, got {grid_h}x{grid_w}")
     height, width = raster.shape
     if height % grid_h == 0 and width % grid_w == 0:  # whole pixels per cell: plain block means (no BLAS
-        # call: OpenBLAS threads on these small products stall on a busy machine, ~100x slower)
-        return raster.reshape(grid_h, height // grid_h, grid_w, width // grid_w).mean(axis=(1, 3))
+        # call: OpenBLAS threads on these small products stall on a busy machine, ~100x slower), summed over
+        # the rows of each block, then over its columns: contiguous reductions, 3-6x faster than .mean(axis=(1, 3))
+        block_h, block_w = height // grid_h, width // grid_w
+        rows = raster.reshape(grid_h, block_h, width).sum(axis=1)
+        return rows.reshape(grid_h, grid_w, block_w).sum(axis=2) / (block_h * block_w)
     return _pool_weights(height, grid_h) @ raster @ _pool_weights(width, grid_w).T
 
 
@@ -323,12 +326,22 @@ def soft_target_grid(regions: Any, transform: InputTransform, grid_h: int, grid_
 
 
 def _soft_target(mapped: MappedBoxes, transform: InputTransform, grid_h: int, grid_w: int) -> np.ndarray:
+    return _pooled_soft_target(_soft_raster(mapped, transform), grid_h, grid_w)
+
+
+def _soft_raster(mapped: MappedBoxes, transform: InputTransform) -> np.ndarray | None:
+    """The soft target's (H, W) raster at input resolution before pooling; None when no region is visible."""
     boxes = mapped.boxes[~mapped.outside]
     if len(boxes) == 0:
-        return np.zeros(grid_h * grid_w)
+        return None
     centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
     sigmas = np.maximum(np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1) / 4, 1.0)
-    raster = _gaussian_raster(centres, sigmas, transform.input_h, transform.input_w)
+    return _gaussian_raster(centres, sigmas, transform.input_h, transform.input_w)
+
+
+def _pooled_soft_target(raster: np.ndarray | None, grid_h: int, grid_w: int) -> np.ndarray:
+    if raster is None:
+        return np.zeros(grid_h * grid_w)
     return _normalised(pool_to_grid(raster, grid_h, grid_w).reshape(-1))
 
 
@@ -370,11 +383,23 @@ def union_coverage(boxes: np.ndarray, input_h: int, input_w: int, grid_h: int, g
     elementary rectangles (input-pixel boxes), without a raster. Equal to ``coverage_grid`` when the grid
     divides the input; otherwise ``coverage_grid`` shares a pixel cut by a cell boundary in proportion to
     the pixel's area on each side, not to where inside the pixel the union lies."""
+    return _union_cells(_union_elementary(boxes, input_h, input_w), input_h, input_w, grid_h, grid_w)
+
+
+Elementary = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _union_elementary(boxes: np.ndarray, input_h: int, input_w: int) -> Elementary | None:
+    """``_elementary`` of the boxes clipped to the input (None when none has an area there)."""
     boxes = _clip(as_boxes(boxes), input_w, input_h)
     boxes = boxes[_area(boxes) > 0]
-    if len(boxes) == 0:
+    return _elementary(boxes) if len(boxes) else None
+
+
+def _union_cells(elementary: Elementary | None, input_h: int, input_w: int, grid_h: int, grid_w: int) -> np.ndarray:
+    if elementary is None:
         return np.zeros(grid_h * grid_w)
-    xs, ys, inside = _elementary(boxes)
+    xs, ys, inside = elementary
     cells = _cell_shares(ys, input_h, grid_h).T @ inside.astype(np.float64) @ _cell_shares(xs, input_w, grid_w)
     return np.clip(cells.reshape(-1), 0.0, 1.0)
 
@@ -382,20 +407,38 @@ def union_coverage(boxes: np.ndarray, input_h: int, input_w: int, grid_h: int, g
 def feature_targets(regions: Any, transform: InputTransform, grid_h: int, grid_w: int) -> FeatureTargets:
     """Coverage, soft target and the area and visible fractions of one feature's regions; the coverage is
     ``coverage_grid``'s (by ``union_coverage``, the same numbers, where the grid divides the input)."""
+    return feature_targets_grids(regions, transform, [(grid_h, grid_w)])[(grid_h, grid_w)]
+
+
+def feature_targets_grids(
+    regions: Any, transform: InputTransform, grids: Iterable[tuple[int, int]]
+) -> dict[tuple[int, int], FeatureTargets]:
+    """``feature_targets`` on each (grid_h, grid_w) of ``grids`` (Grad-CAM's stages): the regions are mapped,
+    their union measured and their soft target's raster drawn once, then pooled to each grid; the numbers are
+    those of one grid at a time."""
     mapped = map_boxes(regions, transform)
     full = union_area(mapped.boxes)
-    seen = union_area(mapped.clipped)
-    if transform.input_h % grid_h == 0 and transform.input_w % grid_w == 0:
-        coverage = union_coverage(mapped.clipped, transform.input_h, transform.input_w, grid_h, grid_w)
-    else:  # the documented rule for grids that do not divide the input: the raster, pooled
-        coverage = coverage_grid(regions, transform, grid_h, grid_w)
-    return FeatureTargets(
-        coverage=coverage,
-        soft_target=_soft_target(mapped, transform, grid_h, grid_w),
-        area_fraction=seen / (transform.input_w * transform.input_h),
-        visible_fraction=seen / full if full > 0 else 0.0,
-        scored=seen > 0,
+    elementary = _union_elementary(mapped.clipped, transform.input_h, transform.input_w)  # the union in view
+    seen = (
+        0.0
+        if elementary is None
+        else float(np.diff(elementary[1]) @ elementary[2].astype(np.float64) @ np.diff(elementary[0]))
     )
+    raster = _soft_raster(mapped, transform)
+    out = {}
+    for grid_h, grid_w in grids:
+        if transform.input_h % grid_h == 0 and transform.input_w % grid_w == 0:
+            coverage = _union_cells(elementary, transform.input_h, transform.input_w, grid_h, grid_w)
+        else:  # the documented rule for grids that do not divide the input: the raster, pooled
+            coverage = coverage_grid(regions, transform, grid_h, grid_w)
+        out[(grid_h, grid_w)] = FeatureTargets(
+            coverage=coverage,
+            soft_target=_pooled_soft_target(raster, grid_h, grid_w),
+            area_fraction=seen / (transform.input_w * transform.input_h),
+            visible_fraction=seen / full if full > 0 else 0.0,
+            scored=seen > 0,
+        )
+    return out
 
 
 def observed_transform(preprocess: Any, width: int, height: int, input_h: int, input_w: int) -> InputTransform:
