@@ -6,9 +6,10 @@ synthetic COCO annotations (seeded: 1-4 boxes per image from 4 categories, some 
 ``write_annotations``; then for each image count a fresh process scores the first N annotated images of every
 model with ``write_alignment`` (Parquet reads, geometry, metrics, baselines, atomic writes; the head ranking
 timed apart) and reports maps/s and the growth of its peak memory (VmHWM) over the process after imports and
-the annotations: after the scoring, and after the rankings. Both must stay flat as the count grows (the
-partitions are streamed 32 images at a time; the ranking streams its alignment rows, bootstrap and medians
-within ``ranking.MEMORY_BUDGET_BYTES``).
+the annotations: at the scoring's peak, and at the rankings' own peak (VmHWM is reset between the two
+phases where Linux allows it, so the ranking's number is not hidden under the scoring's). Both must stay
+flat as the count grows (the partitions are streamed 32 images at a time; the ranking streams its alignment
+rows, bootstrap and medians within ``ranking.MEMORY_BUDGET_BYTES``).
 
     python bench/alignment_throughput.py [--warehouse DIR] [--counts 100,300,1000] [--models all]
     python bench/alignment_throughput.py --core [--maps 50000] [--repeats 3] [--grids 14 16]
@@ -102,6 +103,16 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current resident size (Linux >= 4.0: ``5`` into /proc/self/clear_refs), so the next
+    phase's peak is its own; False where that is not allowed (the peak then spans both phases)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def child(source: Path, count: int, models: list[str]) -> None:
     """Copy of the maps (hard links) + annotations of the first ``count`` images; score and rank, timed."""
     from ssl_attention.alignment.compute import write_alignment
@@ -125,6 +136,7 @@ def child(source: Path, count: int, models: list[str]) -> None:
             scoring += report.seconds
             maps += report.maps_scored
         scoring_peak = _status_kib("VmHWM")
+        result["ranking_peak_own"] = _reset_peak()  # the ranking's peak on its own, not the scoring's
         for model, report in reports.items():
             start = time.perf_counter()
             for method in report.methods:
@@ -134,7 +146,7 @@ def child(source: Path, count: int, models: list[str]) -> None:
             result["models"][model] = {"maps": report.maps_scored, "seconds": report.seconds, "rank_s": ranked}
             ranking += ranked
         result.update(maps=maps, scoring_s=scoring, ranking_s=ranking, scoring_peak_kib=scoring_peak,
-                      peak_kib=_status_kib("VmHWM"))  # fmt: skip
+                      ranking_peak_kib=_status_kib("VmHWM"))  # fmt: skip
         print(json.dumps(result))
 
 
@@ -163,12 +175,14 @@ def end_to_end(args: argparse.Namespace) -> None:
         r = json.loads(done.stdout.strip().splitlines()[-1])
         rate = r["maps"] / r["scoring_s"]
         base = r["baseline_kib"] / 1024
-        scored, peak = r["scoring_peak_kib"] / 1024 - base, r["peak_kib"] / 1024 - base
+        scored, peak = r["scoring_peak_kib"] / 1024 - base, r["ranking_peak_kib"] / 1024 - base
         print(f"{count:6d} {r['maps']:9,d} {r['scoring_s']:8.1f} {rate:8,.0f} {r['ranking_s']:7.1f} {scored:14.0f} "
               f"{peak:14.0f}", flush=True)  # fmt: skip
         for model, m in r["models"].items():
             rate_m = m["maps"] / m["seconds"]
             print(f"       {model:9s} {m['maps']:9,d} maps {rate_m:8,.0f} maps/s, rank {m['rank_s']:.1f} s")
+        if not r["ranking_peak_own"]:
+            print("       (VmHWM could not be reset: the ranking growth includes the scoring's peak)")
     verdict = "meets" if rate >= GOAL_MAPS_PER_S else "misses"
     print(f"at {args.counts[-1]} images: {rate:,.0f} maps/s end to end - {verdict} the goal of {GOAL_MAPS_PER_S:,}")
 

@@ -359,3 +359,27 @@ def test_targets_on_several_grids_equal_each_grid_by_the_raster_route():
         assert g.scored
         single = feature_targets(regions, t, *grid)
         assert np.array_equal(single.coverage, g.coverage) and np.array_equal(single.soft_target, g.soft_target)
+
+
+@pytest.mark.parametrize("grid", [(56, 56), (28, 28), (14, 14), (7, 7), (16, 16), (8, 4), (9, 9)])
+def test_one_regions_soft_target_equals_pooling_its_raster(grid):
+    """One region takes the separable route (products of 1-D block means); it must equal the raster of the
+    Gaussian at every pixel centre, block-averaged cell by cell (9 x 9 does not divide: the weighted pooling)."""
+    t = InputTransform(0.35, 0.35, 0, 0, 224, 224)
+    box = np.array([[100.0, 60.0, 400.0, 330.0]])
+    x0, y0, x1, y1 = box[0] * 0.35
+    xs, ys = np.arange(224) + 0.5, np.arange(224) + 0.5
+    raster = np.outer(gaussian_1d(ys, (y0 + y1) / 2, (y1 - y0) / 4), gaussian_1d(xs, (x0 + x1) / 2, (x1 - x0) / 4))
+    grid_h, grid_w = grid
+    if 224 % grid_h == 0 and 224 % grid_w == 0:
+        bh, bw = 224 // grid_h, 224 // grid_w
+        cells = np.array(
+            [
+                [raster[r * bh : (r + 1) * bh, c * bw : (c + 1) * bw].mean() for c in range(grid_w)]
+                for r in range(grid_h)
+            ]
+        )
+    else:
+        cells = pool_to_grid(raster, grid_h, grid_w)
+    expected = (cells / cells.sum()).ravel()
+    np.testing.assert_allclose(soft_target_grid(box, t, grid_h, grid_w), expected, rtol=1e-12, atol=1e-300)

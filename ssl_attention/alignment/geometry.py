@@ -235,6 +235,8 @@ def _overlaps(lo: np.ndarray, hi: np.ndarray, bin_lo: np.ndarray, bin_hi: np.nda
 def _elementary(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Coordinate compression of a union of boxes: x edges (K+1,), y edges (L+1,) and inside (L, K), True
     where the elementary rectangle between consecutive edges lies in the union."""
+    if len(boxes) == 1 and boxes[0, 0] < boxes[0, 2] and boxes[0, 1] < boxes[0, 3]:  # one box: itself
+        return boxes[0, [0, 2]], boxes[0, [1, 3]], np.ones((1, 1), dtype=bool)
     xs = np.unique(np.concatenate([boxes[:, 0], boxes[:, 2]]))
     ys = np.unique(np.concatenate([boxes[:, 1], boxes[:, 3]]))
     xmid, ymid = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2
@@ -298,17 +300,47 @@ def coverage_grid(regions: Any, transform: InputTransform, grid_h: int, grid_w: 
     return np.clip(pool_to_grid(raster, grid_h, grid_w).reshape(-1), 0.0, 1.0)
 
 
+@dataclass
+class _Gaussians:
+    """Peak-1 Gaussians at pixel centres, one per region, as their separable factors: gy (R, H), gx (R, W)."""
+
+    gy: np.ndarray
+    gx: np.ndarray
+    _raster: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, centres: np.ndarray, sigmas: np.ndarray, input_h: int, input_w: int) -> _Gaussians:
+        xc = np.arange(input_w, dtype=np.float64) + 0.5  # pixel centres
+        yc = np.arange(input_h, dtype=np.float64) + 0.5
+        gx = np.exp(-0.5 * ((xc[None, :] - centres[:, 0, None]) / sigmas[:, 0, None]) ** 2)  # (R, W)
+        gy = np.exp(-0.5 * ((yc[None, :] - centres[:, 1, None]) / sigmas[:, 1, None]) ** 2)  # (R, H)
+        return cls(gy, gx)
+
+    def raster(self) -> np.ndarray:
+        """(H, W) pixelwise max of the Gaussians (drawn once)."""
+        if self._raster is None:
+            raster = np.multiply(self.gy[0][:, None], self.gx[0][None, :])  # positive: the max's start
+            scratch = np.empty_like(raster)
+            for r in range(1, len(self.gy)):  # one region at a time keeps memory at two rasters
+                np.maximum(raster, np.multiply(self.gy[r][:, None], self.gx[r][None, :], out=scratch), out=raster)
+            self._raster = raster
+        return self._raster
+
+    def pooled(self, grid_h: int, grid_w: int) -> np.ndarray:
+        """``pool_to_grid`` of the raster. One region on a dividing grid: its Gaussian is separable, so each
+        cell's mean is the product of the 1-D block means (the same number, ~1e-16, without the raster)."""
+        height, width = self.gy.shape[1], self.gx.shape[1]
+        if len(self.gy) == 1 and height % grid_h == 0 and width % grid_w == 0:
+            rows = self.gy[0].reshape(grid_h, height // grid_h).mean(axis=1)
+            cols = self.gx[0].reshape(grid_w, width // grid_w).mean(axis=1)
+            return np.outer(rows, cols)
+        return pool_to_grid(self.raster(), grid_h, grid_w)
+
+
 def _gaussian_raster(
     centres: np.ndarray, sigmas: np.ndarray, input_h: int, input_w: int
 ) -> np.ndarray:  # (R, 2) centres (x, y) and sigmas -> (H, W) pixelwise max of the peak-1 Gaussians
-    xc = np.arange(input_w, dtype=np.float64) + 0.5  # pixel centres
-    yc = np.arange(input_h, dtype=np.float64) + 0.5
-    gx = np.exp(-0.5 * ((xc[None, :] - centres[:, 0, None]) / sigmas[:, 0, None]) ** 2)  # (R, W)
-    gy = np.exp(-0.5 * ((yc[None, :] - centres[:, 1, None]) / sigmas[:, 1, None]) ** 2)  # (R, H)
-    raster = np.zeros((input_h, input_w))
-    for r in range(len(centres)):  # one region at a time keeps memory at one raster
-        np.maximum(raster, gy[r][:, None] * gx[r][None, :], out=raster)
-    return raster
+    return _Gaussians.of(centres, sigmas, input_h, input_w).raster()
 
 
 def _normalised(values: np.ndarray) -> np.ndarray:
@@ -329,20 +361,21 @@ def _soft_target(mapped: MappedBoxes, transform: InputTransform, grid_h: int, gr
     return _pooled_soft_target(_soft_raster(mapped, transform), grid_h, grid_w)
 
 
-def _soft_raster(mapped: MappedBoxes, transform: InputTransform) -> np.ndarray | None:
-    """The soft target's (H, W) raster at input resolution before pooling; None when no region is visible."""
+def _soft_raster(mapped: MappedBoxes, transform: InputTransform) -> _Gaussians | None:
+    """The soft target before pooling: its regions' Gaussians at input resolution; None when no region is
+    visible."""
     boxes = mapped.boxes[~mapped.outside]
     if len(boxes) == 0:
         return None
     centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
     sigmas = np.maximum(np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1) / 4, 1.0)
-    return _gaussian_raster(centres, sigmas, transform.input_h, transform.input_w)
+    return _Gaussians.of(centres, sigmas, transform.input_h, transform.input_w)
 
 
-def _pooled_soft_target(raster: np.ndarray | None, grid_h: int, grid_w: int) -> np.ndarray:
-    if raster is None:
+def _pooled_soft_target(gaussians: _Gaussians | None, grid_h: int, grid_w: int) -> np.ndarray:
+    if gaussians is None:
         return np.zeros(grid_h * grid_w)
-    return _normalised(pool_to_grid(raster, grid_h, grid_w).reshape(-1))
+    return _normalised(gaussians.pooled(grid_h, grid_w).reshape(-1))
 
 
 def uniform_baseline(grid_h: int, grid_w: int) -> np.ndarray:

@@ -75,12 +75,18 @@ def _score_block(maps: np.ndarray, coverages: np.ndarray, soft_targets: np.ndarr
     values = maps.astype(np.float64)
     mass = values.sum(axis=1)
     empty = mass <= 0
-    normalised = np.where(empty[:, None], 1.0 / n, values / np.where(empty, 1.0, mass)[:, None])  # (M, N)
+    if empty.any():
+        normalised = np.where(empty[:, None], 1.0 / n, values / np.where(empty, 1.0, mass)[:, None])  # (M, N)
+    else:
+        normalised = np.divide(values, mass[:, None], out=values)
     sizes = [top_k_size(n, p) for p in PERCENTILES]
     top = descending_order(maps)[:, : max(sizes)]  # (M, k_max): only the top cells enter an IoU
-    log_smoothed = np.log((normalised + KL_EPSILON) / (1.0 + n * KL_EPSILON))
+    log_smoothed = normalised + KL_EPSILON  # in place from here: log((a + eps) / (1 + N eps))
+    log_smoothed /= 1.0 + n * KL_EPSILON
+    np.log(log_smoothed, out=log_smoothed)
     kl_cross = log_smoothed @ soft_targets.T  # (M, F): sum_i G_i log q_i (cells outside the support add 0)
     covered = normalised @ coverages.T  # (M, F)
+    scratch = np.empty_like(normalised)
     for f in range(len(coverages)):
         coverage, soft_target = coverages[f], soft_targets[f]
         inside_sorted = np.cumsum(coverage[top], axis=1)  # (M, k_max): sum of c over the top 1..k_max cells
@@ -92,7 +98,8 @@ def _score_block(maps: np.ndarray, coverages: np.ndarray, soft_targets: np.ndarr
         out[f, _COLUMN["pointing_hit"]] = coverage[top[:, 0]] >= 0.5
         g = soft_target[soft_target > 0]
         out[f, _COLUMN["kl"]] = float(g @ np.log(g)) - kl_cross[:, f]
-        out[f, _COLUMN["mse"]] = ((normalised - soft_target) ** 2).mean(axis=1)
+        difference = np.subtract(normalised, soft_target, out=scratch)
+        out[f, _COLUMN["mse"]] = np.square(difference, out=difference).mean(axis=1)
 
 
 def alignment_metrics(maps: np.ndarray, coverage: np.ndarray, soft_target: np.ndarray) -> dict[str, np.ndarray]:

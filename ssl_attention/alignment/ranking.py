@@ -525,7 +525,7 @@ def head_ranking_table(
         "higher_is_better": pa.array(better[m]),
         "rank": pa.array(ranks[g, m].astype(np.int32), mask=ranks[g, m] == 0),
         "head_rank": pa.array(head_ranks[g, m].astype(np.int32), mask=head_ranks[g, m] == 0),
-        "computed_at": pa.array(np.full(len(g), computed_at, dtype=object), schema.TIMESTAMP),
+        "computed_at": pa.repeat(pa.scalar(computed_at, schema.TIMESTAMP), len(g)),
     }
     return pa.table(columns).cast(schema.HEAD_RANKING)
 
