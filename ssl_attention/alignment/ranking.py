@@ -64,7 +64,7 @@ BOOTSTRAP_RESAMPLES = 1000
 CI_LEVEL = 0.95
 LOWER_IS_BETTER = frozenset({"kl", "mse"})
 RANK_DECIMALS = 12  # means equal to 12 decimals tie (float noise must not order equal scores)
-MEMORY_BUDGET_BYTES = 64 * 2**20  # one slice's rows plus its bootstrap sums
+MEMORY_BUDGET_BYTES = 32 * 2**20  # one slice's rows plus its bootstrap sums (about; plus one batch being read)
 GROUP_COLUMNS = ("layer", "head", "map_kind", "feature")
 _ROW_BYTES = 4 + 8 + 8 * len(METRIC_COLUMNS)  # one spilled row: group code, image key, the metric values
 _BATCH_ROWS = 65_536  # batches of an in-memory table
@@ -464,7 +464,7 @@ def _stats(source: AlignmentSource, budget: int, spill_dir: Path | None) -> tupl
         finally:
             router.close()
         for s, (start, stop) in enumerate(slices):
-            part = _slice_stats(router.load(s), stop - start, budget // 8)
+            part = _slice_stats(router.load(s), stop - start, budget // 32)
             for name in ("n", "mean", "median", "low", "high"):
                 getattr(stats, name)[start:stop] = getattr(part, name)
     return keys, stats
