@@ -234,3 +234,25 @@ def test_peak_memory_does_not_grow_with_the_images(monkeypatch):
 
     small, large = peak(1000), peak(4000)
     assert large < 1.5 * small + 2**20, (small, large)
+
+
+def test_a_cap_on_the_spill_files_widens_the_slices_and_keeps_the_numbers(monkeypatch, tmp_path):
+    monkeypatch.setattr(ranking, "_MAX_SLICES", 3)
+    table = _alignment(30, seed=5)
+    _assert_close(_by_key(head_ranking_table(table, memory_budget=2**16, spill_dir=tmp_path)), _expected(table))
+
+
+def test_sources_lists_of_tables_and_bad_input():
+    table = _alignment(12, seed=4)
+    whole = head_ranking_table(table)
+    half = table.num_rows // 2
+    parts = head_ranking_table([table.slice(0, half), table.slice(half).combine_chunks().to_batches()[0]])
+    for name in STATS:
+        assert whole[name].equals(parts[name]), name
+    with pytest.raises(TypeError, match="read twice"):
+        head_ranking_table(iter([table]))
+    with pytest.raises(TypeError, match="expected a path, a table or a record batch"):
+        head_ranking_table([42])
+    bad = table.set_column(1, "layer", pa.array(np.full(table.num_rows, -3, np.int16)))
+    with pytest.raises(ValueError, match="layers >= 0"):
+        head_ranking_table(bad)

@@ -68,10 +68,18 @@ MEMORY_BUDGET_BYTES = 32 * 2**20  # one slice's rows plus its bootstrap sums (ab
 GROUP_COLUMNS = ("layer", "head", "map_kind", "feature")
 _ROW_BYTES = 4 + 8 + 8 * len(METRIC_COLUMNS)  # one spilled row: group code, image key, the metric values
 _BATCH_ROWS = 65_536  # batches of an in-memory table
+_MAX_SLICES = 512  # spill files open at once (beyond: slices of more groups than the budget's)
 
-# A source of alignment rows: one Parquet file, several (a partition's shards), an Arrow table, or a function
-# returning a fresh iterable of tables / record batches on each call (the rows are read twice).
-AlignmentSource = str | Path | Sequence[str | Path] | pa.Table | Callable[[], Iterable[pa.Table | pa.RecordBatch]]
+# A source of alignment rows: one Parquet file, several (a partition's shards), an Arrow table or a list of
+# tables / record batches, or a function returning a fresh iterable of them on each call (the rows are read
+# twice, so a one-shot iterator is refused).
+AlignmentSource = (
+    str
+    | Path
+    | pa.Table
+    | Sequence[str | Path | pa.Table | pa.RecordBatch]
+    | Callable[[], Iterable[pa.Table | pa.RecordBatch]]
+)
 
 
 def entry_label(map_kind: str, head: int | None) -> str:
@@ -172,19 +180,32 @@ def group_ranks(groups: np.ndarray, means: np.ndarray, higher_is_better: bool) -
 
 def _batches(source: AlignmentSource, columns: Sequence[str]) -> Iterator[pa.Table | pa.RecordBatch]:
     """``columns`` of the source's rows, one Parquet row group (or batch) at a time; missing files are empty."""
-    if isinstance(source, pa.Table):
-        yield from source.select(list(columns)).to_batches(max_chunksize=_BATCH_ROWS)
-    elif callable(source):
-        for batch in source():
-            yield batch.select(list(columns))
+    if isinstance(source, pa.Table | pa.RecordBatch):
+        source = [source]
+    if callable(source):
+        items: Iterable = source()
+    elif isinstance(source, str | Path):
+        items = [source]
+    elif isinstance(source, Sequence):
+        items = source
     else:
-        paths = [source] if isinstance(source, str | Path) else list(source)
-        for path in map(Path, paths):
-            if not path.is_file():
+        raise TypeError(
+            f"alignment rows must be a Parquet path, a list of paths, a table, a list of tables or a function "
+            f"returning batches (they are read twice), got {type(source).__name__}"
+        )
+    for item in items:
+        if isinstance(item, pa.Table):
+            yield from item.select(list(columns)).to_batches(max_chunksize=_BATCH_ROWS)
+        elif isinstance(item, pa.RecordBatch):
+            yield item.select(list(columns))
+        elif isinstance(item, str | Path):
+            if not Path(item).is_file():
                 continue
-            parquet = pq.ParquetFile(path, read_dictionary=["image_id", "map_kind", "feature"])
+            parquet = pq.ParquetFile(item, read_dictionary=["image_id", "map_kind", "feature"])
             for index in range(parquet.num_row_groups):
                 yield parquet.read_row_group(index, columns=list(columns))
+        else:
+            raise TypeError(f"alignment rows: expected a path, a table or a record batch, got {type(item).__name__}")
 
 
 def _chunks(column: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
@@ -227,6 +248,8 @@ class _Groups:
         feature = _string_codes(batch.column("feature"), self.features)
         if len(self.features) >= 1 << 16 or len(self.kinds) >= 1 << 8:
             raise ValueError(f"too many features ({len(self.features)}) or map kinds ({len(self.kinds)}) to rank")
+        if len(layer) and (layer.min() < 0 or head.min() < -1 or head.max() >= (1 << 16) - 1):
+            raise ValueError("alignment rows need layers >= 0 and heads >= 0 (or NULL for the fused map)")
         return ((layer + 1) << 40) | ((head + 1) << 24) | (kind << 16) | feature
 
     def of(self, packed: np.ndarray) -> np.ndarray:
@@ -276,18 +299,23 @@ def _sort_key(key: tuple[int, str, int | None, str]) -> tuple:
 
 
 def _slices(rows: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """[start, stop) runs of consecutive groups whose rows and bootstrap sums fit half the budget each."""
+    """[start, stop) runs of consecutive groups whose rows and bootstrap sums fit half the budget each; at
+    most ``_MAX_SLICES`` of them (beyond that, larger slices: memory then grows past the budget)."""
     max_rows = max(1, budget // 2 // (3 * _ROW_BYTES))  # the rows, their sort and the dense chunk
     max_groups = max(1, budget // 2 // (4 * 8 * BOOTSTRAP_RESAMPLES * len(METRIC_COLUMNS)))  # sums, totals, means
-    slices, start, held = [], 0, 0
-    for j, count in enumerate(rows.tolist()):
-        if j > start and (held + count > max_rows or j - start >= max_groups):
-            slices.append((start, j))
-            start, held = j, 0
-        held += count
-    if len(rows):
-        slices.append((start, len(rows)))
-    return slices
+    while True:
+        slices, start, held = [], 0, 0
+        for j, count in enumerate(rows.tolist()):
+            if j > start and (held + count > max_rows or j - start >= max_groups):
+                slices.append((start, j))
+                start, held = j, 0
+            held += count
+        if len(rows):
+            slices.append((start, len(rows)))
+        if len(slices) <= _MAX_SLICES:
+            return slices
+        factor = -(-len(slices) // _MAX_SLICES)
+        max_rows, max_groups = max_rows * factor, max_groups * factor
 
 
 # --- one slice's rows -------------------------------------------------------------------------------------
