@@ -259,7 +259,10 @@ def score_maps(
         image_id, gh, gw = str(image_ids[first]), int(grid_h[first]), int(grid_w[first])
         image = targets[image_id]
         n = gh * gw
-        maps = flat[offsets[members][:, None] + np.arange(n)[None, :]]  # (M, N) float32
+        if members[-1] - members[0] + 1 == len(members):  # one run of rows (sorted by image): a view
+            maps = flat[offsets[members[0]] : offsets[members[0]] + len(members) * n].reshape(len(members), n)
+        else:
+            maps = flat[offsets[members][:, None] + np.arange(n)[None, :]]  # (M, N) float32
         unique_layers = np.unique(layers[members])
         baselines = _baseline_maps(image.transform, gh, gw)
         # rows of one (image, grid, feature): the maps, then per layer the baselines in BASELINES order

@@ -86,19 +86,23 @@ def _score_block(maps: np.ndarray, coverages: np.ndarray, soft_targets: np.ndarr
     np.log(log_smoothed, out=log_smoothed)
     kl_cross = log_smoothed @ soft_targets.T  # (M, F): sum_i G_i log q_i (cells outside the support add 0)
     covered = normalised @ coverages.T  # (M, F)
-    scratch = np.empty_like(normalised)
-    for f in range(len(coverages)):
-        coverage, soft_target = coverages[f], soft_targets[f]
-        inside_sorted = np.cumsum(coverage[top], axis=1)  # (M, k_max): sum of c over the top 1..k_max cells
-        total = coverage.sum()
-        for p, k in zip(PERCENTILES, sizes, strict=True):
-            inside = inside_sorted[:, k - 1]
-            out[f, _COLUMN[f"iou_{p}"]] = inside / (k + total - inside)
-        out[f, _COLUMN["coverage"]] = covered[:, f]
-        out[f, _COLUMN["pointing_hit"]] = coverage[top[:, 0]] >= 0.5
-        g = soft_target[soft_target > 0]
-        out[f, _COLUMN["kl"]] = float(g @ np.log(g)) - kl_cross[:, f]
-        difference = np.subtract(normalised, soft_target, out=scratch)
+    iou_columns = [_COLUMN[f"iou_{p}"] for p in PERCENTILES]
+    step = max(1, BLOCK_MAPS // len(maps))  # features scored together: temporaries of at most BLOCK_MAPS rows
+    for first in range(0, len(coverages), step):
+        f = slice(first, min(first + step, len(coverages)))
+        coverage, soft_target = coverages[f], soft_targets[f]  # (F', N)
+        inside_sorted = np.cumsum(coverage[:, top], axis=2)  # (F', M, k_max): sum of c over the top 1..k_max
+        total = coverage.sum(axis=1)[:, None]
+        for column, k in zip(iou_columns, sizes, strict=True):
+            inside = inside_sorted[:, :, k - 1]
+            out[f, column] = inside / (k + total - inside)
+        out[f, _COLUMN["coverage"]] = covered[:, f].T
+        out[f, _COLUMN["pointing_hit"]] = coverage[:, top[:, 0]] >= 0.5
+        neg_entropy = np.array([float(g @ np.log(g)) for g in (t[t > 0] for t in soft_target)])
+        out[f, _COLUMN["kl"]] = neg_entropy[:, None] - kl_cross[:, f].T
+    scratch = np.empty_like(normalised)  # one (M, N) buffer: fits a cache where (F, M, N) would not
+    for f in range(len(soft_targets)):
+        difference = np.subtract(normalised, soft_targets[f], out=scratch)
         out[f, _COLUMN["mse"]] = np.square(difference, out=difference).mean(axis=1)
 
 
