@@ -415,7 +415,11 @@ class _Stats:
 
 def _medians(groups: np.ndarray, values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Exact median of each group's finite ``values`` (NaN for a group without any)."""
-    order = np.lexsort((values, groups))
+    by_value = np.argsort(values)  # equal values are interchangeable: no need for a stable sort here
+    members = groups[by_value]
+    if len(members) and members.max() < 1 << 16:
+        members = members.astype(np.uint16)  # a stable sort of 16-bit keys is a radix sort
+    order = by_value[np.argsort(members, kind="stable")]  # by group, values ascending within each
     ordered = values[order]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     has = counts > 0
