@@ -31,10 +31,12 @@ budget (``MEMORY_BUDGET_BYTES``); a second pass routes each row (its group, a 64
 values) to its slice, kept in memory when there is one slice and otherwise spilled to a temporary file per
 slice (``spill_dir``, else the system's temporary folder, ``TMPDIR``); each slice is then finished alone. The
 bootstrap walks a slice's images in chunks and accumulates the (B, groups) weighted sums and weight totals
-chunk by chunk, so no (B, n) array exists. Peak memory is about the budget (plus one batch being read),
-whatever the number of images n, except: the exact median needs a group's values, so a single group with more
-rows than the budget allows forms a slice of its own (76 bytes a row, about 3x that while it is sorted: with
-n images that slice holds at most n rows); and the temporary files hold every score once, on disk. Results do
+chunk by chunk, so no (B, n) array exists. The ranking's own arrays stay within about the budget (plus one
+batch being read; the libraries' fixed buffers come on top), whatever the number of images n, except: the
+exact median needs a group's values, so a single group with more rows than the budget allows forms a slice of
+its own (76 bytes a row, about 3x that while it is sorted: with n images that slice holds at most n rows);
+past 512 slices (a partition with very many groups) the slices widen beyond the budget rather than open more
+files; and the temporary files hold every score once, on disk. Results do
 not depend on the budget or the batching, except the CI to float rounding (~1e-14: the weighted sums are
 added in another order).
 """
