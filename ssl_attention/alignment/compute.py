@@ -4,7 +4,8 @@ Per (model, method) partition of ``attention_maps`` and per image with regions i
 
 - features: ``all`` (the union of every region of the image) and each feature present;
 - targets: the regions carried through the image's stored ``InputTransform`` (``inputs`` table) onto each
-  map's grid (``geometry.feature_targets``; Grad-CAM stages on their own grids);
+  map's grid (``geometry.feature_targets_grids``: Grad-CAM stages on their own grids, each image's regions
+  measured and rastered once for all of them);
 - rows: one per map x feature (``map_kind`` = ``map``; ``head`` NULL = the fused map) with the metrics of
   ``metrics.alignment_metrics``, plus per (layer, feature) one row for each baseline (``uniform``,
   ``centre_gaussian``) on that layer's grid. A feature whose regions all lie outside the view gets its rows
