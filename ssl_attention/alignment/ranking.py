@@ -433,10 +433,12 @@ def _medians(groups: np.ndarray, values: np.ndarray, counts: np.ndarray) -> np.n
 
 
 def _bootstrap(rows: _Rows, groups: int, chunk_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B, M, G) Poisson-weighted sums and weight totals of a slice, over its images in chunks."""
+    """(B, M * G) Poisson-weighted sums and weight totals of a slice (column m * G + g: metric m, group g),
+    over its images in chunks: two matrix products a chunk (OpenBLAS stalls on many small ones on a busy
+    machine), one when every metric is present on the same rows."""
     metrics = len(METRIC_COLUMNS)
-    sums = np.zeros((metrics, BOOTSTRAP_RESAMPLES, groups))
-    totals = np.zeros((metrics, BOOTSTRAP_RESAMPLES, groups))
+    sums = np.zeros((BOOTSTRAP_RESAMPLES, metrics * groups))
+    totals = np.zeros((BOOTSTRAP_RESAMPLES, metrics * groups))
     order = np.lexsort((rows.groups, rows.images))
     images, member = rows.images[order], rows.groups[order]
     new_image = np.r_[True, images[1:] != images[:-1]]
@@ -452,13 +454,12 @@ def _bootstrap(rows: _Rows, groups: int, chunk_bytes: int) -> tuple[np.ndarray, 
         dense = np.full((last - first, metrics, groups), np.nan)
         dense[local, :, member[span]] = rows.values[order[span]]
         weights = _weights_of_keys(images[image_starts[first:last]])  # (B, images)
-        previous, product = None, None
-        for m in range(metrics):
-            present = np.isfinite(dense[:, m, :])
-            sums[m] += weights @ np.where(present, dense[:, m, :], 0.0)
-            if previous is None or not np.array_equal(present, previous):  # totals shared by equal masks
-                previous, product = present, weights @ present.astype(np.float64)
-            totals[m] += product
+        present = np.isfinite(dense)
+        sums += weights @ np.where(present, dense, 0.0).reshape(last - first, -1)
+        if (present == present[:, :1, :]).all():  # the same rows for every metric: one (B, G) product
+            totals += np.tile(weights @ present[:, 0, :].astype(np.float64), metrics)
+        else:
+            totals += weights @ present.reshape(last - first, -1).astype(np.float64)
     return sums, totals
 
 
@@ -471,9 +472,10 @@ def _slice_stats(rows: _Rows, groups: int, chunk_bytes: int) -> _Stats:
         finite = np.isfinite(column)
         members, scores = rows.groups[finite], column[finite]
         counts = np.bincount(members, minlength=groups)
+        block = slice(m * groups, (m + 1) * groups)
         with np.errstate(invalid="ignore", divide="ignore"):
             stats.mean[:, m] = np.bincount(members, weights=scores, minlength=groups) / counts
-            resampled = sums[m] / totals[m]  # (B, G); NaN where a resample's weights are all 0
+            resampled = sums[:, block] / totals[:, block]  # (B, G); NaN where a resample's weights are all 0
         stats.n[:, m] = counts
         stats.median[:, m] = _medians(members, scores, counts)
         stats.low[:, m], stats.high[:, m] = nan_percentiles(resampled, (tail, 100 - tail))
@@ -498,7 +500,7 @@ def _stats(source: AlignmentSource, budget: int, spill_dir: Path | None) -> tupl
         finally:
             router.close()
         for s, (start, stop) in enumerate(slices):
-            part = _slice_stats(router.load(s), stop - start, budget // 32)
+            part = _slice_stats(router.load(s), stop - start, budget // 8)
             for name in ("n", "mean", "median", "low", "high"):
                 getattr(stats, name)[start:stop] = getattr(part, name)
     return keys, stats
