@@ -23,26 +23,28 @@ demo: install
 	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/ssl-attention run --images data/samples --models all \
 		--weights random --warehouse $(WAREHOUSE) --annotations data/samples/annotations.json
 	@echo
-	@echo "Dagster UI:  DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dagster dev -w workspace.yaml   (http://127.0.0.1:3000)"
+	@echo "Dagster UI:  DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dg dev   (http://127.0.0.1:3000; make ui)"
 	@echo "Dashboard:   $(BIN)/ssl-attention serve --warehouse $(WAREHOUSE)                       (http://127.0.0.1:5006/app)"
 	@echo "SQL:         $(BIN)/ssl-attention sql --warehouse $(WAREHOUSE) \"SELECT * FROM models\""
 	@echo "Head ranking: $(BIN)/ssl-attention sql --warehouse $(WAREHOUSE) \"SELECT model, method, layer, entry, mean, rank FROM head_ranking WHERE metric = 'iou_50' AND feature = 'all' ORDER BY model, method, layer, rank\""
-	@echo "SQL prompt:  duckdb -readonly $(WAREHOUSE)/attention.duckdb   (DuckDB's client: make shell installs it)"
+	@echo "SQL prompt:  duckdb -readonly -cmd \"SET file_search_path = '$(WAREHOUSE)'\" $(WAREHOUSE)/attention.duckdb   (DuckDB's client: make shell installs it)"
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 test: lint
+	$(BIN)/dg check defs
 	$(BIN)/dagster definitions validate -w workspace.yaml
 	$(BIN)/pytest
 
+# `dg dev` loads the dg project of pyproject.toml ([tool.dg]); `dagster dev -w workspace.yaml` still works too
 ui: install
-	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dagster dev -w workspace.yaml
+	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dg dev
 
 dashboard: install
 	$(BIN)/ssl-attention serve --warehouse $(WAREHOUSE)
 
 shell: install
 	$(BIN)/python -m pip install --quiet -e '.[shell]'
-	@echo "then: $(BIN)/duckdb -readonly $(WAREHOUSE)/attention.duckdb"
+	@echo "then: $(BIN)/duckdb -readonly -cmd \"SET file_search_path = '$(WAREHOUSE)'\" $(WAREHOUSE)/attention.duckdb"

@@ -6,8 +6,10 @@ synthetic COCO annotations (seeded: 1-4 boxes per image from 4 categories, some 
 ``write_annotations``; then for each image count a fresh process scores the first N annotated images of every
 model with ``write_alignment`` (Parquet reads, geometry, metrics, baselines, atomic writes; the head ranking
 timed apart) and reports maps/s and the growth of its peak memory (VmHWM) over the process after imports and
-the annotations: after the scoring, and after the rankings. The scoring's must stay flat as the count grows
-(the partitions are streamed 32 images at a time); the ranking holds each partition's per-image scores.
+the annotations, at the scoring's peak; then the rankings run in a fresh process of their own (over the
+same files) and report their peak over that process's size after imports and one row group read. Both
+must stay flat as the count grows (the partitions are streamed 32 images at a time; the ranking streams its
+alignment rows, bootstrap and medians within ``ranking.MEMORY_BUDGET_BYTES``).
 
     python bench/alignment_throughput.py [--warehouse DIR] [--counts 100,300,1000] [--models all]
     python bench/alignment_throughput.py --core [--maps 50000] [--repeats 3] [--grids 14 16]
@@ -102,11 +104,10 @@ def _status_kib(field: str) -> int:
 
 
 def child(source: Path, count: int, models: list[str]) -> None:
-    """Copy of the maps (hard links) + annotations of the first ``count`` images; score and rank, timed."""
+    """Copy of the maps (hard links) + annotations of the first ``count`` images; score, timed; then the
+    rankings in a fresh process of their own (``rank_child``), so each phase's peak is its own."""
     from ssl_attention.alignment.compute import write_alignment
-    from ssl_attention.alignment.ranking import write_head_ranking
     from ssl_attention.alignment.store import write_annotations
-    from ssl_attention.warehouse.paths import partition_dir, partition_file
 
     with tempfile.TemporaryDirectory(prefix="ssl_attention_align_") as workdir:
         warehouse = Path(workdir) / "wh"
@@ -116,27 +117,41 @@ def child(source: Path, count: int, models: list[str]) -> None:
         write_annotations(warehouse, labels)
         baseline = _status_kib("VmRSS")
         result = {"count": count, "baseline_kib": baseline, "models": {}}
-        scoring = ranking = 0.0
+        scoring = 0.0
         maps = 0
-        reports = {}
-        for model in models:  # scoring first, then the rankings: each phase's peak on its own
-            reports[model] = report = write_alignment(warehouse, model, rank=False)
+        for model in models:
+            report = write_alignment(warehouse, model, rank=False)
             scoring += report.seconds
             maps += report.maps_scored
-        scoring_peak = _status_kib("VmHWM")
-        for model, report in reports.items():
-            start = time.perf_counter()
-            for method in report.methods:
-                target = partition_dir(warehouse, "head_ranking", model=model, method=method)
-                write_head_ranking(
-                    partition_file(warehouse, "alignment", model=model, method=method, shard="0"), target
-                )
-            ranked = time.perf_counter() - start
-            result["models"][model] = {"maps": report.maps_scored, "seconds": report.seconds, "rank_s": ranked}
-            ranking += ranked
-        result.update(maps=maps, scoring_s=scoring, ranking_s=ranking, scoring_peak_kib=scoring_peak,
-                      peak_kib=_status_kib("VmHWM"))  # fmt: skip
+            result["models"][model] = {"maps": report.maps_scored, "seconds": report.seconds}
+        result.update(maps=maps, scoring_s=scoring, scoring_peak_kib=_status_kib("VmHWM"))
+        command = [sys.executable, __file__, "--rank-child", str(warehouse), "--models", ",".join(models)]
+        ranked = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        for model, seconds in ranked["models"].items():
+            result["models"][model]["rank_s"] = seconds
+        result.update(ranking_s=ranked["seconds"], ranking_growth_kib=ranked["peak_kib"] - ranked["baseline_kib"])
         print(json.dumps(result))
+
+
+def rank_child(warehouse: Path, models: list[str]) -> None:
+    """``write_rankings`` of every model of ``models``: seconds, and the peak (VmHWM) over
+    the resident size after the imports and one row group read (the Parquet reader's own buffers and pools)."""
+    import pyarrow.parquet as pq
+
+    from ssl_attention.alignment.compute import write_rankings
+    from ssl_attention.warehouse.paths import iter_partitions
+
+    for part in iter_partitions(warehouse, "alignment", model=models[0]):
+        pq.ParquetFile(part.path).read_row_group(0)  # warm the reader: its buffers are not the ranking's
+        break
+    baseline = _status_kib("VmRSS")
+    times = {}
+    for model in models:
+        start = time.perf_counter()
+        write_rankings(warehouse, model)  # each method's ranking from the alignment files of all its shards
+        times[model] = time.perf_counter() - start
+    print(json.dumps({"models": times, "seconds": sum(times.values()), "baseline_kib": baseline,
+                      "peak_kib": _status_kib("VmHWM")}))  # fmt: skip
 
 
 def _link(src: str, dst: str) -> None:
@@ -163,8 +178,8 @@ def end_to_end(args: argparse.Namespace) -> None:
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         r = json.loads(done.stdout.strip().splitlines()[-1])
         rate = r["maps"] / r["scoring_s"]
-        base = r["baseline_kib"] / 1024
-        scored, peak = r["scoring_peak_kib"] / 1024 - base, r["peak_kib"] / 1024 - base
+        scored = (r["scoring_peak_kib"] - r["baseline_kib"]) / 1024
+        peak = r["ranking_growth_kib"] / 1024
         print(f"{count:6d} {r['maps']:9,d} {r['scoring_s']:8.1f} {rate:8,.0f} {r['ranking_s']:7.1f} {scored:14.0f} "
               f"{peak:14.0f}", flush=True)  # fmt: skip
         for model, m in r["models"].items():
@@ -184,8 +199,11 @@ def main() -> None:
     parser.add_argument("--counts", type=lambda text: [int(c) for c in text.split(",")], default=[100, 300, 1000])
     parser.add_argument("--models", default="all")
     parser.add_argument("--child", nargs=2, metavar=("WAREHOUSE", "COUNT"), help=argparse.SUPPRESS)
+    parser.add_argument("--rank-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
+    if args.rank_child:
+        rank_child(args.rank_child, args.models.split(","))
+    elif args.child:
         child(Path(args.child[0]), int(args.child[1]), args.models.split(","))
     elif args.core:
         core(args)

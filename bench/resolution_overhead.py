@@ -11,8 +11,13 @@ sizes), a fresh process loads the model at ``resolution = sqrt(P) * patch`` and 
                process's peak resident memory (VmHWM) over the loaded model.
 Batches are planned by the token budget (``--token-budget``), as the extraction plans them. Goal: ratio <= 1.15.
 
+Bare and extraction alternate, ``--repeats`` times each; the fastest of each is kept (other load on the machine
+only ever adds time, so the minimum is the least disturbed measurement). ``--wait-load X`` waits before each
+model and size until the 1-minute load average is below X (up to 30 minutes), and every row records the load
+average at its end (the bench itself adds about 2 on the CPU).
+
     python bench/resolution_overhead.py [--tokens 196,576,1369] [--images 8] [--models all] [--device auto]
-        [--markdown]
+        [--wait-load 0.5] [--markdown]
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
+import os
 import subprocess
 import sys
 import tempfile
@@ -114,14 +119,22 @@ def child(slug: str, tokens: int, count: int, repeats: int, device: str, token_b
         if not cuda:
             peak = (_status_kib("VmHWM") - loaded) * 1024
         result = {
-            "bare_ms": statistics.median(bare_runs) * 1e3,
-            "extract_ms": statistics.median(extract_runs) * 1e3,
+            "bare_ms": min(bare_runs) * 1e3,
+            "extract_ms": min(extract_runs) * 1e3,
             "peak_mib": peak / 2**20,
             "batch": max(len(b) for b in batches),
             "device": adapter.device.type,
             "tokens": adapter.sequence_length(side * patch, side * patch),
+            "load": os.getloadavg()[0],
         }
         print(json.dumps(result))
+
+
+def wait_for_quiet(threshold: float, limit_s: float = 1800.0) -> None:
+    """Sleep until the 1-minute load average is below ``threshold`` (or ``limit_s`` passed)."""
+    deadline = time.monotonic() + limit_s
+    while os.getloadavg()[0] >= threshold and time.monotonic() < deadline:
+        time.sleep(5)
 
 
 def main() -> None:
@@ -135,6 +148,7 @@ def main() -> None:
     parser.add_argument("--models", default="all")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET)
+    parser.add_argument("--wait-load", type=float, default=None, help="wait for a 1-minute load below this")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,13 +162,15 @@ def main() -> None:
     rows = []
     print(
         f"{'model':14s} {'patches':>7s} {'T':>5s} {'batch':>5s} {'bare ms/img':>11s} {'extract ms/img':>14s} "
-        f"{'ratio':>6s} {'peak MiB':>9s}"
+        f"{'ratio':>6s} {'peak MiB':>9s} {'load':>5s}"
     )
     for slug in parse_model_list(args.models):
         for tokens in counts:
             command = [sys.executable, __file__, "--child", slug, str(tokens), "--images", str(args.images)]
             command += ["--repeats", str(args.repeats), "--device", args.device]
             command += ["--token-budget", str(args.token_budget)]
+            if args.wait_load is not None:
+                wait_for_quiet(args.wait_load)
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 print(f"{slug:14s} {tokens:7d} FAILED: {done.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -164,16 +180,17 @@ def main() -> None:
             rows.append((slug, tokens, result, ratio))
             print(
                 f"{slug:14s} {tokens:7d} {result['tokens']:5d} {result['batch']:5d} {result['bare_ms']:11.1f} "
-                f"{result['extract_ms']:14.1f} {ratio:6.2f} {result['peak_mib']:9.0f}  [{result['device']}]",
+                f"{result['extract_ms']:14.1f} {ratio:6.2f} {result['peak_mib']:9.0f} {result['load']:5.1f}"
+                f"  [{result['device']}]",
                 flush=True,
             )
     if args.markdown:
-        print("\n| model | patches | batch | bare ms/img | extraction ms/img | ratio | peak MiB |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("\n| model | patches | tokens T | batch | bare ms/img | extract ms/img | ratio | peak MiB | load |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for slug, tokens, result, ratio in rows:
             print(
-                f"| {slug} | {tokens} | {result['batch']} | {result['bare_ms']:.1f} | {result['extract_ms']:.1f} "
-                f"| {ratio:.2f} | {result['peak_mib']:.0f} |"
+                f"| {slug} | {tokens} | {result['tokens']} | {result['batch']} | {result['bare_ms']:.1f} "
+                f"| {result['extract_ms']:.1f} | {ratio:.2f} | {result['peak_mib']:.0f} | {result['load']:.1f} |"
             )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import panel as pn
+import pyarrow as pa
 from PIL import Image
 
 from dashboards.state import ModelInfo, WarehouseIndex
@@ -26,6 +27,7 @@ from ssl_attention.query import (
     Warehouse,
     open_warehouse,
 )
+from ssl_attention.query.alignment import RegionsInView
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,41 @@ def compare_models(root: str, image: str, depth: float, methods: dict[str, str])
     return warehouse(root).compare_models(image, depth, methods=methods)
 
 
+# --- annotations and alignment (the regions on the maps, and their scores) ---------------------------------
+
+
+@pn.cache(max_items=4, policy="LRU")
+def _annotated_images(root: str, version: str) -> dict[str, tuple[str, ...]]:
+    return warehouse(root).annotated_images()
+
+
+def annotated_images(root: str) -> dict[str, tuple[str, ...]]:
+    """image id -> the features of its regions; {} when the warehouse holds no annotations."""
+    return _annotated_images(root, _version(root, "annotations"))
+
+
+@pn.cache(max_items=CACHE_ITEMS, policy="LRU")
+def _regions_in_view(root: str, version: str, image: str, model: str) -> RegionsInView:
+    return warehouse(root).regions_in_view(image, model)
+
+
+def regions_in_view(root: str, image: str, model: str) -> RegionsInView:
+    """The image's regions in the model's input frame (``Warehouse.regions_in_view``)."""
+    version = _version(root, "annotations") + _version(root, "inputs", model=model)
+    return _regions_in_view(root, version, image, model)
+
+
+@pn.cache(max_items=CACHE_ITEMS, policy="LRU")
+def _image_scores(root: str, version: str, image: str, model: str, method: str, layer: int, feature: str) -> pa.Table:
+    return warehouse(root).image_scores(image, model, method, layer, feature)
+
+
+def image_scores(root: str, image: str, model: str, method: str, layer: int, feature: str) -> pa.Table:
+    """One image's scores at a layer for ``feature``: fused, heads, baselines (``Warehouse.image_scores``)."""
+    version = _version(root, "alignment", model=model, method=method)
+    return _image_scores(root, version, image, model, method, int(layer), feature)
+
+
 @pn.cache(max_items=4096, policy="LRU")
 def _thumbnail(root: str, version: str, image: str) -> np.ndarray:
     """A (THUMB_SIZE, THUMB_SIZE, 3) tile: the catalog thumbnail letterboxed on white."""
@@ -192,13 +229,16 @@ def thumbnail(root: str, image: str) -> np.ndarray:
 __all__ = [
     "Loaded",
     "QueryError",
+    "annotated_images",
     "compare_models",
     "head_grid",
     "head_statistics",
+    "image_scores",
     "input_rgb",
     "layer_head_maps",
     "load_index",
     "one_line",
+    "regions_in_view",
     "stat_grid",
     "thumbnail",
 ]

@@ -13,7 +13,7 @@ row 0 at the top; Bokeh's images grow upwards, so rows are flipped on the way in
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from bokeh.models import (
     Range1d,
     ResetTool,
     SaveTool,
+    Segment,
     Title,
     WheelZoomTool,
 )
@@ -43,8 +44,14 @@ from ssl_attention.render import palette  # the 256 colours the PNG export bins 
 MARK_COLOR = "#ff3860"  # outline of the selected tile
 OVERLAY_FRAME = 264  # px, longer side of each overlay's data area beside another: two fit from 1024 px up
 SOLO_FRAME = 440  # px, longer side of the fused overlay when it is the only map shown
-TITLE_FONT = "13px"  # set, not inherited: a figure first drawn in a hidden tab otherwise picks another size later
+# The overlays' title style, set explicitly and different from Bokeh's defaults (13px, #444444): Bokeh keeps no
+# value equal to the default, and the document's theme (HoloViews': 12pt, black) then restyles the title when the
+# figure joins the page after another tab was opened first.
+TITLE_FONT = "10pt"  # 13.3 px
+TITLE_COLOR = "#333333"
 TRANSPARENT = (0, 0, 0, 0)
+NO_SEGMENTS = np.zeros((0, 4))
+REGION_COLUMNS = ("left", "right", "bottom", "top", "colour", "label_x", "label_y", "text", "align")
 
 
 def frame_size(aspect: float, longer: int) -> tuple[int, int]:
@@ -81,12 +88,42 @@ class MapLayer:
     vmax: float
     title: str
     vmin: float = 0.0
+    outline: np.ndarray = field(default_factory=lambda: NO_SEGMENTS)  # (S, 4) cell units (views.mask_outline)
+
+
+def empty_regions() -> dict[str, list[Any]]:
+    return {column: [] for column in REGION_COLUMNS}
+
+
+def _add_halo_quads(figure: Plot, source: ColumnDataSource) -> None:
+    """Outlines of the rows of ``source`` (left, right, bottom, top, colour): a white halo under the colour, so a
+    region stays visible on bright and dark maps alike; the feature's name at its top-left corner."""
+    for color, width in (("white", 4.0), ("colour", 2.0)):
+        quad = Quad(left="left", right="right", bottom="bottom", top="top", fill_alpha=0, line_width=width)
+        quad.line_color = color
+        figure.add_glyph(source, quad)
+    labels = LabelSet(
+        x="label_x",
+        y="label_y",
+        text="text",
+        text_align="align",  # right-aligned at the right edge of a box near the frame's right side
+        source=source,
+        text_color="black",
+        text_font_size="11px",
+        background_fill_color="white",
+        background_fill_alpha=0.75,
+        text_baseline="top",
+        y_offset=-3,
+    )
+    figure.add_layout(labels)
 
 
 class OverlayFigure:
     """A map (image glyph, colour bar, hover value) over the model's input image."""
 
-    def __init__(self, x_range: Range1d, y_range: Range1d, base: ColumnDataSource, name: str) -> None:
+    def __init__(
+        self, x_range: Range1d, y_range: Range1d, base: ColumnDataSource, name: str, regions: ColumnDataSource
+    ) -> None:
         self.figure = _plot(
             x_range,
             y_range,
@@ -94,7 +131,7 @@ class OverlayFigure:
             frame_width=OVERLAY_FRAME,
             frame_height=OVERLAY_FRAME,
             toolbar_location="above",  # not beside the colour bar, whose labels change width on a switch
-            title=Title(text="", text_font_size=TITLE_FONT),
+            title=Title(text="", text_font_size=TITLE_FONT, text_color=TITLE_COLOR),
             min_border_right=10,
         )
         self.figure.add_glyph(base, ImageRGBA(image="image", x=0, y=0, dw="dw", dh="dh"))
@@ -105,6 +142,13 @@ class OverlayFigure:
         plain_numbers = BasicTickFormatter(use_scientific=False, precision="auto")  # 0.0015, not 1.500e-3
         self.colorbar = ColorBar(color_mapper=self.mapper, width=12, title="attention", formatter=plain_numbers)
         self.figure.add_layout(self.colorbar, "right")
+        # the outline of the top-60% mass cells (``contour`` mode): white over black, readable on any colour
+        self.outline = ColumnDataSource({"x0": [], "y0": [], "x1": [], "y1": []})
+        for color, width in (("black", 3.0), ("white", 1.5)):
+            self.figure.add_glyph(
+                self.outline, Segment(x0="x0", y0="y0", x1="x1", y1="y1", line_color=color, line_width=width)
+            )
+        _add_halo_quads(self.figure, regions)  # the annotated regions, shared by both overlays
         wheel = WheelZoomTool()
         self.hover = HoverTool(renderers=[self.heat_renderer], tooltips=_tooltips("attention"))
         self.figure.add_tools(PanTool(), wheel, BoxZoomTool(), ResetTool(), SaveTool(), self.hover)
@@ -135,7 +179,23 @@ class OverlayFigure:
             self.heat_renderer.glyph.global_alpha = alpha
         if self._changed("title", layer.title):
             self.figure.title.text = layer.title
+        self._draw_outline(aspect, layer)
         self.label(value_label)
+
+    def _draw_outline(self, aspect: float, layer: MapLayer) -> None:
+        """``layer.outline`` (cell units, row 0 at the top) in plot units: x over [0, 1], y up over [0, aspect]."""
+        grid_h, grid_w = np.shape(layer.values)
+        cells = np.asarray(layer.outline, dtype=np.float64).reshape(-1, 4)
+        plot = np.column_stack(
+            [
+                cells[:, 0] / grid_w,
+                aspect * (1 - cells[:, 1] / grid_h),
+                cells[:, 2] / grid_w,
+                aspect * (1 - cells[:, 3] / grid_h),
+            ]
+        )
+        if self._changed("outline", plot):
+            self.outline.data = {key: plot[:, k].tolist() for k, key in enumerate(("x0", "y0", "x1", "y1"))}
 
     def label(self, value_label: str) -> None:
         if self._changed("value_label", value_label):
@@ -154,8 +214,10 @@ class LinkedOverlays:
         self.x_range = Range1d(0.0, 1.0, bounds=(0.0, 1.0))
         self.y_range = Range1d(0.0, 1.0, bounds=(0.0, 1.0))
         self.base = _image_source(np.zeros((1, 1), np.uint32))  # the input image, sent once for both
-        self.fused = OverlayFigure(self.x_range, self.y_range, self.base, "fused-plot")
-        self.head = OverlayFigure(self.x_range, self.y_range, self.base, "head-plot")
+        self.regions = ColumnDataSource(empty_regions())  # the annotated regions, sent once for both
+        self.fused = OverlayFigure(self.x_range, self.y_range, self.base, "fused-plot", self.regions)
+        self.head = OverlayFigure(self.x_range, self.y_range, self.base, "head-plot", self.regions)
+        self._regions: dict[str, list[Any]] = empty_regions()
         self._aspect = 1.0
         self._frames: tuple[float, bool] = (0.0, False)  # (aspect, solo) the frames were sized for
         self.resized = False  # set when the frames change size (the page must lay them out again)
@@ -188,6 +250,12 @@ class LinkedOverlays:
             self.head.render(aspect, head, cmap, alpha, value_label)
         else:
             self.head.label(value_label)
+
+    def show_regions(self, data: dict[str, list[Any]]) -> None:
+        """Outline the regions of ``data`` (``REGION_COLUMNS``, plot units) on both maps; empty lists: none."""
+        if data != self._regions:  # Bokeh re-sends a source's data on every assignment, equal or not
+            self._regions = data
+            self.regions.data = {key: list(values) for key, values in data.items()}
 
 
 class TileStrip:

@@ -28,6 +28,7 @@ CONTRAST_MODES = {  # label -> value (dashboards.views.display_range)
     "min → max": "min",
     "Clip to 2nd–98th percentile": "clip",
     "Top 60% of the mass (mask)": "mass",
+    "Top 60% of the mass (contour)": "contour",
 }
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,10 @@ class Session(param.Parameterized):
         for entry in self._all_url_keys():
             for key, name in entry.keys.items():
                 value = getattr(entry.owner, name)
-                values[key] = f"{value:g}" if isinstance(value, float) else str(value)
+                if isinstance(value, bool):  # a switch: annotations=1
+                    values[key] = str(int(value))
+                else:
+                    values[key] = f"{value:g}" if isinstance(value, float) else str(value)
         return values
 
     def apply_query(self, query: Mapping[str, Any]) -> None:

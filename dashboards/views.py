@@ -31,7 +31,7 @@ def display_max(layer_maps: np.ndarray, values: np.ndarray, shared: bool) -> flo
 
 CLIP_PERCENTILES = (2.0, 98.0)  # the percentile clip's range
 MASS_FRACTION = 0.6  # DINO's threshold: the smallest set of patches holding 60% of the map's mass
-CONTRAST = ("zero", "min", "clip", "mass")  # the colour scale modes (dashboards.session.CONTRAST_MODES)
+CONTRAST = ("zero", "min", "clip", "mass", "contour")  # the colour scale modes (dashboards.session.CONTRAST_MODES)
 
 
 def display_range(layer_maps: np.ndarray, values: np.ndarray, shared: bool, mode: str) -> tuple[float, float]:
@@ -40,7 +40,8 @@ def display_range(layer_maps: np.ndarray, values: np.ndarray, shared: bool, mode
     - ``zero``: 0 → max (magnitudes comparable; near-uniform maps are one flat colour);
     - ``min``: min → max (the map's whole contrast);
     - ``clip``: the 2nd → 98th percentile (a few hot cells no longer flatten the rest);
-    - ``mass``: 0 → max, drawn only where ``mass_mask`` holds (the top 60% of the mass).
+    - ``mass``: 0 → max, drawn only where ``mass_mask`` holds (the top 60% of the mass);
+    - ``contour``: 0 → max, the whole map, with the outline of ``mass_mask`` drawn over it (``mask_outline``).
     A degenerate range (constant map) widens to (low, low + 1) or (0, 1)."""
     if mode not in CONTRAST:
         raise ValueError(f"unknown colour scale mode {mode!r}; valid: {', '.join(CONTRAST)}")
@@ -73,6 +74,22 @@ def mass_mask(values: np.ndarray, fraction: float = MASS_FRACTION) -> np.ndarray
     count = int(np.searchsorted(running, fraction * total - 1e-12 * total)) + 1  # first prefix reaching it
     mask[order[: min(count, flat.size)]] = True
     return mask.reshape(np.shape(values))
+
+
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """(S, 4) segments (x0, y0, x1, y1) in cell units (x: column edges, y: row edges, row 0 at the top) of the
+    boundary of the cells in ``mask``: every cell edge between a cell of the mask and a cell outside it or the
+    grid's border. Drawn, they enclose exactly the mask's cells (``contour`` mode draws ``mass_mask``'s)."""
+    padded = np.pad(np.asarray(mask, dtype=bool), 1)
+    inside = padded[1:-1, 1:-1]
+    sides = (  # (neighbour outside, segment of the edge from the cell's row r and column c)
+        (padded[:-2, 1:-1], lambda r, c: (c, r, c + 1, r)),  # top
+        (padded[2:, 1:-1], lambda r, c: (c, r + 1, c + 1, r + 1)),  # bottom
+        (padded[1:-1, :-2], lambda r, c: (c, r, c, r + 1)),  # left
+        (padded[1:-1, 2:], lambda r, c: (c + 1, r, c + 1, r + 1)),  # right
+    )
+    segments = [np.stack(edge(*np.nonzero(inside & ~neighbour)), axis=1) for neighbour, edge in sides]
+    return np.concatenate(segments).astype(np.float64).reshape(-1, 4)
 
 
 def shown_values(values: np.ndarray, mode: str) -> np.ndarray:

@@ -229,11 +229,19 @@ attention_maps, attention_maps_checks, head_stats = build_shard_assets(SHARDS)
     kinds={"duckdb"},
     group_name="analysis",
     automation_condition=CATALOG_AUTOMATION,
-    description="attention.duckdb in the warehouse: DuckDB views over every Parquet table, for any client.",
+    description="attention.duckdb in the warehouse: DuckDB views over every Parquet table, for any client. Its"
+    " paths are relative to the warehouse (it travels with it): open it with DuckDB's file_search_path set to"
+    " the warehouse folder, as the materialization's open_with command does (docs/sql.md).",
 )
 def warehouse_catalog(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
-    from ssl_attention.query.catalog import write_catalog
+    from ssl_attention.query.catalog import client_command, write_catalog
 
-    path = write_catalog(_locations(extraction)[1])
-    context.log.info(f"catalog written to {path}")
-    return dg.MaterializeResult(metadata={"catalog": dg.MetadataValue.path(str(path))})
+    warehouse = _locations(extraction)[1]
+    path = write_catalog(warehouse)
+    context.log.info(f"catalog written to {path}; open it with: {client_command(warehouse)}")
+    return dg.MaterializeResult(
+        metadata={
+            "catalog": dg.MetadataValue.path(str(path)),
+            "open_with": dg.MetadataValue.text(client_command(warehouse)),
+        }
+    )

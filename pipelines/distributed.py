@@ -2,9 +2,12 @@
 
 Import this module only where `dagster-celery` is installed (the `distributed` extra). A run of
 `extract_model_celery` submits each step (maps, checks, statistics, catalog) to the broker; any worker that
-can import this project and reach the instance's Postgres and the warehouse executes it. A failed step is
-retried (`RETRY_POLICY`); its partition file is replaced atomically, so a killed attempt leaves the previous
-file whole. docs/scaling.md shows the deployment.
+can import this project and reach the instance's Postgres and the warehouse executes it. A step that raises is
+retried (`RETRY_POLICY`). A worker process killed mid-step raises nothing in the step: Celery gives the step
+back to the broker, and it runs again in the same run, only where the workers have
+dagster_home/celery/dagster_celery_config.py on their PYTHONPATH (`task_acks_late`,
+`task_reject_on_worker_lost`; without it the run fails with Celery's WorkerLostError). Each partition file is
+replaced atomically, so a killed attempt leaves the previous file whole. docs/scaling.md shows the deployment.
 """
 
 import dagster as dg
@@ -13,7 +16,8 @@ from dagster_celery import celery_executor
 from pipelines.definitions import defs as local_defs
 from pipelines.jobs import EXTRACTION_ASSETS
 
-# a step that died (a worker killed, a node lost) runs again, after a pause, at most twice
+# a step that raised (a transient error, a child process of the step that died) runs again, after a pause, at
+# most twice; a killed worker process is Celery's redelivery instead (module docstring)
 RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=1)
 
 celery_extraction_job = dg.define_asset_job(

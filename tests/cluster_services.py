@@ -100,9 +100,11 @@ def redis() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def celery_workers(broker: str, backend: str, count: int, env: dict[str, str]) -> Iterator[list[subprocess.Popen]]:
-    """`count` Celery workers of dagster-celery's app, one task at a time each; yields their processes once all
-    answer a ping."""
+def celery_workers(
+    broker: str, backend: str, count: int, env: dict[str, str], extra_args: tuple[str, ...] = ()
+) -> Iterator[list[subprocess.Popen]]:
+    """`count` Celery workers of dagster-celery's app, one task at a time each (plus ``extra_args`` for
+    `celery worker`); yields their processes once all answer a ping."""
     from celery import Celery
 
     workers = [
@@ -111,6 +113,7 @@ def celery_workers(broker: str, backend: str, count: int, env: dict[str, str]) -
                 *(sys.executable, "-m", "celery", "-A", "dagster_celery.app", "-b", broker),
                 *("--result-backend", backend, "worker", "-Q", "dagster", "-c", "1", "-n", f"worker{i}@%h"),
                 *("--prefetch-multiplier=1", "-l", "WARNING", "--without-gossip", "--without-mingle"),
+                *extra_args,
             ],
             cwd=REPO,
             env=env,

@@ -200,9 +200,9 @@ def test_run_with_annotations_computes_alignment(tmp_path, tiny_checkpoints, ima
     for method in ("cls", "mean", "rollout"):
         assert partition_file(warehouse, "alignment", model="clip", method=method, shard="0").is_file()
     assert partition_file(warehouse, "head_ranking", model="resnet50", method="gradcam").is_file()
-    import duckdb
+    from ssl_attention.query.catalog import open_catalog
 
-    con = duckdb.connect(str(warehouse / "attention.duckdb"), read_only=True)
+    con = open_catalog(warehouse)
     assert con.execute("SELECT count(*) FROM head_ranking").fetchone()[0] > 0  # the catalog saw alignment
     con.close()
     assert main(argv) == 0

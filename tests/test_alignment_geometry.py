@@ -17,6 +17,7 @@ from ssl_attention.alignment.geometry import (
     centre_gaussian_baseline,
     coverage_grid,
     feature_targets,
+    feature_targets_grids,
     input_transform,
     map_boxes,
     pool_to_grid,
@@ -25,6 +26,7 @@ from ssl_attention.alignment.geometry import (
     transform_from_processor,
     transform_from_timm,
     uniform_baseline,
+    union_area,
 )
 from ssl_attention.images import load_image, scan_images
 from ssl_attention.models.weights import CONFIG_DIR
@@ -327,3 +329,57 @@ def test_baselines():
     assert centre.sum() == pytest.approx(1.0)
     assert centre == pytest.approx(centre[::-1, ::-1])  # symmetric about the centre
     assert np.unravel_index(centre.argmax(), centre.shape) == (1, 2)
+
+
+@pytest.mark.parametrize("grid", [(56, 56), (28, 28), (14, 14), (7, 7), (16, 16), (4, 8)])
+def test_block_pooling_equals_each_cells_mean(grid):
+    raster = np.random.default_rng(4).random((224, 224))
+    grid_h, grid_w = grid
+    bh, bw = 224 // grid_h, 224 // grid_w
+    expected = np.array(
+        [[raster[r * bh : (r + 1) * bh, c * bw : (c + 1) * bw].mean() for c in range(grid_w)] for r in range(grid_h)]
+    )
+    np.testing.assert_allclose(pool_to_grid(raster, grid_h, grid_w), expected, rtol=1e-13)
+
+
+def test_targets_on_several_grids_equal_each_grid_by_the_raster_route():
+    """Grad-CAM's four stages at once (one union, one soft-target raster) against ``coverage_grid``,
+    ``soft_target_grid`` and ``union_area`` per grid; a cut region and a region outside the view included."""
+    t = InputTransform(0.35, 0.35, 0, 0, 224, 224)
+    regions = np.array([[30.0, 40.0, 300.0, 250.0], [200.0, 100.0, 700.0, 500.0], [900.0, 900.0, 950.0, 950.0]])
+    grids = [(56, 56), (28, 28), (14, 14), (7, 7)]
+    got = feature_targets_grids(regions, t, grids)
+    mapped = map_boxes(regions, t)
+    for grid in grids:
+        g = got[grid]
+        np.testing.assert_allclose(g.coverage, coverage_grid(regions, t, *grid), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(g.soft_target, soft_target_grid(regions, t, *grid), rtol=1e-12, atol=1e-18)
+        assert g.area_fraction == pytest.approx(union_area(mapped.clipped) / 224**2, rel=1e-12)
+        assert g.visible_fraction == pytest.approx(union_area(mapped.clipped) / union_area(mapped.boxes), rel=1e-12)
+        assert g.scored
+        single = feature_targets(regions, t, *grid)
+        assert np.array_equal(single.coverage, g.coverage) and np.array_equal(single.soft_target, g.soft_target)
+
+
+@pytest.mark.parametrize("grid", [(56, 56), (28, 28), (14, 14), (7, 7), (16, 16), (8, 4), (9, 9)])
+def test_one_regions_soft_target_equals_pooling_its_raster(grid):
+    """One region takes the separable route (products of 1-D block means); it must equal the raster of the
+    Gaussian at every pixel centre, block-averaged cell by cell (9 x 9 does not divide: the weighted pooling)."""
+    t = InputTransform(0.35, 0.35, 0, 0, 224, 224)
+    box = np.array([[100.0, 60.0, 400.0, 330.0]])
+    x0, y0, x1, y1 = box[0] * 0.35
+    xs, ys = np.arange(224) + 0.5, np.arange(224) + 0.5
+    raster = np.outer(gaussian_1d(ys, (y0 + y1) / 2, (y1 - y0) / 4), gaussian_1d(xs, (x0 + x1) / 2, (x1 - x0) / 4))
+    grid_h, grid_w = grid
+    if 224 % grid_h == 0 and 224 % grid_w == 0:
+        bh, bw = 224 // grid_h, 224 // grid_w
+        cells = np.array(
+            [
+                [raster[r * bh : (r + 1) * bh, c * bw : (c + 1) * bw].mean() for c in range(grid_w)]
+                for r in range(grid_h)
+            ]
+        )
+    else:
+        cells = pool_to_grid(raster, grid_h, grid_w)
+    expected = (cells / cells.sum()).ravel()
+    np.testing.assert_allclose(soft_target_grid(box, t, grid_h, grid_w), expected, rtol=1e-12, atol=1e-300)

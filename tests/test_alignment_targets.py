@@ -50,14 +50,18 @@ def test_block_mean_pooling_equals_area_weights():
     np.testing.assert_allclose(blocks, by_hand, atol=1e-12)
 
 
+# What observed_transform reads of a transformers image processor: shortest edge 224, centre crop 224 x 224.
+SHORTEST_EDGE_224_CROP_224 = SimpleNamespace(
+    image_mean=[0.5] * 3,
+    do_resize=True,
+    size={"shortest_edge": 224},
+    do_center_crop=True,
+    crop_size={"height": 224, "width": 224},
+)
+
+
 def test_observed_transform_uses_the_processor_when_its_output_size_matches():
-    settings = SimpleNamespace(  # what observed_transform reads of a transformers image processor
-        image_mean=[0.5] * 3,
-        do_resize=True,
-        size={"shortest_edge": 224},
-        do_center_crop=True,
-        crop_size={"height": 224, "width": 224},
-    )
+    settings = SHORTEST_EDGE_224_CROP_224
     got = observed_transform(settings, 640, 480, 224, 224)
     # by hand: shortest edge 480 -> 224, long side int(224 * 640 / 480) = 298, crop int((298 - 224) / 2) = 37
     assert (got.crop_left, got.crop_top, got.input_w, got.input_h) == (37, 0, 224, 224)
@@ -67,13 +71,7 @@ def test_observed_transform_uses_the_processor_when_its_output_size_matches():
 def test_a_size_set_per_call_is_a_plain_resize():
     """A per-image resolution (the processor asked for another size than its settings, no crop): the output
     size observed wins, and the transform is the plain resize to it."""
-    settings = SimpleNamespace(  # what observed_transform reads of a transformers image processor
-        image_mean=[0.5] * 3,
-        do_resize=True,
-        size={"shortest_edge": 224},
-        do_center_crop=True,
-        crop_size={"height": 224, "width": 224},
-    )
+    settings = SHORTEST_EDGE_224_CROP_224
     got = observed_transform(settings, 640, 480, 336, 448)
     assert got == InputTransform(448 / 640, 336 / 480, 0, 0, 448, 336)
     box = got.apply(np.array([[320.0, 240.0, 640.0, 480.0]]))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ import pytest
 from pipelines.partitions import SHARDS
 from ssl_attention.registry import MODELS
 from ssl_attention.validation import CHECK_NAMES
+from tests.webserver_helpers import free_port, graphql
 
 REPO = Path(__file__).resolve().parents[1]
 QUERY = """
@@ -34,27 +33,11 @@ QUERY = """
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _graphql(port: int, query: str) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
-
-
 @pytest.fixture(scope="module")
 def webserver(tmp_path_factory):
     home = tmp_path_factory.mktemp("dagster_home")
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "SSL_ATTENTION_POOL": "gpu"}  # as on a CUDA machine
     process = subprocess.Popen(
         [sys.executable, "-m", "dagster_webserver", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
@@ -70,7 +53,7 @@ def webserver(tmp_path_factory):
             if process.poll() is not None:
                 pytest.fail(f"webserver exited: {process.stderr.read()[-2000:]}")
             try:
-                data = _graphql(port, QUERY)
+                data = graphql(port, QUERY)
                 entries = data["data"]["workspaceOrError"]["locationEntries"]
                 if entries and entries[0]["loadStatus"] == "LOADED":
                     break
@@ -89,13 +72,13 @@ def webserver(tmp_path_factory):
 
 
 def test_workspace_loads_without_errors(webserver):
-    (entry,) = _graphql(webserver, QUERY)["data"]["workspaceOrError"]["locationEntries"]
+    (entry,) = graphql(webserver, QUERY)["data"]["workspaceOrError"]["locationEntries"]
     assert entry["name"] == "ssl_attention"
     assert entry["locationOrLoadError"]["__typename"] == "RepositoryLocation"
 
 
 def test_asset_graph_partitions_and_checks_are_served(webserver):
-    nodes = {tuple(n["assetKey"]["path"]): n for n in _graphql(webserver, QUERY)["data"]["assetNodes"]}
+    nodes = {tuple(n["assetKey"]["path"]): n for n in graphql(webserver, QUERY)["data"]["assetNodes"]}
     assert set(nodes) == {
         ("images",),
         ("attention_maps",),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dashboards import views
+from tests.outline_helpers import cells_enclosed, top_mass_cells
 
 # a layer: fused + one head, 2 x 3 grids
 FUSED = np.array([[0.10, 0.20, 0.30], [0.15, 0.15, 0.10]])
@@ -63,3 +64,28 @@ def test_mass_mode_hides_the_rest_on_screen_and_in_the_tiles() -> None:
     # min -> max, independent: each tile spans [0, 1] exactly
     for tile in views.scale_tiles(list(LAYER), shared=False, mode="min"):
         assert (float(tile.min()), float(tile.max())) == (0.0, 1.0)
+
+
+def test_mask_outline_is_the_boundary_of_the_mask_cells() -> None:
+    # FUSED's top-60% cells: (0, 1), (0, 2), (1, 0); segments (x0, y0, x1, y1), x = column edge, y = row edge
+    segments = {tuple(s) for s in views.mask_outline(views.mass_mask(FUSED)).tolist()}
+    expected = {
+        (1, 0, 2, 0), (1, 1, 2, 1), (1, 0, 1, 1),  # cell (0, 1): top, bottom, left
+        (2, 0, 3, 0), (2, 1, 3, 1), (3, 0, 3, 1),  # cell (0, 2): top, bottom, right (the border)
+        (0, 1, 1, 1), (0, 2, 1, 2), (0, 1, 0, 2), (1, 1, 1, 2),  # cell (1, 0): every side
+    }  # fmt: skip
+    assert segments == expected
+    assert views.mask_outline(np.zeros((2, 2), bool)).shape == (0, 4)
+    assert {tuple(s) for s in views.mask_outline(np.ones((1, 1), bool)).tolist()} == {
+        (0, 0, 1, 0), (0, 1, 1, 1), (0, 0, 0, 1), (1, 0, 1, 1)
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_contour_mode_outlines_the_top_60_percent_and_hides_nothing(seed: int) -> None:
+    values = np.random.default_rng(seed).gamma(0.5, size=(6, 7))
+    inside = cells_enclosed(views.mask_outline(views.mass_mask(values)), values.shape)  # read back by ray casting
+    assert inside.tolist() == top_mass_cells(values).tolist()
+    assert values[inside].sum() >= 0.6 * values.sum() > values[inside].sum() - values[inside].min()  # the fewest
+    np.testing.assert_array_equal(views.shown_values(values, "contour"), values.astype(np.float32))
+    assert views.display_range(values, values, False, "contour") == pytest.approx((0.0, values.max()))

@@ -353,10 +353,10 @@ def test_catalog_file_opens_in_any_duckdb_client(warehouse, image_ids):
     catalog = write_catalog(warehouse)
     assert catalog == warehouse / "attention.duckdb"
     assert not [p for p in warehouse.iterdir() if p.name.startswith(".attention.duckdb")]  # no temp left
-    con = duckdb.connect(str(catalog), read_only=True)
+    con = duckdb.connect(str(catalog), read_only=True, config={"file_search_path": str(warehouse)})
     try:
         kinds = dict(con.execute("SELECT table_name, table_type FROM information_schema.tables").fetchall())
-        assert set(kinds) == set(VIEWS) and set(kinds.values()) == {"VIEW"}
+        assert set(kinds) == {*VIEWS, "catalog_info"} and set(kinds.values()) == {"VIEW"}
         counts = dict(con.execute("SELECT model, count(*) FROM attention_maps GROUP BY model").fetchall())
         files = [p.path for p in iter_partitions(warehouse, "attention_maps", model="dinov2")]
         assert len(files) == 3 and counts["dinov2"] == sum(pq.ParquetFile(f).metadata.num_rows for f in files)

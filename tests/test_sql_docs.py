@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from ssl_attention.query.catalog import open_catalog
 from ssl_attention.query.sandbox import open_sandbox, parse_statements, run_statement
 from ssl_attention.warehouse.paths import iter_partitions
 from tests.sql_helpers import build_sql_warehouse
@@ -375,7 +376,7 @@ def sandbox(warehouse: Path) -> duckdb.DuckDBPyConnection:
 
 @pytest.fixture(scope="module")
 def catalog(warehouse: Path) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(str(warehouse / "attention.duckdb"), read_only=True)
+    con = open_catalog(warehouse)
     yield con
     con.close()
 

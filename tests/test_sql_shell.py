@@ -280,7 +280,10 @@ def test_no_query_at_a_terminal_points_to_duckdbs_own_client(capsys, warehouse, 
 
     monkeypatch.setattr(sys, "stdin", Terminal(""))
     code, out, err = run(capsys, "--warehouse", str(warehouse))
-    assert_one_line_error(code, err, "no query given", f"duckdb -readonly {warehouse}/attention.duckdb")
+    setting = f"SET file_search_path = '{warehouse}'"
+    assert_one_line_error(
+        code, err, "no query given", f'duckdb -readonly -cmd "{setting}" {warehouse}/attention.duckdb'
+    )
     assert out == ""
 
 
@@ -322,14 +325,24 @@ def test_spill_directories_of_killed_shells_are_removed(warehouse):
 
 
 def test_duckdbs_own_client_reads_the_catalog_read_only(warehouse):
-    """The documented interactive route, `duckdb -readonly <warehouse>/attention.duckdb` (PyPI's duckdb-cli,
-    an older DuckDB than the Python module): it opens the catalog and sees the same rows as the shell."""
+    """The documented interactive route, `duckdb -readonly -cmd "SET file_search_path = '<warehouse>'"
+    <warehouse>/attention.duckdb` (PyPI's duckdb-cli, an older DuckDB than the Python module): it opens the
+    catalog and sees the same rows as the shell."""
     client = shutil.which("duckdb") or shutil.which("duckdb", path=str(Path(sys.executable).parent))
     if client is None:
         pytest.skip("the DuckDB CLI is not installed (pip install duckdb-cli)")
     query = "SELECT model, count(*) AS n FROM attention_maps GROUP BY model ORDER BY model"
     shown = subprocess.run(
-        [client, "-readonly", "-csv", str(warehouse / "attention.duckdb"), "-c", query],
+        [
+            client,
+            "-readonly",
+            "-csv",
+            "-cmd",
+            f"SET file_search_path = '{warehouse}'",
+            str(warehouse / "attention.duckdb"),
+            "-c",
+            query,
+        ],
         capture_output=True,
         text=True,
         timeout=60,

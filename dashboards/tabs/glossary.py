@@ -57,9 +57,19 @@ Values are raw patch values on the model's grid; display scaling happens only he
 map and the head to the same maximum (compare magnitudes); *independent* scales each to its own maximum
 (compare shapes). *Contrast* sets what the colours span: **0 → max** (magnitudes), **min → max** (the whole
 contrast of a near-uniform map: rollout, SigLIP's probe, flat heads), **clip to the 2nd–98th percentile** (a
-few hot cells no longer flatten the rest), or **top 60% of the mass**: only the fewest patches holding 60% of
-the map's mass are drawn (DINO's threshold), the rest left clear. The colormaps are Bokeh's 256-colour
-palettes, the same on every tab and in the PNG export.
+few hot cells no longer flatten the rest), or **top 60% of the mass** (DINO's threshold: the fewest patches
+holding 60% of the map's mass), as a *mask* (only those patches drawn, the rest left clear) or as a *contour*
+(the whole map, 0 → max, with a white line around those patches; on the Heads tab). The colormaps are Bokeh's
+256-colour palettes, the same on every tab and in the PNG export.
+
+### Annotations on the maps
+With annotations in the warehouse (`ssl-attention run --annotations FILE`: COCO instances JSON or WikiChurches
+`building_parts.json`; a sample in `data/samples/annotations.json`), the *Annotations* switch of the Heads tab
+outlines the image's regions on both maps, labelled by feature, in the frame the model saw: each box goes
+through the model's own resize and crop, and a region the crop cut is drawn clipped and marked "(cut)". Beside
+each map are its scores for the chosen feature: **IoU@90** (the map's top 10% of patches against the regions),
+**coverage** (the share of the map's mass inside them) and the **pointing** game (does the hottest patch lie
+in them?), with the same scores of the two baselines, a uniform map and a centred Gaussian, for comparison.
 """
 
 

@@ -4,7 +4,8 @@ Per (model, method) partition of ``attention_maps`` and per image with regions i
 
 - features: ``all`` (the union of every region of the image) and each feature present;
 - targets: the regions carried through the image's stored ``InputTransform`` (``inputs`` table) onto each
-  map's grid (``geometry.feature_targets``; Grad-CAM stages on their own grids);
+  map's grid (``geometry.feature_targets_grids``: Grad-CAM stages on their own grids, each image's regions
+  measured and rastered once for all of them);
 - rows: one per map x feature (``map_kind`` = ``map``; ``head`` NULL = the fused map) with the metrics of
   ``metrics.alignment_metrics``, plus per (layer, feature) one row for each baseline (``uniform``,
   ``centre_gaussian``) on that layer's grid. A feature whose regions all lie outside the view gets its rows
@@ -39,9 +40,9 @@ from ssl_attention.alignment.geometry import (
     FeatureTargets,
     InputTransform,
     centre_gaussian_baseline,
-    feature_targets,
+    feature_targets_grids,
 )
-from ssl_attention.alignment.metrics import METRIC_COLUMNS, alignment_metrics_many
+from ssl_attention.alignment.metrics import METRIC_COLUMNS, alignment_metric_array
 from ssl_attention.alignment.ranking import write_head_ranking
 from ssl_attention.alignment.store import read_regions
 from ssl_attention.warehouse import schema
@@ -187,7 +188,7 @@ def _row_groups(path: Path, wanted: Sequence[str]) -> Iterator[tuple[str, pa.Tab
             order.append(("", index))
     for first, index in sorted(order):
         group = parquet.read_row_group(index, columns=_MAP_COLUMNS)
-        group = group.filter(pc.is_in(group["image_id"], value_set=value_set))
+        group = _keep(group, pc.is_in(group["image_id"], value_set=value_set))
         if group.num_rows:
             yield first, group
 
@@ -211,10 +212,22 @@ class _ImageStream:
             return None
         rows = pa.concat_tables(parts)
         mine = pc.less_equal(rows["image_id"], last)
-        rest = rows.filter(pc.invert(mine))
+        rest = _keep(rows, pc.invert(mine))
         self._pending = rest if rest.num_rows else None
-        taken = rows.filter(mine)
+        taken = _keep(rows, mine)
         return taken if taken.num_rows else None
+
+
+def _keep(rows: pa.Table, mask: pa.ChunkedArray | pa.Array) -> pa.Table:
+    """``rows.filter(mask)`` without copying the maps where the kept rows are all the rows, none, or one run
+    (the usual case: partitions are sorted by image id)."""
+    keep = mask.to_numpy(zero_copy_only=False) if isinstance(mask, pa.Array) else np.asarray(mask)
+    kept = np.flatnonzero(keep)
+    if len(kept) == 0:
+        return rows.slice(0, 0)
+    if kept[-1] - kept[0] + 1 == len(kept):  # one run: a zero-copy slice
+        return rows.slice(int(kept[0]), len(kept))
+    return rows.filter(mask)
 
 
 TargetCache = dict[tuple[str, str, int, int], FeatureTargets]  # (image, feature, grid_h, grid_w) -> targets
@@ -236,15 +249,22 @@ def score_maps(
     head_values = group["head"].fill_null(-1).to_numpy().astype(np.int64)  # -1: fused
     codes = pc.dictionary_encode(group["image_id"]).combine_chunks().indices.to_numpy().astype(np.int64)
     block_keys = (codes * 65536 + grid_h) * 65536 + grid_w  # one key per (image, grid)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("row", "layer", "head", "kind", *METRIC_COLUMNS)}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("row", "layer", "head", "kind", "metrics")}
     per_block: list[tuple[int, str, int, int, int, FeatureTargets]] = []  # (first row, feature, gh, gw, count, t)
-    for key in dict.fromkeys(block_keys.tolist()):  # (image, grid) in order of appearance
+    blocks = list(dict.fromkeys(block_keys.tolist()))  # (image, grid) in order of appearance
+    grids_of: dict[int, list[tuple[int, int]]] = {}  # image code -> its grids here (Grad-CAM: several)
+    for key in blocks:
+        grids_of.setdefault(key >> 32, []).append(((key >> 16) & 0xFFFF, key & 0xFFFF))
+    for key in blocks:
         members = np.flatnonzero(block_keys == key)
         first = int(members[0])
         image_id, gh, gw = str(image_ids[first]), int(grid_h[first]), int(grid_w[first])
         image = targets[image_id]
         n = gh * gw
-        maps = flat[offsets[members][:, None] + np.arange(n)[None, :]]  # (M, N) float32
+        if members[-1] - members[0] + 1 == len(members):  # one run of rows (sorted by image): a view
+            maps = flat[offsets[members[0]] : offsets[members[0]] + len(members) * n].reshape(len(members), n)
+        else:
+            maps = flat[offsets[members][:, None] + np.arange(n)[None, :]]  # (M, N) float32
         unique_layers = np.unique(layers[members])
         baselines = _baseline_maps(image.transform, gh, gw)
         # rows of one (image, grid, feature): the maps, then per layer the baselines in BASELINES order
@@ -257,33 +277,30 @@ def score_maps(
         feature_targets_here = {}
         for feature, regions in image.features.items():
             cache_key = (image_id, feature, gh, gw)
-            if cache_key not in cache:
-                cache[cache_key] = feature_targets(regions, image.transform, gh, gw)
+            if cache_key not in cache:  # every grid of the image at once: one raster of the soft target
+                for (h, w), t in feature_targets_grids(regions, image.transform, grids_of[key >> 32]).items():
+                    cache.setdefault((image_id, feature, h, w), t)
             feature_targets_here[feature] = cache[cache_key]
-        scored = [f for f, t in feature_targets_here.items() if t.scored]
+        scored = [i for i, t in enumerate(feature_targets_here.values()) if t.scored]
         stacked = np.concatenate([maps, baselines.astype(maps.dtype)])  # the maps and the baselines together
-        results = dict(
-            zip(
-                scored,
-                alignment_metrics_many(
-                    stacked,
-                    np.array([feature_targets_here[f].coverage for f in scored]).reshape(len(scored), n),
-                    np.array([feature_targets_here[f].soft_target for f in scored]).reshape(len(scored), n),
-                ),
-                strict=True,
-            )
-        )
+        targets_here = list(feature_targets_here.values())
+        scores = alignment_metric_array(
+            stacked,
+            np.array([targets_here[i].coverage for i in scored]).reshape(len(scored), n),
+            np.array([targets_here[i].soft_target for i in scored]).reshape(len(scored), n),
+        )  # (scored features, metrics, maps + baselines)
         m = len(members)
+        count = len(rows)
+        # per feature: the maps' scores, then the baselines' repeated for each layer; NaN where not scored
+        # (every region outside the view: recorded, not scored)
+        block = np.full((len(targets_here), len(METRIC_COLUMNS), count), np.nan)
+        block[scored] = np.concatenate(
+            [scores[:, :, :m], np.tile(scores[:, :, m:], (1, 1, len(unique_layers)))], axis=2
+        )
+        parts["metrics"].append(block.transpose(1, 0, 2).reshape(len(METRIC_COLUMNS), -1))
+        for name, column in (("row", rows), ("layer", row_layers), ("head", row_heads), ("kind", kinds)):
+            parts[name].append(np.tile(column, len(targets_here)))
         for feature, t in feature_targets_here.items():
-            count = len(rows)
-            for name, column in (("row", rows), ("layer", row_layers), ("head", row_heads), ("kind", kinds)):
-                parts[name].append(column)
-            for metric in METRIC_COLUMNS:
-                if feature in results:
-                    column = results[feature][metric].astype(np.float64)
-                    parts[metric].append(np.concatenate([column[:m], np.tile(column[m:], len(unique_layers))]))
-                else:  # every region outside the view: recorded, not scored
-                    parts[metric].append(np.full(count, np.nan))
             per_block.append((first, feature, gh, gw, count, t))
     if not per_block:
         return schema.ALIGNMENT.empty_table()
@@ -313,11 +330,12 @@ def score_maps(
         "targets_hash": pa.array([targets[str(image_ids[b[0]])].targets_hash for b in per_block]).take(
             pa.array(repeat(np.arange(len(per_block))))
         ),
-        "annotations_hash": pa.array(np.full(len(row), annotations_hash, dtype=object), pa.string()),
-        "computed_at": pa.array(np.full(len(row), computed_at, dtype=object), schema.TIMESTAMP),
+        # constants: repeated scalars (an object array of n Python values costs ~0.4 us a row to convert)
+        "annotations_hash": pa.repeat(pa.scalar(annotations_hash, pa.string()), len(row)),
+        "computed_at": pa.repeat(pa.scalar(computed_at, schema.TIMESTAMP), len(row)),
     }
-    for metric in METRIC_COLUMNS:
-        values_m = np.concatenate(parts[metric])
+    metrics = np.concatenate(parts["metrics"], axis=1)  # (metrics, rows)
+    for metric, values_m in zip(METRIC_COLUMNS, metrics, strict=True):
         missing = np.isnan(values_m)
         if metric == "pointing_hit":
             columns[metric] = pa.array(values_m > 0.5, pa.bool_(), mask=missing)

@@ -235,6 +235,8 @@ def _overlaps(lo: np.ndarray, hi: np.ndarray, bin_lo: np.ndarray, bin_hi: np.nda
 def _elementary(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Coordinate compression of a union of boxes: x edges (K+1,), y edges (L+1,) and inside (L, K), True
     where the elementary rectangle between consecutive edges lies in the union."""
+    if len(boxes) == 1 and boxes[0, 0] < boxes[0, 2] and boxes[0, 1] < boxes[0, 3]:  # one box: itself
+        return boxes[0, [0, 2]], boxes[0, [1, 3]], np.ones((1, 1), dtype=bool)
     xs = np.unique(np.concatenate([boxes[:, 0], boxes[:, 2]]))
     ys = np.unique(np.concatenate([boxes[:, 1], boxes[:, 3]]))
     xmid, ymid = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2
@@ -281,8 +283,11 @@ def pool_to_grid(raster: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
         raise ValueError(f"grid must be positive, got {grid_h}x{grid_w}")
     height, width = raster.shape
     if height % grid_h == 0 and width % grid_w == 0:  # whole pixels per cell: plain block means (no BLAS
-        # call: OpenBLAS threads on these small products stall on a busy machine, ~100x slower)
-        return raster.reshape(grid_h, height // grid_h, grid_w, width // grid_w).mean(axis=(1, 3))
+        # call: OpenBLAS threads on these small products stall on a busy machine, ~100x slower), summed over
+        # the rows of each block, then over its columns: contiguous reductions, 3-6x faster than .mean(axis=(1, 3))
+        block_h, block_w = height // grid_h, width // grid_w
+        rows = raster.reshape(grid_h, block_h, width).sum(axis=1)
+        return rows.reshape(grid_h, grid_w, block_w).sum(axis=2) / (block_h * block_w)
     return _pool_weights(height, grid_h) @ raster @ _pool_weights(width, grid_w).T
 
 
@@ -295,17 +300,47 @@ def coverage_grid(regions: Any, transform: InputTransform, grid_h: int, grid_w: 
     return np.clip(pool_to_grid(raster, grid_h, grid_w).reshape(-1), 0.0, 1.0)
 
 
+@dataclass
+class _Gaussians:
+    """Peak-1 Gaussians at pixel centres, one per region, as their separable factors: gy (R, H), gx (R, W)."""
+
+    gy: np.ndarray
+    gx: np.ndarray
+    _raster: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, centres: np.ndarray, sigmas: np.ndarray, input_h: int, input_w: int) -> _Gaussians:
+        xc = np.arange(input_w, dtype=np.float64) + 0.5  # pixel centres
+        yc = np.arange(input_h, dtype=np.float64) + 0.5
+        gx = np.exp(-0.5 * ((xc[None, :] - centres[:, 0, None]) / sigmas[:, 0, None]) ** 2)  # (R, W)
+        gy = np.exp(-0.5 * ((yc[None, :] - centres[:, 1, None]) / sigmas[:, 1, None]) ** 2)  # (R, H)
+        return cls(gy, gx)
+
+    def raster(self) -> np.ndarray:
+        """(H, W) pixelwise max of the Gaussians (drawn once)."""
+        if self._raster is None:
+            raster = np.multiply(self.gy[0][:, None], self.gx[0][None, :])  # positive: the max's start
+            scratch = np.empty_like(raster)
+            for r in range(1, len(self.gy)):  # one region at a time keeps memory at two rasters
+                np.maximum(raster, np.multiply(self.gy[r][:, None], self.gx[r][None, :], out=scratch), out=raster)
+            self._raster = raster
+        return self._raster
+
+    def pooled(self, grid_h: int, grid_w: int) -> np.ndarray:
+        """``pool_to_grid`` of the raster. One region on a dividing grid: its Gaussian is separable, so each
+        cell's mean is the product of the 1-D block means (the same number, ~1e-16, without the raster)."""
+        height, width = self.gy.shape[1], self.gx.shape[1]
+        if len(self.gy) == 1 and height % grid_h == 0 and width % grid_w == 0:
+            rows = self.gy[0].reshape(grid_h, height // grid_h).mean(axis=1)
+            cols = self.gx[0].reshape(grid_w, width // grid_w).mean(axis=1)
+            return np.outer(rows, cols)
+        return pool_to_grid(self.raster(), grid_h, grid_w)
+
+
 def _gaussian_raster(
     centres: np.ndarray, sigmas: np.ndarray, input_h: int, input_w: int
 ) -> np.ndarray:  # (R, 2) centres (x, y) and sigmas -> (H, W) pixelwise max of the peak-1 Gaussians
-    xc = np.arange(input_w, dtype=np.float64) + 0.5  # pixel centres
-    yc = np.arange(input_h, dtype=np.float64) + 0.5
-    gx = np.exp(-0.5 * ((xc[None, :] - centres[:, 0, None]) / sigmas[:, 0, None]) ** 2)  # (R, W)
-    gy = np.exp(-0.5 * ((yc[None, :] - centres[:, 1, None]) / sigmas[:, 1, None]) ** 2)  # (R, H)
-    raster = np.zeros((input_h, input_w))
-    for r in range(len(centres)):  # one region at a time keeps memory at one raster
-        np.maximum(raster, gy[r][:, None] * gx[r][None, :], out=raster)
-    return raster
+    return _Gaussians.of(centres, sigmas, input_h, input_w).raster()
 
 
 def _normalised(values: np.ndarray) -> np.ndarray:
@@ -323,13 +358,24 @@ def soft_target_grid(regions: Any, transform: InputTransform, grid_h: int, grid_
 
 
 def _soft_target(mapped: MappedBoxes, transform: InputTransform, grid_h: int, grid_w: int) -> np.ndarray:
+    return _pooled_soft_target(_soft_raster(mapped, transform), grid_h, grid_w)
+
+
+def _soft_raster(mapped: MappedBoxes, transform: InputTransform) -> _Gaussians | None:
+    """The soft target before pooling: its regions' Gaussians at input resolution; None when no region is
+    visible."""
     boxes = mapped.boxes[~mapped.outside]
     if len(boxes) == 0:
-        return np.zeros(grid_h * grid_w)
+        return None
     centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
     sigmas = np.maximum(np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1) / 4, 1.0)
-    raster = _gaussian_raster(centres, sigmas, transform.input_h, transform.input_w)
-    return _normalised(pool_to_grid(raster, grid_h, grid_w).reshape(-1))
+    return _Gaussians.of(centres, sigmas, transform.input_h, transform.input_w)
+
+
+def _pooled_soft_target(gaussians: _Gaussians | None, grid_h: int, grid_w: int) -> np.ndarray:
+    if gaussians is None:
+        return np.zeros(grid_h * grid_w)
+    return _normalised(gaussians.pooled(grid_h, grid_w).reshape(-1))
 
 
 def uniform_baseline(grid_h: int, grid_w: int) -> np.ndarray:
@@ -370,11 +416,23 @@ def union_coverage(boxes: np.ndarray, input_h: int, input_w: int, grid_h: int, g
     elementary rectangles (input-pixel boxes), without a raster. Equal to ``coverage_grid`` when the grid
     divides the input; otherwise ``coverage_grid`` shares a pixel cut by a cell boundary in proportion to
     the pixel's area on each side, not to where inside the pixel the union lies."""
+    return _union_cells(_union_elementary(boxes, input_h, input_w), input_h, input_w, grid_h, grid_w)
+
+
+Elementary = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _union_elementary(boxes: np.ndarray, input_h: int, input_w: int) -> Elementary | None:
+    """``_elementary`` of the boxes clipped to the input (None when none has an area there)."""
     boxes = _clip(as_boxes(boxes), input_w, input_h)
     boxes = boxes[_area(boxes) > 0]
-    if len(boxes) == 0:
+    return _elementary(boxes) if len(boxes) else None
+
+
+def _union_cells(elementary: Elementary | None, input_h: int, input_w: int, grid_h: int, grid_w: int) -> np.ndarray:
+    if elementary is None:
         return np.zeros(grid_h * grid_w)
-    xs, ys, inside = _elementary(boxes)
+    xs, ys, inside = elementary
     cells = _cell_shares(ys, input_h, grid_h).T @ inside.astype(np.float64) @ _cell_shares(xs, input_w, grid_w)
     return np.clip(cells.reshape(-1), 0.0, 1.0)
 
@@ -382,20 +440,38 @@ def union_coverage(boxes: np.ndarray, input_h: int, input_w: int, grid_h: int, g
 def feature_targets(regions: Any, transform: InputTransform, grid_h: int, grid_w: int) -> FeatureTargets:
     """Coverage, soft target and the area and visible fractions of one feature's regions; the coverage is
     ``coverage_grid``'s (by ``union_coverage``, the same numbers, where the grid divides the input)."""
+    return feature_targets_grids(regions, transform, [(grid_h, grid_w)])[(grid_h, grid_w)]
+
+
+def feature_targets_grids(
+    regions: Any, transform: InputTransform, grids: Iterable[tuple[int, int]]
+) -> dict[tuple[int, int], FeatureTargets]:
+    """``feature_targets`` on each (grid_h, grid_w) of ``grids`` (Grad-CAM's stages): the regions are mapped,
+    their union measured and their soft target's raster drawn once, then pooled to each grid; the numbers are
+    those of one grid at a time."""
     mapped = map_boxes(regions, transform)
     full = union_area(mapped.boxes)
-    seen = union_area(mapped.clipped)
-    if transform.input_h % grid_h == 0 and transform.input_w % grid_w == 0:
-        coverage = union_coverage(mapped.clipped, transform.input_h, transform.input_w, grid_h, grid_w)
-    else:  # the documented rule for grids that do not divide the input: the raster, pooled
-        coverage = coverage_grid(regions, transform, grid_h, grid_w)
-    return FeatureTargets(
-        coverage=coverage,
-        soft_target=_soft_target(mapped, transform, grid_h, grid_w),
-        area_fraction=seen / (transform.input_w * transform.input_h),
-        visible_fraction=seen / full if full > 0 else 0.0,
-        scored=seen > 0,
+    elementary = _union_elementary(mapped.clipped, transform.input_h, transform.input_w)  # the union in view
+    seen = (
+        0.0
+        if elementary is None
+        else float(np.diff(elementary[1]) @ elementary[2].astype(np.float64) @ np.diff(elementary[0]))
     )
+    raster = _soft_raster(mapped, transform)
+    out = {}
+    for grid_h, grid_w in grids:
+        if transform.input_h % grid_h == 0 and transform.input_w % grid_w == 0:
+            coverage = _union_cells(elementary, transform.input_h, transform.input_w, grid_h, grid_w)
+        else:  # the documented rule for grids that do not divide the input: the raster, pooled
+            coverage = coverage_grid(regions, transform, grid_h, grid_w)
+        out[(grid_h, grid_w)] = FeatureTargets(
+            coverage=coverage,
+            soft_target=_pooled_soft_target(raster, grid_h, grid_w),
+            area_fraction=seen / (transform.input_w * transform.input_h),
+            visible_fraction=seen / full if full > 0 else 0.0,
+            scored=seen > 0,
+        )
+    return out
 
 
 def observed_transform(preprocess: Any, width: int, height: int, input_h: int, input_w: int) -> InputTransform:

@@ -49,49 +49,61 @@ def descending_order(maps: np.ndarray) -> np.ndarray:
     return np.argsort(-maps, axis=1, kind="stable")
 
 
-def _check(maps: np.ndarray, coverage: np.ndarray, soft_target: np.ndarray) -> None:
+def _check_maps(maps: np.ndarray) -> None:
     if maps.ndim != 2:
         raise ValueError(f"maps must be an (M, N) array, got shape {maps.shape}")
-    n = maps.shape[1]
+    if not np.isfinite(maps).all() or (maps < 0).any():
+        raise ValueError("maps must be finite and non-negative")
+
+
+def _check_target(n: int, coverage: np.ndarray, soft_target: np.ndarray) -> None:
     if coverage.shape != (n,) or soft_target.shape != (n,):
         raise ValueError(
             f"coverage {coverage.shape} and soft target {soft_target.shape} must both have shape ({n},) like the maps"
         )
-    if not np.isfinite(maps).all() or (maps < 0).any():
-        raise ValueError("maps must be finite and non-negative")
     if (coverage < 0).any() or (coverage > 1).any():
         raise ValueError("coverage fractions must lie in [0, 1]")
 
 
-def _score_block(maps: np.ndarray, coverages: np.ndarray, soft_targets: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """Scores of (M, N) maps against F features' (F, N) coverages and soft targets; the map's order, its
-    normalised form and its log are computed once for all F."""
+_COLUMN = {name: i for i, name in enumerate(METRIC_COLUMNS)}
+
+
+def _score_block(maps: np.ndarray, coverages: np.ndarray, soft_targets: np.ndarray, out: np.ndarray) -> None:
+    """Scores of (M, N) maps against F features' (F, N) coverages and soft targets into ``out`` (F, metrics,
+    M); the map's order, its normalised form and its log are computed once for all F."""
     n = maps.shape[1]
     values = maps.astype(np.float64)
     mass = values.sum(axis=1)
     empty = mass <= 0
-    normalised = np.where(empty[:, None], 1.0 / n, values / np.where(empty, 1.0, mass)[:, None])  # (M, N)
-    order = descending_order(maps)  # (M, N)
-    log_smoothed = np.log((normalised + KL_EPSILON) / (1.0 + n * KL_EPSILON))
+    if empty.any():
+        normalised = np.where(empty[:, None], 1.0 / n, values / np.where(empty, 1.0, mass)[:, None])  # (M, N)
+    else:
+        normalised = np.divide(values, mass[:, None], out=values)
+    sizes = [top_k_size(n, p) for p in PERCENTILES]
+    top = descending_order(maps)[:, : max(sizes)]  # (M, k_max): only the top cells enter an IoU
+    log_smoothed = normalised + KL_EPSILON  # in place from here: log((a + eps) / (1 + N eps))
+    log_smoothed /= 1.0 + n * KL_EPSILON
+    np.log(log_smoothed, out=log_smoothed)
     kl_cross = log_smoothed @ soft_targets.T  # (M, F): sum_i G_i log q_i (cells outside the support add 0)
     covered = normalised @ coverages.T  # (M, F)
-    results = []
-    for f in range(len(coverages)):
-        coverage, soft_target = coverages[f], soft_targets[f]
-        inside_sorted = np.cumsum(coverage[order], axis=1)  # (M, N): sum of c over the top 1..N cells
-        total = coverage.sum()
-        scores: dict[str, np.ndarray] = {}
-        for p in PERCENTILES:
-            k = top_k_size(n, p)
-            inside = inside_sorted[:, k - 1]
-            scores[f"iou_{p}"] = inside / (k + total - inside)
-        scores["coverage"] = covered[:, f]
-        scores["pointing_hit"] = coverage[order[:, 0]] >= 0.5
-        g = soft_target[soft_target > 0]
-        scores["kl"] = float(g @ np.log(g)) - kl_cross[:, f]
-        scores["mse"] = ((normalised - soft_target) ** 2).mean(axis=1)
-        results.append(scores)
-    return results
+    iou_columns = [_COLUMN[f"iou_{p}"] for p in PERCENTILES]
+    step = max(1, BLOCK_MAPS // len(maps))  # features scored together: temporaries of at most BLOCK_MAPS rows
+    for first in range(0, len(coverages), step):
+        f = slice(first, min(first + step, len(coverages)))
+        coverage, soft_target = coverages[f], soft_targets[f]  # (F', N)
+        inside_sorted = np.cumsum(coverage[:, top], axis=2)  # (F', M, k_max): sum of c over the top 1..k_max
+        total = coverage.sum(axis=1)[:, None]
+        for column, k in zip(iou_columns, sizes, strict=True):
+            inside = inside_sorted[:, :, k - 1]
+            out[f, column] = inside / (k + total - inside)
+        out[f, _COLUMN["coverage"]] = covered[:, f].T
+        out[f, _COLUMN["pointing_hit"]] = coverage[:, top[:, 0]] >= 0.5
+        neg_entropy = np.array([float(g @ np.log(g)) for g in (t[t > 0] for t in soft_target)])
+        out[f, _COLUMN["kl"]] = neg_entropy[:, None] - kl_cross[:, f].T
+    scratch = np.empty_like(normalised)  # one (M, N) buffer: fits a cache where (F, M, N) would not
+    for f in range(len(soft_targets)):
+        difference = np.subtract(normalised, soft_targets[f], out=scratch)
+        out[f, _COLUMN["mse"]] = np.square(difference, out=difference).mean(axis=1)
 
 
 def alignment_metrics(maps: np.ndarray, coverage: np.ndarray, soft_target: np.ndarray) -> dict[str, np.ndarray]:
@@ -99,7 +111,8 @@ def alignment_metrics(maps: np.ndarray, coverage: np.ndarray, soft_target: np.nd
     target: a dict of (M,) arrays (float64; ``pointing_hit`` bool). Maps are scored in blocks of BLOCK_MAPS."""
     coverage = np.asarray(coverage, dtype=np.float64)
     soft_target = np.asarray(soft_target, dtype=np.float64)
-    _check(np.asarray(maps), coverage, soft_target)  # errors name this call's shapes
+    _check_maps(np.asarray(maps))  # errors name this call's shapes
+    _check_target(np.asarray(maps).shape[1], coverage, soft_target)
     return alignment_metrics_many(maps, coverage[None, :], soft_target[None, :])[0]
 
 
@@ -108,6 +121,19 @@ def alignment_metrics_many(
 ) -> list[dict[str, np.ndarray]]:
     """``alignment_metrics`` of (M, N) maps against each of F features, (F, N) coverages and soft targets:
     one dict per feature, in order. Each map is sorted once for all the features."""
+    scores = alignment_metric_array(maps, coverages, soft_targets)
+    return [
+        {
+            name: (row > 0.5 if name == "pointing_hit" else row)
+            for name, row in zip(METRIC_COLUMNS, feature, strict=True)
+        }
+        for feature in scores
+    ]
+
+
+def alignment_metric_array(maps: np.ndarray, coverages: np.ndarray, soft_targets: np.ndarray) -> np.ndarray:
+    """``alignment_metrics_many`` as one (F, len(METRIC_COLUMNS), M) float64 array, metrics in METRIC_COLUMNS
+    order (``pointing_hit`` as 1.0 / 0.0): what the alignment table's rows are built from."""
     maps = np.asarray(maps)
     if maps.dtype not in (np.float32, np.float64):
         maps = maps.astype(np.float64)
@@ -117,15 +143,10 @@ def alignment_metrics_many(
         raise ValueError(
             f"coverages {coverages.shape} and soft targets {soft_targets.shape} must both be (F, N) arrays"
         )
+    _check_maps(maps)
     for coverage, soft_target in zip(coverages, soft_targets, strict=True):
-        _check(maps, coverage, soft_target)
-    blocks = [
-        _score_block(maps[start : start + BLOCK_MAPS], coverages, soft_targets)
-        for start in range(0, len(maps), BLOCK_MAPS)
-    ]
-    if not blocks:
-        empty = {name: np.zeros(0, dtype=bool if name == "pointing_hit" else np.float64) for name in METRIC_COLUMNS}
-        return [dict(empty) for _ in range(len(coverages))]
-    return [
-        {name: np.concatenate([b[f][name] for b in blocks]) for name in METRIC_COLUMNS} for f in range(len(coverages))
-    ]
+        _check_target(maps.shape[1], coverage, soft_target)
+    out = np.empty((len(coverages), len(METRIC_COLUMNS), len(maps)))
+    for start in range(0, len(maps), BLOCK_MAPS):
+        _score_block(maps[start : start + BLOCK_MAPS], coverages, soft_targets, out[:, :, start : start + BLOCK_MAPS])
+    return out

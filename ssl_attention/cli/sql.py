@@ -2,8 +2,9 @@
 
 The statements run in ``ssl_attention.query.sandbox`` (read-only gate, locked-down connection, row cap, time
 limit). SQL piped into stdin runs as a script. For an interactive prompt use DuckDB's own client on the
-catalog file, ``duckdb -readonly data/warehouse/attention.duckdb`` (docs/sql.md). Errors are one line on
-stderr and exit code 2; no traceback reaches the user.
+catalog file, with the warehouse as its file search path (``catalog.client_command``: ``duckdb -readonly -cmd
+"SET file_search_path = 'data/warehouse'" data/warehouse/attention.duckdb``, docs/sql.md); a stale catalog
+is rewritten first. Errors are one line on stderr and exit code 2; no traceback reaches the user.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from typing import Any
 
 import duckdb
 
+from ssl_attention.query.catalog import client_command, refresh_catalog
 from ssl_attention.query.sandbox import Result, SandboxError, one_line, open_sandbox, parse_statements, run_statement
 from ssl_attention.query.views import DERIVED_VIEWS, MACROS, TABLES
 from ssl_attention.settings import WAREHOUSE_ENV, resolve_warehouse
@@ -117,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read-only SQL over the attention warehouse (DuckDB). Tables: "
         + ", ".join((*TABLES, *DERIVED_VIEWS))
         + f"; table macro {MACROS[0]}(model, method, image_id, layer[, head]). Examples: docs/sql.md. For an"
-        f" interactive prompt: duckdb -readonly data/warehouse/{CATALOG_FILE}",
+        f" interactive prompt: duckdb -readonly -cmd \"SET file_search_path = 'data/warehouse'\""
+        f" data/warehouse/{CATALOG_FILE}",
     )
     parser.add_argument("query", nargs="?", help="SQL to run; omit it to read a script from stdin")
     parser.add_argument("--warehouse", help=f"warehouse directory (default: ${WAREHOUSE_ENV} or data/warehouse)")
@@ -143,10 +146,10 @@ def main(argv: list[str]) -> int:
         if args.max_rows < 0 or args.timeout < 0:
             raise SandboxError("--max-rows and --timeout must be >= 0")
         warehouse = resolve_warehouse(args.warehouse)
+        refresh_catalog(warehouse)  # so that DuckDB's own client, pointed to it below, reads this warehouse
         if args.query is None and sys.stdin.isatty():
             raise SandboxError(
-                "no query given; for an interactive prompt run DuckDB's client: "
-                f"duckdb -readonly {warehouse / CATALOG_FILE}"
+                f"no query given; for an interactive prompt run DuckDB's client: {client_command(warehouse)}"
             )
         query = sys.stdin.read() if args.query is None else args.query
         con = open_sandbox(warehouse)

@@ -16,7 +16,7 @@ Modules: ``warehouse`` (the API), ``selection`` (argument checks), ``reads`` (wh
 ``results`` (the returned dataclasses), ``views``/``connection``/``catalog`` (SQL views), ``errors``.
 """
 
-from ssl_attention.query.catalog import write_catalog
+from ssl_attention.query.catalog import client_command, open_catalog, refresh_catalog, write_catalog
 from ssl_attention.query.connection import connection, cursor
 from ssl_attention.query.errors import (
     EmptyWarehouseError,
@@ -57,9 +57,12 @@ __all__ = [
     "UnknownNameError",
     "UnreadableFileError",
     "Warehouse",
+    "client_command",
     "connection",
     "cursor",
     "layer_at_depth",
+    "open_catalog",
     "open_warehouse",
+    "refresh_catalog",
     "write_catalog",
 ]

@@ -4,9 +4,16 @@ The Python query API does not use them: it reads each partition file directly (`
 are one per table of ``warehouse.paths.TABLES`` (same name, partition keys first), plus ``DERIVED_VIEWS``.
 
 Every identifier here comes from fixed tuples in this module or the warehouse schema; the only literals are
-the warehouse's own absolute path and the model registry's constants, quoted by ``quote_literal``. A table
-with no files yet gets an empty view with the same columns and types, so queries over an empty or partial
-warehouse return no rows instead of failing.
+the warehouse's own path and the model registry's constants, quoted by ``quote_literal``. A table with no
+files yet gets an empty view with the same columns and types, so queries over an empty or partial warehouse
+return no rows instead of failing.
+
+The in-process views (``connection.py``, ``sandbox.py``) read absolute paths, built from the root they are
+asked for. The catalog file's views (``relative=True``) read globs relative to the warehouse root instead, so
+a moved or copied warehouse reads its own files: DuckDB resolves them against ``file_search_path``, which the
+client sets to the folder of ``attention.duckdb``. Left unset, DuckDB would resolve them against the working
+directory (and could read another warehouse there), so each such view refuses to bind and its error says what
+to run (``RELATIVE_GUARD``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,16 @@ DERIVED_VIEWS = ("methods", "attention_cells", "head_feature_matrix", "exemplars
 MACROS = ("map_cells",)
 
 _GLOB_CHARACTERS = set("*?[]{}")
+
+
+RELATIVE_GUARD = (
+    "this attention.duckdb reads the warehouse's Parquet files relative to the folder that holds it: set that folder"
+    " as DuckDB's file_search_path first, e.g. SET file_search_path = '/path/to/warehouse'; or start the client as"
+    " duckdb -readonly -cmd \"SET file_search_path = '/path/to/warehouse'\" /path/to/warehouse/attention.duckdb"
+    " (Python: duckdb.connect(catalog, read_only=True, config={'file_search_path': folder}))"
+)
+"""The error of a catalog view opened without ``file_search_path`` (no path in it: a copy's catalog must not
+send its reader to the original)."""
 
 
 class CatalogPathError(ValueError):
@@ -54,20 +71,40 @@ def view_keys(table: str) -> tuple[str, ...]:
     return tuple(key for key in TABLES[table] if key != SHARD_KEY)
 
 
-def _source(root: Path, table: str, present: bool) -> str:
-    """A FROM-able source with the partition keys first (``view_keys``), then the file columns."""
+def _relative_glob(table: str) -> str:
+    """``table``'s files relative to the warehouse root, always as a glob: DuckDB looks a glob up in
+    ``file_search_path`` only, but a plain relative file name in the working directory first (a client inside
+    another warehouse would read that one's ``images/data.parquet``), so a key-less table's one file is
+    written ``images/[d]ata.parquet``."""
+    pattern = Path(table_glob(Path(), table))
+    if _GLOB_CHARACTERS & set(str(pattern)):
+        return str(pattern)
+    return str(pattern.parent / f"[{pattern.name[0]}]{pattern.name[1:]}")
+
+
+def _source(root: Path | None, table: str, present: bool) -> str:
+    """A FROM-able source with the partition keys first (``view_keys``), then the file columns; ``root=None``: a
+    glob relative to the warehouse root, resolved by the client's ``file_search_path`` (and refused while that
+    is unset)."""
     keys = TABLES[table]
     columns = duckdb_types(table)
     if not present:
         casts = [f"CAST(NULL AS VARCHAR) AS {quote_ident(k)}" for k in view_keys(table)]
         casts += [f"CAST(NULL AS {kind}) AS {quote_ident(name)}" for name, kind in columns]
         return f"(SELECT {', '.join(casts)} LIMIT 0)"
-    root_text = str(root)
-    if _GLOB_CHARACTERS & set(root_text):
-        raise CatalogPathError(
-            f"the warehouse path {root_text!r} contains glob characters ({''.join(_GLOB_CHARACTERS)})"
+    if root is None:
+        relative = quote_literal(_relative_glob(table))
+        glob = (
+            f"CASE WHEN current_setting('file_search_path') = '' THEN error({quote_literal(RELATIVE_GUARD)}) "
+            f"ELSE {relative} END"
         )
-    glob = quote_literal(table_glob(root, table))
+    else:
+        root_text = str(root)
+        if _GLOB_CHARACTERS & set(root_text):
+            raise CatalogPathError(
+                f"the warehouse path {root_text!r} contains glob characters ({''.join(_GLOB_CHARACTERS)})"
+            )
+        glob = quote_literal(table_glob(root, table))
     if keys:
         types = ", ".join(f"{quote_literal(k)}: 'VARCHAR'" for k in keys)
         reader = f"read_parquet({glob}, hive_partitioning = true, hive_types = {{{types}}})"
@@ -129,14 +166,15 @@ FROM (UNPIVOT (SELECT model, method, image_id, layer, head, feature, {casts} FRO
 LEFT JOIN (SELECT image_id, file_name FROM images) USING (image_id)"""
 
 
-def view_statements(root: Path, present: dict[str, bool]) -> list[str]:
+def view_statements(root: Path, present: dict[str, bool], relative: bool = False) -> list[str]:
     """CREATE OR REPLACE statements for every view and macro, in dependency order; ``present`` says which
-    tables have files (the others get empty typed views)."""
-    root = Path(root).resolve()
-    readable_shards(root)  # a warehouse written before image shards: LegacyLayoutError names the migration
+    tables have files (the others get empty typed views). ``relative``: globs relative to the warehouse root
+    (the catalog file's views; the statements then name no path at all)."""
+    readable_shards(Path(root))  # a warehouse written before image shards: LegacyLayoutError names the migration
+    base = None if relative else Path(root).resolve()
     statements = []
     for table in TABLES:
-        source = _source(root, table, present[table])
+        source = _source(base, table, present[table])
         body = _models_view(source) if table == "models" else f"SELECT * FROM {source}"
         statements.append(f"CREATE OR REPLACE VIEW {table} AS {body}")
     statements.append(f"CREATE OR REPLACE VIEW methods AS {_methods_view()}")
@@ -163,10 +201,15 @@ ORDER BY "row", col"""
     return statements
 
 
+def tables_present(root: Path) -> dict[str, bool]:
+    """Which tables of the warehouse at ``root`` have at least one data file."""
+    return {t: has_partitions(root, t) for t in TABLES}
+
+
 def create_views(con: duckdb.DuckDBPyConnection, root: Path) -> dict[str, bool]:
-    """Create (or replace) the views of ``root`` on ``con``; returns which tables had files."""
+    """Create (or replace) the views of ``root`` (absolute paths) on ``con``; returns which tables had files."""
     root = Path(root).resolve()
-    present = {t: has_partitions(root, t) for t in TABLES}
+    present = tables_present(root)
     for statement in view_statements(root, present):
         con.execute(statement)
     return present

@@ -18,7 +18,8 @@ import duckdb
 import pyarrow as pa
 
 from ssl_attention.query import alignment, maps, statistics
-from ssl_attention.query.alignment import HeadFeatureMatrix, read_arrow
+from ssl_attention.query.alignment import HeadFeatureMatrix, RegionsInView, read_arrow
+from ssl_attention.query.catalog import refresh_catalog
 from ssl_attention.query.connection import views_cursor
 from ssl_attention.query.errors import (
     EmptyWarehouseError,
@@ -304,6 +305,65 @@ class Warehouse:
         names = pa.array([index[i].file_name if i in index else None for i in table["image_id"].to_pylist()])
         return table.add_column(1, "file_name", names)
 
+    def image_scores(self, image_id: str, model: str, method: str, layer: int, feature: str = "all") -> pa.Table:
+        """One image's scores at one layer for ``feature``: the fused map, every head, then the two baselines
+        (map_kind, head, every metric of ``METRIC_COLUMNS``, num_regions, area and visible fractions). Empty when
+        the image has no regions of ``feature``; metrics are NULL when they all lie outside the view."""
+        sel, _, feature = self._resolve_alignment(model, method, layer, "iou_50", feature)
+        image_id = check_name("image_id", image_id)
+        params = {"image_id": image_id, "layer": sel.layer, "feature": feature, "kinds": list(alignment.MAP_KINDS)}
+        self._alignment_files(sel)  # none at all: say what to run
+        path = self._shard_file_of("alignment", image_id, model=sel.model, method=sel.method)
+        if not path.is_file():  # no image of this shard was scored: an empty table of the query's columns
+            path = self._alignment_files(sel)[0]
+            params["image_id"] = ""  # no image has an empty id
+        table = read_arrow(path, alignment.IMAGE_SCORES_SQL, params)
+        if table.num_rows == 0 and image_id not in self.image_index():
+            raise self._missing_image(image_id, sel.model, sel.method)
+        return table
+
+    def annotated_images(self) -> dict[str, tuple[str, ...]]:
+        """image id -> the features of its regions (sorted), for every image with regions; {} when the
+        warehouse holds no annotations."""
+        path = self.path("annotations")
+        key = file_key(path)
+        if key is None:
+            return {}
+
+        def load() -> dict[str, tuple[str, ...]]:
+            features: dict[str, list[str]] = {}
+            for row in read_dicts(path, alignment.ANNOTATED_SQL):
+                features.setdefault(str(row["image_id"]), []).append(str(row["feature"]))
+            return {image: tuple(names) for image, names in features.items()}
+
+        return self._cache.get(("annotated_images",), key, load)
+
+    def regions_in_view(self, image_id: str, model: str) -> RegionsInView:
+        """The image's annotated regions in ``model``'s input frame (input pixels, y downwards; each box also
+        clipped to the frame, with its visible fraction): where they lie on the model's maps. No regions for an
+        image without annotations; a ``MissingDataError`` when the warehouse holds no annotations, or the image's
+        input was stored without its transform (an older extraction)."""
+        info = self.model(model)
+        image_id = check_name("image_id", image_id)
+        annotations = self.path("annotations")
+        if not annotations.is_file():
+            raise MissingDataError(
+                f"the warehouse at {self.root} holds no annotations; add them with: "
+                f"{fill_command(self.root)} --annotations FILE (COCO instances JSON or WikiChurches)"
+            )
+        inputs = self._shard_file_of("inputs", image_id, model=info.slug)
+        rows = read_dicts(inputs, alignment.TRANSFORM_SQL, {"image_id": image_id}) if inputs.is_file() else []
+        if not rows:
+            raise self._missing_image(image_id, info.slug)
+        transform = alignment.stored_transform(rows[0])
+        if transform is None:
+            raise MissingDataError(
+                f"the {info.slug} input of image {image_id} was stored without its transform (an older extraction); "
+                f"re-extract it: {fill_command(self.root)} --models {info.slug} --recompute"
+            )
+        regions = read_dicts(annotations, alignment.REGIONS_SQL, {"image_id": image_id})
+        return alignment.regions_in_view(image_id, info.slug, transform, regions)
+
     def _resolve_alignment(
         self, model: object, method: object, layer: object, metric: object, feature: object, head: object = None
     ) -> tuple[Selection, str, str]:
@@ -445,11 +505,15 @@ _warehouses_lock = threading.Lock()
 
 def open_warehouse(location: str | os.PathLike[str] | None = None) -> Warehouse:
     """The process-wide ``Warehouse`` of ``location`` (``--warehouse`` value, else ``$SSL_ATTENTION_WAREHOUSE``,
-    else ``data/warehouse``). A missing or empty warehouse opens fine and answers with empty lists."""
+    else ``data/warehouse``). A missing or empty warehouse opens fine and answers with empty lists.
+
+    The first open in a process also rewrites the warehouse's ``attention.duckdb`` if it is stale (written by
+    an older version, with absolute paths into where the warehouse was then: ``catalog.refresh_catalog``)."""
     root = resolve_warehouse(location)
     with _warehouses_lock:
         warehouse = _warehouses.get(root)
         if warehouse is None:
+            refresh_catalog(root)
             warehouse = _warehouses[root] = Warehouse(root)
     warehouse.shards()  # a warehouse written before image shards: the error names the migration command
     return warehouse
