@@ -180,7 +180,7 @@ def test_head_stats_and_catalog(materialized):
         maps_rows = sum(len(read_partition(warehouse, model, m)) for m in MODELS[model].methods)
         assert stats_rows == maps_rows
     catalog = Path(_metadata(results["catalog"], "warehouse_catalog")["catalog"])
-    with duckdb.connect(str(catalog), read_only=True) as con:
+    with duckdb.connect(str(catalog), read_only=True, config={"file_search_path": str(catalog.parent)}) as con:
         count = con.execute("SELECT count(*) FROM attention_maps WHERE model = 'dinov2'").fetchone()[0]
         assert count == sum(len(read_partition(warehouse, "dinov2", m)) for m in MODELS["dinov2"].methods)
 
