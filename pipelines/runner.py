@@ -184,7 +184,7 @@ def run_extraction(
         return RunOutcome(images=found, models=[], images_error=f"no usable images in {folder} ({skipped} skipped)")
     annotated: dict[str, object] = {}
     annotations_error, annotations_warnings = None, []
-    after_maps = CHECKS_THEN_STATS
+    after_maps, ranked = CHECKS_THEN_STATS, False
     if settings.annotations.strip():  # the annotation file once, then alignment with each model
         labels = materialize(dg.AssetSelection.assets(annotations))
         annotations_error = _failure(labels)
@@ -192,8 +192,7 @@ def run_extraction(
         annotations_warnings = [e.check_name for e in labels.get_asset_check_evaluations() if not e.passed]
     # alignment follows each model's maps whenever there are annotations (given now or read by an earlier run)
     if annotations_error is None and partition_file(settings.warehouse_path(), "annotations").is_file():
-        after_maps = CHECKS_THEN_STATS | dg.AssetSelection.assets("alignment")
-    ranked = after_maps != CHECKS_THEN_STATS
+        after_maps, ranked = CHECKS_THEN_STATS | dg.AssetSelection.assets("alignment"), True
     outcomes = []
     for model in models:
         parts = []

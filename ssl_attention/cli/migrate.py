@@ -33,6 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _count(shards: int) -> str:
+    return f"{shards} shard" + ("s" if shards != 1 else "")
+
+
 def main(args: argparse.Namespace) -> int:
     from ssl_attention.warehouse.migrate import migrate_shards
 
@@ -47,9 +51,9 @@ def main(args: argparse.Namespace) -> int:
         report = migrate_shards(root, shards)
     except LayoutError as exc:
         return fail(str(exc))
-    before = "the pre-shard layout" if report.previous is None else f"{report.previous} shards"
+    before = "the pre-shard layout" if report.previous is None else _count(report.previous)
     moved = ", ".join(f"{table} {rows}" for table, rows in sorted(report.rows.items())) or "none"
-    print(f"warehouse {root}: {before} -> {report.shards} shards")
+    print(f"warehouse {root}: {before} -> {_count(report.shards)}")
     print(f"  {report.files_split} partition files split into {report.files_written} shard files; rows: {moved}")
     if report.leftovers_removed:
         print(f"  {report.leftovers_removed} old-layout files removed")
