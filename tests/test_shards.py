@@ -99,7 +99,8 @@ def _rows(warehouse: Path, table: str, **keys: str) -> list[dict]:
     rows = []
     for partition in iter_partitions(warehouse, table, **keys):
         for row in pq.read_table(partition.path).to_pylist():
-            row.pop("extracted_at", None), row.pop("computed_at", None)
+            for stamp in ("extracted_at", "computed_at", "maps_extracted_at"):
+                row.pop(stamp, None)
             rows.append(row)
     return sorted(rows, key=lambda r: (r["image_id"], str(r.get("layer")), str(r.get("head")), str(r.get("jpeg"))))
 
@@ -250,3 +251,36 @@ def test_each_shard_replaces_only_its_own_rows_of_the_models_errors(tmp_path):
     ]
     write_model_errors(tmp_path, "clip", "0", 2, [])  # shard 0 now extracts cleanly: shard 1's error stays
     assert [(r["source"], r["file_name"]) for r in read_errors(tmp_path)] == [("clip", "odd.jpg")]
+
+
+def test_a_run_in_two_shards_scores_and_ranks_heads_as_one_shard(tmp_path, tiny_checkpoints, images_copy):
+    """`ssl-attention run`'s path (every shard of the model, then its head ranking over all shards): the same
+    alignment rows and head ranking as one shard."""
+    from pipelines.runner import run_extraction
+    from tests.pipeline_helpers import tiny_settings
+    from tests.sql_helpers import SAMPLE_ANNOTATIONS
+
+    folder = images_copy(3)  # two images in shard 0 of 2, one in shard 1
+    warehouses = {}
+    for shards in (1, 2):
+        warehouse = tmp_path / f"shards{shards}"
+        settings = tiny_settings(
+            folder, warehouse, {"clip": tiny_checkpoints["clip"]}, shards=shards, annotations=str(SAMPLE_ANNOTATIONS)
+        )
+        outcome = run_extraction(settings, ["clip"])
+        assert outcome.success and outcome.models[0].alignment["maps_scored_this_run"] > 0
+        warehouses[shards] = warehouse
+    assert {p.keys["shard"] for p in iter_partitions(warehouses[2], "alignment")} == {"0", "1"}
+    assert_close(_rows(warehouses[2], "alignment", model="clip"), _rows(warehouses[1], "alignment", model="clip"))
+    for method in ("cls", "mean", "rollout"):
+        ranked = {
+            n: sorted(
+                pq.read_table(w / "head_ranking" / "model=clip" / f"method={method}" / DATA_FILE)
+                .drop_columns(["computed_at"])
+                .to_pylist(),
+                key=lambda r: (r["layer"], r["metric"], r["feature"], r["entry"]),
+            )
+            for n, w in warehouses.items()
+        }
+        assert ranked[1]
+        assert_close(ranked[2], ranked[1], method)  # the bootstrap is keyed by image, not by file
