@@ -125,7 +125,6 @@ class AlignmentTab(Tab):
             titles=dict(av.RANKING_TITLES),
             formatters=TABLE_FORMATTERS,
             layout="fit_data_table",
-            name="alignment-ranking",
             css_classes=["alignment-ranking"],
         )
         self.ranking.on_click(self.on_ranking_click)
@@ -163,12 +162,13 @@ class AlignmentTab(Tab):
         except Exception as exc:
             features, available = ("all",), False
             missing = self.session.failure(f"load the alignment of {s.model}/{s.method}", exc)
-        keep = self.feature if self.feature in features else "all"
-        with param.parameterized.discard_events(self):
-            self.param.feature.objects = list(features)
-            self.feature = keep
+        if list(features) != list(self.param.feature.objects):
+            keep = self.feature if self.feature in features else "all"
+            with param.parameterized.discard_events(self):
+                self.param.feature.objects = list(features)
+                self.feature = keep
+            self.param.trigger("feature")  # the select shows the new options
         self.param.update(available=available, missing=missing)
-        self.param.trigger("feature")  # the select shows the new options
 
     # --- drawing ---------------------------------------------------------------------------------------------
 
@@ -336,7 +336,7 @@ class AlignmentTab(Tab):
         return export.Download(f"{self._stem('matrix')}_matrix.{fmt}", export.table_bytes(table, fmt))
 
     def _download(self, build: Any, what: str, fmt: str, label: str) -> pn.widgets.FileDownload:
-        widget = pn.widgets.FileDownload(label=label, width=130, margin=(5, 4), name=f"{what}-{fmt}")
+        widget = pn.widgets.FileDownload(label=label, width=130, margin=(5, 4), css_classes=[f"{what}-{fmt}"])
 
         def callback() -> Any:
             download = export.safely(self.session, lambda _: build(fmt), f"the {what} as {fmt.upper()}")
