@@ -181,7 +181,7 @@ def entry_label(entry: str, per_head: bool, method_label: str) -> str:
 def no_alignment_markdown(model: str, method: str, root: str, reason: str) -> str:
     """Why the tab has nothing to show for (model, method), and how to add annotations."""
     where = html.escape(f"{model}/{method}")
-    return f"""### No alignment for {where} yet
+    return f"""### Alignment of {where}: no annotations scored yet
 
 {html.escape(reason)}
 

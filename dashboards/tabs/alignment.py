@@ -54,6 +54,8 @@ class ExemplarPair:
         self.base = ColumnDataSource({"image": [np.zeros((1, 1), np.uint32)], "dw": [1.0], "dh": [1.0]})
         self.head = figures.OverlayFigure(self.x_range, self.y_range, self.base, f"exemplar-{index}-head")
         self.fused = figures.OverlayFigure(self.x_range, self.y_range, self.base, f"exemplar-{index}-fused")
+        for figure in (self.head.figure, self.fused.figure):
+            figure.toolbar.autohide = True  # shown on hover: at this size it would sit on the title
         self.caption = pn.pane.HTML("", margin=(0, 10), css_classes=["exemplar-caption"], width=2 * EXEMPLAR_FRAME)
         self.head_holder = pn.Column(pn.pane.Bokeh(self.head.figure), margin=0)
         self.fused_holder = pn.Column(pn.pane.Bokeh(self.fused.figure), margin=0)
