@@ -35,7 +35,7 @@ from ssl_attention.settings import resolve_warehouse, warehouse_location
 from ssl_attention.warehouse.paths import WarehouseLocationError
 
 hv.extension("bokeh", logo=False)
-pn.extension(notifications=False)
+pn.extension("tabulator", notifications=False)
 
 log = logging.getLogger(__name__)
 

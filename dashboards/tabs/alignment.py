@@ -37,6 +37,8 @@ EXEMPLARS = 4  # best-scoring images shown for the selected head
 EXEMPLAR_FRAME = 170  # px, longer side of each exemplar map's data area: a pair fits from a 1024-px window up
 CONTENT_WIDTH = 700  # px the tab's parts may take beside the controls in a 1024-px window
 TABLE_WIDTH = 600  # px, the ranking table's note (the table fits its data: about 590 px)
+TABLE_WIDTHS = {"rank": 56, "entry": 130, "mean": 72, "ci_low": 72, "ci_high": 76, "median": 72, "n_images": 44}
+TABLE_WIDTHS["head_rank"] = 90
 TABLE_FORMATTERS = {name: NumberFormatter(format="0.0000") for name in ("mean", "ci_low", "ci_high", "median")}
 INTRO = (
     "How much of each map lies on the annotated regions: the mean over the annotated images of the chosen "
@@ -94,8 +96,9 @@ class ExemplarPair:
 
 
 def shrink(rgb: np.ndarray, longer: int) -> np.ndarray:
-    """Every k-th pixel, so that the longer side is at most about twice ``longer`` (what a small map needs)."""
-    step = max(1, math.ceil(max(rgb.shape[:2]) / (2 * longer)))
+    """Every k-th pixel, so that the longer side is at most ``longer`` px (the frame it is drawn in): four
+    224-px inputs are 800 KB of RGBA per switch, a quarter of that at 112 px."""
+    step = max(1, math.ceil(max(rgb.shape[:2]) / longer))
     return rgb[::step, ::step] if step > 1 else rgb
 
 
@@ -126,7 +129,9 @@ class AlignmentTab(Tab):
             selectable=False,
             titles=dict(av.RANKING_TITLES),
             formatters=TABLE_FORMATTERS,
-            layout="fit_data_table",
+            layout="fit_columns",  # fixed widths: no measuring of every cell on each update
+            widths=dict(TABLE_WIDTHS),
+            width=sum(TABLE_WIDTHS.values()) + 2,
             css_classes=["alignment-ranking"],
         )
         self.ranking.on_click(self.on_ranking_click)
@@ -352,9 +357,13 @@ class AlignmentTab(Tab):
 
     def __panel__(self) -> pn.viewable.Viewable:
         p = self.param
+        metric = pn.widgets.Select.from_param(p.metric, label="Metric", width=260)
+        feature = pn.widgets.Select.from_param(p.feature, label="Feature", width=200)
+        for widget in (metric, feature):
+            widget._debounce = 0  # as the controls' selects: Panel's 50 ms wait is pure latency here
         pickers = pn.FlexBox(
-            pn.widgets.Select.from_param(p.metric, label="Metric", width=260),
-            pn.widgets.Select.from_param(p.feature, label="Feature", width=200),
+            metric,
+            feature,
             max_width=CONTENT_WIDTH,
             sizing_mode="stretch_width",
         )
