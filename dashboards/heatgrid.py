@@ -86,7 +86,6 @@ class HeatGrid:
             frame.line_color = color
             self.figure.add_glyph(self.outline, frame)
         self.shape = (0, 0)
-        self.resized = False  # set when the frame changes size (the page must lay it out again)
         self._drawn: tuple[Any, ...] = ()
         self._selected: tuple[int, int] | None = (-1, -1)
         self._cmap = "viridis"
@@ -169,8 +168,7 @@ class HeatGrid:
             self.figure.y_range.update(start=0, end=rows)
             # a few rows get taller cells: the colour bar (as tall as the frame) needs room for its labels
             self.figure.update(frame_width=cell * columns, frame_height=max(cell * rows, MIN_HEIGHT))
-            self._selected = (-1, -1)
-            self.resized = True
+            self._selected = (-1, -1)  # Bokeh lays the figure out again itself (no re-send of its pane needed)
 
     def select(self, cell: tuple[int, int] | None) -> None:
         """Outline ``(row, column)`` (None: no outline)."""

@@ -37,8 +37,6 @@ EXEMPLARS = 4  # best-scoring images shown for the selected head
 EXEMPLAR_FRAME = 170  # px, longer side of each exemplar map's data area: a pair fits from a 1024-px window up
 CONTENT_WIDTH = 700  # px the tab's parts may take beside the controls in a 1024-px window
 TABLE_WIDTH = 600  # px, the ranking table's note (the table fits its data: about 590 px)
-TABLE_WIDTHS = {"rank": 56, "entry": 130, "mean": 72, "ci_low": 72, "ci_high": 76, "median": 72, "n_images": 44}
-TABLE_WIDTHS["head_rank"] = 90
 TABLE_FORMATTERS = {name: NumberFormatter(format="0.0000") for name in ("mean", "ci_low", "ci_high", "median")}
 INTRO = (
     "How much of each map lies on the annotated regions: the mean over the annotated images of the chosen "
@@ -84,8 +82,6 @@ class ExemplarPair:
             width, height = figures.frame_size(aspect, EXEMPLAR_FRAME)
             for figure in (self.head.figure, self.fused.figure):
                 figure.update(frame_width=width, frame_height=height)
-            for holder in (self.head_holder, self.fused_holder):
-                holder.param.trigger("objects")
         if self._rgb is None or not np.array_equal(self._rgb, rgb):
             self._rgb = rgb
             self.base.data = {"image": [figures.rgba_image(rgb)], "dw": [1.0], "dh": [aspect]}
@@ -129,9 +125,7 @@ class AlignmentTab(Tab):
             selectable=False,
             titles=dict(av.RANKING_TITLES),
             formatters=TABLE_FORMATTERS,
-            layout="fit_columns",  # fixed widths: no measuring of every cell on each update
-            widths=dict(TABLE_WIDTHS),
-            width=sum(TABLE_WIDTHS.values()) + 2,
+            layout="fit_data_table",
             css_classes=["alignment-ranking"],
         )
         self.ranking.on_click(self.on_ranking_click)
@@ -219,7 +213,6 @@ class AlignmentTab(Tab):
         self.grid.render(score.values, row_labels, labels, session.cmap, title, short, skip, axes)
         shown = s.head if per_head else None
         self.grid.select((layers.index(s.layer), score.column(shown)) if s.layer in layers else None)
-        self._relayout(self.grid, self.grid_holder)
 
         frame = av.ranking_frame(ranking)
         if self._frame is None or not frame.equals(self._frame):
@@ -235,7 +228,6 @@ class AlignmentTab(Tab):
         cell_row = matrix.entries.index(entry) if entry in matrix.entries else None
         cell_col = matrix.features.index(feature) if feature in matrix.features else None
         self.matrix.select((cell_row, cell_col) if cell_row is not None and cell_col is not None else None)
-        self._relayout(self.matrix, self.matrix_holder)
         layer = info.layer_label(s.layer)
         self.note = (
             f"<b>{html.escape(layer)}</b>: ranking of {'every head, ' if per_head else ''}the fused map and the "
@@ -243,11 +235,6 @@ class AlignmentTab(Tab):
             + ("" if per_head else f" — {html.escape(method_label)} has no per-head maps")
         )
         self._render_exemplars(shown, per_head)
-
-    def _relayout(self, grid: HeatGrid, holder: pn.Column) -> None:
-        if grid.resized:  # the browser lays a figure out again only when its layout changes
-            grid.resized = False
-            holder.param.trigger("objects")
 
     def _render_exemplars(self, head: int | None, per_head: bool) -> None:
         session, s = self.session, self.session.selection
