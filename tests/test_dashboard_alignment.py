@@ -250,3 +250,15 @@ def test_a_tap_on_the_heat_grid_names_the_cell_from_the_top() -> None:
     assert taps == [(0, 0), (2, 1)]
     assert grid.source.data["value"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     assert grid.source.data["y"][:2] == [2.5, 2.5]  # row 0 at the top
+
+
+@pytest.mark.parametrize("cmap", ["magma", "gray"])
+def test_every_part_draws_with_the_chosen_palette(explorer: AttentionExplorer, cmap: str) -> None:
+    from bokeh import palettes
+
+    tab, session = tab_of(explorer), explorer.session
+    session.apply_query({"model": "dinov2", "method": "cls", "layer": 1, "head": 1, "cmap": cmap})
+    expected = list({"magma": palettes.Magma256, "gray": palettes.Greys256}[cmap])  # as ssl_attention.render
+    mappers = [tab.grid.mapper, tab.matrix.mapper, tab.pairs[0].head.mapper, tab.pairs[0].fused.mapper]
+    for mapper in mappers:
+        assert list(mapper.palette) == expected
