@@ -207,6 +207,15 @@ def test_without_alignment_the_tab_says_how_to_add_annotations(explorer: Attenti
         assert needed in tab.missing, needed
 
 
+def test_back_from_a_model_without_alignment_the_views_are_drawn(explorer: AttentionExplorer) -> None:
+    tab, session = tab_of(explorer), explorer.session
+    session.apply_query({"model": "mae", "method": "cls", "tab": "alignment"})
+    assert not tab.available
+    session.model = "dinov2"  # the control, as a user switches
+    assert tab.available and tab.problem == ""
+    assert tab.grid.source.data["value"] and len(tab.ranking.value) == 4 + 1 + 2  # 4 heads, fused, baselines
+
+
 def test_a_warehouse_without_annotations_shows_the_message(tiny_warehouse: Path, tmp_path: Path) -> None:
     app = open_explorer(dashboard_warehouse(tiny_warehouse, tmp_path / "wh"))
     tab = app.tabs["alignment"]

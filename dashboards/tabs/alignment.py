@@ -143,7 +143,8 @@ class AlignmentTab(Tab):
             for fmt, label in (("csv", "Matrix CSV"), ("parquet", "Matrix Parquet"))
         ]
         session.param.watch(self.on_shape, ["shape_key"])
-        session.param.watch(self.render, ["tab", "selection", "cmap", "opacity", "scale", "contrast"])
+        # after on_shape (precedence 0) when a switch changes both: the features are those of the new selection
+        session.param.watch(self.render, ["tab", "selection", "cmap", "opacity", "scale", "contrast"], precedence=1)
         self.param.watch(self.render, ["metric", "feature"])
         self.on_shape()
 
@@ -163,13 +164,17 @@ class AlignmentTab(Tab):
         except Exception as exc:
             features, available = ("all",), False
             missing = self.session.failure(f"load the alignment of {s.model}/{s.method}", exc)
-        if list(features) != list(self.param.feature.objects):
+        changed = list(features) != list(self.param.feature.objects)
+        if changed:
             keep = self.feature if self.feature in features else "all"
             with param.parameterized.discard_events(self):
                 self.param.feature.objects = list(features)
                 self.feature = keep
-            self.param.trigger("feature")  # the select shows the new options
         self.param.update(available=available, missing=missing)
+        if changed:
+            self.param.trigger("feature")  # the select shows the new options
+        self._drawn = None  # drawn for another model or method: draw again (when open)
+        self.render()
 
     # --- drawing ---------------------------------------------------------------------------------------------
 
