@@ -234,9 +234,9 @@ class AlignmentTab(Tab):
         cell_col = matrix.features.index(feature) if feature in matrix.features else None
         self.matrix.select((cell_row, cell_col) if cell_row is not None and cell_col is not None else None)
         layer = info.layer_label(s.layer)
-        self.note = (
+        self.note = (  # changes with the layer and the method only (see _render_exemplars)
             f"<b>{html.escape(layer)}</b>: ranking of {'every head, ' if per_head else ''}the fused map and the "
-            f"baselines on <b>{html.escape(short)}</b> for {html.escape(where)}"
+            "baselines on the metric and feature chosen above"
             + ("" if per_head else f" — {html.escape(method_label)} has no per-head maps")
         )
         self._render_exemplars(shown, per_head)
@@ -253,35 +253,33 @@ class AlignmentTab(Tab):
         shared, mode = session.scale == "shared", session.contrast
         short = av.metric_short(self.metric)
         which = state.head_label(head) if per_head else state.method_label(s.method)
+        # what a metric or feature switch changes goes into the figures' titles (Bokeh properties); the HTML
+        # captions and heading change with the images and the head only (an HTML update costs ~4 ms a pane)
         for k, pair in enumerate(self.pairs):
             if k >= len(names):
                 pair.layout.visible = False
                 continue
             image = names[k]
+            pair.caption.object = f"<b>{k + 1}. {html.escape(session.file_name(image))}</b>"
+            pair.layout.visible = True
             try:
                 grid = data.head_grid(session.root, image, s.model, s.method, s.layer)
             except Exception as exc:
-                pair.caption.object = html.escape(plain(session.failure(f"load the maps of {image}", exc)))
-                pair.layout.visible = True
+                pair.caption.object += " — " + html.escape(plain(session.failure(f"load the maps of {image}", exc)))
                 continue
-            fused_values = grid.maps[grid.heads.index(None)]
-            fused = layer_of(grid.maps, fused_values, shared, mode, f"{session.map_title(None)}")
+            score = f"{short} {'—' if values[k] is None else f'{values[k]:.3f}'}"
+            fused_title = f"{which} · {score}" if head is None else state.head_label(None)
+            fused = layer_of(grid.maps, grid.maps[grid.heads.index(None)], shared, mode, fused_title)
             shown = None
             if head is not None and head in grid.heads:
-                shown = layer_of(grid.maps, grid.maps[grid.heads.index(head)], shared, mode, session.map_title(head))
+                shown = layer_of(grid.maps, grid.maps[grid.heads.index(head)], shared, mode, f"{which} · {score}")
             rgb = shrink(session.rgb(image, s.model), EXEMPLAR_FRAME)
             pair.render(rgb, shown, fused, session.cmap, session.opacity, session.value_label)
-            name = html.escape(session.file_name(image))
-            value = "—" if values[k] is None else f"{values[k]:.3f}"
-            pair.caption.object = f"<b>{k + 1}. {name}</b> — {html.escape(which)}: {html.escape(short)} {value}"
-            pair.layout.visible = True
         if best is not None:
-            heading = f"<b>Best images of {html.escape(which)}</b> ({html.escape(short)}, "
-            heading += "all regions" if self.feature == "all" else f"feature “{html.escape(self.feature)}”"
-            heading += ")" + (", each beside the fused map" if head is not None else "")
-            if not names:
-                heading += ": no scored image."
-            self.exemplar_note.object = heading
+            heading = f"<b>Best images of {html.escape(which)}</b> at {html.escape(session.layer_label())}"
+            heading += " (on the metric and feature chosen above)"
+            heading += ", each beside the fused map" if head is not None else ""
+            self.exemplar_note.object = heading + (": no scored image." if not names else "")
 
     # --- clicks ----------------------------------------------------------------------------------------------
 
