@@ -24,6 +24,16 @@ inside the page with ``performance.now()`` so the harness's own overhead is not 
 
 Goals (issue 5): first paint <= 3 s, switch p95 <= 300 ms. ``--write-docs`` replaces the "Dashboard
 latency" section of docs/benchmarks.md with this run's figures.
+
+``--tab alignment`` measures the Alignment tab instead (issue 11), over the same warehouse with synthetic
+annotations (``bench.alignment_throughput.synthetic_annotations``: 1-4 boxes per image from 4 categories),
+scored for ``--model`` first if the warehouse has no alignment for it yet. First render: from navigation start
+until the layers x heads score grid holds its cells and two frames have passed; switches: setting the Metric
+or the Feature select until the grid's data source has been updated (the ranking, the matrix and the
+exemplars arrive in the same message) and two frames have passed, alternating metric and feature. Goal: p95
+<= 300 ms per switch; ``--write-docs`` replaces the "Alignment tab latency" section.
+
+    python -m bench.dashboard_latency --tab alignment [--clients 5] [--switches 40] [--write-docs]
 """
 
 from __future__ import annotations
@@ -62,6 +72,8 @@ GOAL_FIRST_PAINT_S = 3.0
 GOAL_SWITCH_P95_MS = 300.0
 SECTION_START = "<!-- dashboard-latency:start -->"
 SECTION_END = "<!-- dashboard-latency:end -->"
+ALIGNMENT_RESULTS = REPO / "bench" / "results" / "alignment_latency.json"
+ALIGNMENT_SECTION = ("<!-- alignment-latency:start -->", "<!-- alignment-latency:end -->")
 
 # Resolves with performance.now() once the fused overlay holds a map and two frames have been drawn.
 FIRST_PAINT_JS = """() => new Promise((resolve, reject) => {
@@ -185,7 +197,8 @@ def run_round(pages: list[Any], active: int, switches: int, heads: int, layers: 
 def summarise(results: list[dict], kind: str) -> dict[str, float]:
     times = [r["ms"] for r in results if r["kind"] == kind and r["ms"] is not None]
     lost = sum(1 for r in results if r["kind"] == kind and r["ms"] is None)
-    return {"n": len(times), "timeouts": lost, "p50": pct(times, 50), "p95": pct(times, 95), "max": max(times)}
+    top = max(times) if times else float("nan")
+    return {"n": len(times), "timeouts": lost, "p50": pct(times, 50), "p95": pct(times, 95), "max": top}
 
 
 BASELINE_APP = """
@@ -203,18 +216,18 @@ pn.Column(pn.pane.Markdown("# baseline"), pn.pane.Bokeh(plot)).servable()
 """
 
 
-def load_at_once(browser: Any, urls: list[str]) -> tuple[list[Any], list[float]]:
+def load_at_once(browser: Any, urls: list[str], ready_js: str = FIRST_PAINT_JS) -> tuple[list[Any], list[float]]:
     """Open every URL in its own context at the same time; first paint of each, in seconds."""
     pages = [browser.new_context(viewport={"width": 1400, "height": 1000}).new_page() for _ in urls]
     for page, url in zip(pages, urls, strict=True):
         page.goto(url, wait_until="commit")
-    return pages, [page.evaluate(FIRST_PAINT_JS) / 1000 for page in pages]
+    return pages, [page.evaluate(ready_js) / 1000 for page in pages]
 
 
-def load_one(browser: Any, url: str) -> tuple[Any, float]:
+def load_one(browser: Any, url: str, ready_js: str = FIRST_PAINT_JS) -> tuple[Any, float]:
     page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
     page.goto(url, wait_until="commit")
-    return page, page.evaluate(FIRST_PAINT_JS) / 1000
+    return page, page.evaluate(ready_js) / 1000
 
 
 def close(page: Any) -> None:
@@ -253,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all clients switching (pooled in the table)")
     parser.add_argument("--write-docs", action="store_true", help="update the section in docs/benchmarks.md")
     parser.add_argument("--from-results", action="store_true", help=f"re-render {RESULTS.name} without measuring")
+    parser.add_argument("--tab", choices=("heads", "alignment"), default="heads", help="the tab measured")
     args = parser.parse_args(argv)
+    if args.tab == "alignment":
+        return alignment_main(args)
     if args.from_results:
         return report_and_write(json.loads(RESULTS.read_text()), args.write_docs)
     missing = browser_missing_reason()
@@ -487,12 +503,240 @@ def _wrap(paragraph: str) -> str:
     return textwrap.fill(paragraph, width=105, break_long_words=False, break_on_hyphens=False)
 
 
-def write_docs(section: str) -> None:
-    block = f"{SECTION_START}\n{section}\n{SECTION_END}\n"
+def write_docs(section: str, markers: tuple[str, str] = (SECTION_START, SECTION_END)) -> None:
+    start, end = markers
+    block = f"{start}\n{section}\n{end}\n"
     text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END) + r"\n?", re.DOTALL)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
     DOCS.write_text(text)
+
+
+# --- the Alignment tab (issue 11) ---------------------------------------------------------------------------
+
+# Resolves with performance.now() once the alignment tab's score grid holds its cells and two frames are drawn.
+ALIGNMENT_READY_JS = """() => new Promise((resolve, reject) => {
+  setTimeout(() => reject(new Error('no score grid after 60 s')), 60000);
+  const ready = () => {
+    const doc = window.Bokeh?.documents?.[0];
+    const fig = doc && [...doc.all_models].find(m => m.name === 'alignment-grid');
+    return (fig?.renderers[0]?.data_source.data.value?.length ?? 0) > 0;
+  };
+  const poll = () => ready()
+    ? requestAnimationFrame(() => requestAnimationFrame(() => resolve(performance.now())))
+    : setTimeout(poll, 5);
+  poll();
+})"""
+
+# Installs window.__bench.run(n, seed, metrics, features): n switches alternating the Metric and the Feature
+# select, each timed in the page until the score grid's data changed and two frames have passed.
+ALIGNMENT_HARNESS_JS = """() => {
+  const models = [...Bokeh.documents[0].all_models];
+  const grid = models.find(m => m.name === 'alignment-grid').renderers[0].data_source;
+  const select = title => models.find(m => m.type === 'panel.models.widgets.CustomSelect' && m.title === title);
+  const selects = {metric: select('Metric'), feature: select('Feature')};
+  let waiting = null;
+  grid.properties.data.change.connect(() => { const w = waiting; waiting = null; if (w) w(); });
+  let rng = 1;
+  const random = () => (rng = (rng * 1103515245 + 12345) % 2147483648) / 2147483648;
+  const value = option => Array.isArray(option) ? option[0] : option;
+  const pick = (widget) => {
+    const values = widget.options.map(value);
+    let v;
+    do { v = values[Math.floor(random() * values.length)]; } while (v === widget.value && values.length > 1);
+    return v;
+  };
+  const once = (kind) => new Promise(resolve => {
+    const widget = selects[kind];
+    const v = pick(widget);
+    const t0 = performance.now();
+    const timer = setTimeout(() => { waiting = null; resolve({kind, ms: null}); }, 10000);
+    waiting = () => requestAnimationFrame(() => requestAnimationFrame(() => {
+      clearTimeout(timer); resolve({kind, ms: performance.now() - t0});
+    }));
+    widget.value = v;
+  });
+  window.__bench = {
+    results: [],
+    done: false,
+    async run(n, seed) {
+      rng = seed;
+      for (let i = 0; i < n; i++) {
+        await new Promise(r => setTimeout(r, random() * 200));  // think time
+        this.results.push(await once(i % 2 === 0 ? 'metric' : 'feature'));
+      }
+      this.done = true;
+    },
+  };
+  return {metrics: selects.metric.options.length, features: selects.feature.options.length};
+}"""
+ALIGNMENT_KINDS = ("metric", "feature")
+
+
+def ensure_alignment(warehouse: Path, model: str) -> str:
+    """Synthetic annotations and the alignment of ``model`` in ``warehouse``, unless it has them; says which."""
+    from bench.alignment_throughput import synthetic_annotations
+    from ssl_attention.alignment.compute import write_alignment
+    from ssl_attention.alignment.store import write_annotations
+    from ssl_attention.warehouse.paths import partition_dir
+
+    if any(partition_dir(warehouse, "head_ranking", model=model, method="cls").glob("*.parquet")):
+        return "found"
+    labels = warehouse / "synthetic_annotations.json"
+    if not (warehouse / "annotations").is_dir():
+        labels.write_text(json.dumps(synthetic_annotations(warehouse, None)))
+        write_annotations(warehouse, labels)
+    start = time.perf_counter()
+    report = write_alignment(warehouse, model)
+    return f"scored {report.maps_scored:,} maps in {time.perf_counter() - start:.0f} s"
+
+
+def alignment_main(args: argparse.Namespace) -> int:
+    if args.from_results:
+        return alignment_report(json.loads(ALIGNMENT_RESULTS.read_text()), args.write_docs)
+    missing = browser_missing_reason()
+    if missing:
+        sys.exit(f"cannot drive {CHROMIUM}: {missing}")
+    if not (args.warehouse / "models").is_dir():
+        sys.exit(f"no warehouse at {args.warehouse}: run python bench/make_synthetic_warehouse.py first")
+    from playwright.sync_api import sync_playwright
+
+    print(f"alignment of {args.model}: {ensure_alignment(args.warehouse, args.model)}", flush=True)
+    names = image_names(args.warehouse, args.clients + 1)
+    port = free_port()
+
+    def url(k: int) -> str:
+        image = requests.utils.quote(names[k])
+        return f"http://127.0.0.1:{port}/app?tab=alignment&image={image}&model={args.model}&method=cls&head=0"
+
+    report: dict[str, Any] = {"clients": args.clients, "switches_per_client": args.switches, "model": args.model}
+    server = serve(args.warehouse, port)
+    try:
+        with sync_playwright() as playwright:
+            browser = launch_chromium(playwright)
+            page, report["first_render_server_first_session_s"] = load_one(browser, url(0), ALIGNMENT_READY_JS)
+            close(page)
+            alone = []
+            for _ in range(3):
+                page, seconds = load_one(browser, url(0), ALIGNMENT_READY_JS)
+                alone.append(seconds)
+                close(page)
+            pages, _ = load_at_once(browser, [url(k) for k in range(args.clients - 1)], ALIGNMENT_READY_JS)
+            joining = []
+            for _ in range(3):  # one more client opens while the others are connected
+                page, seconds = load_one(browser, url(args.clients), ALIGNMENT_READY_JS)
+                joining.append(seconds)
+                close(page)
+            page, seconds = load_one(browser, url(args.clients), ALIGNMENT_READY_JS)
+            joining.append(seconds)
+            pages.append(page)
+            report["first_render_s"] = {"alone": stats(alone), "joining_others_connected": stats(joining)}
+            options = [page.evaluate(ALIGNMENT_HARNESS_JS) for page in pages][-1]
+            report["options"] = options
+            single = run_round(pages, 1, args.switches, 0, 0, args.seed)
+            rounds = [
+                run_round(pages, len(pages), args.switches, 0, 0, args.seed + 1 + 1000 * k) for k in range(args.rounds)
+            ]
+            for page in pages:
+                close(page)
+            browser.close()
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(15)
+    report["one_client_switching"] = {k: summarise(single, k) for k in ALIGNMENT_KINDS}
+    report["all_clients_switching"] = {k: summarise([x for r in rounds for x in r], k) for k in ALIGNMENT_KINDS}
+    report["all_clients_switching_rounds"] = [{k: summarise(r, k) for k in ALIGNMENT_KINDS} for r in rounds]
+    report["machine"] = f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}"
+    report["images"] = len(image_names(args.warehouse, 10**9))
+    ALIGNMENT_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    ALIGNMENT_RESULTS.write_text(json.dumps(report, indent=2))
+    return alignment_report(report, args.write_docs)
+
+
+def alignment_report(report: dict[str, Any], write: bool) -> int:
+    text = render_alignment(report)
+    print(text)
+    if write:
+        write_docs(text, ALIGNMENT_SECTION)
+        print(f"\nwrote the section to {DOCS}")
+    return 0
+
+
+def render_alignment(r: dict[str, Any]) -> str:
+    n, fr = r["clients"], r["first_render_s"]
+    render_lines = [
+        f"| {label} | {s['n']} | {s['p50']:.2f} | {s['max']:.2f} | {verdict(s['max'], GOAL_FIRST_PAINT_S)} |"
+        for label, s in (
+            ("one client, nobody else connected", fr["alone"]),
+            (f"one client opening while {n - 1} others are connected", fr["joining_others_connected"]),
+        )
+    ]
+    switch_lines = []
+    scenarios = (
+        (f"1 client switching, {n - 1} idle", "one_client_switching"),
+        (f"all {n} switching", "all_clients_switching"),
+    )
+    for label, key in scenarios:
+        for kind in ALIGNMENT_KINDS:
+            s = r[key][kind]
+            switch_lines.append(
+                f"| {kind} switch, {label} | {s['n']} | {s['p50']:.0f} | {s['p95']:.0f} | {s['max']:.0f} "
+                f"| {verdict(s['p95'], GOAL_SWITCH_P95_MS)} |"
+            )
+    worst = max(r["all_clients_switching"][k]["p95"] for k in ALIGNMENT_KINDS)
+    rounds = r.get("all_clients_switching_rounds", [])
+    spread = ""
+    if len(rounds) > 1:
+        worst_by_round = [max(x[k]["p95"] for k in ALIGNMENT_KINDS) for x in rounds]
+        spread = f" Round by round, the worst p95 was {min(worst_by_round):.0f}-{max(worst_by_round):.0f} ms."
+    options = r.get("options", {})
+    return "\n".join(
+        [
+            "## Alignment tab latency",
+            "",
+            _wrap(
+                "Measured in headless Chromium (Playwright) against `panel serve dashboards/app.py` over the "
+                f"synthetic {r.get('images', 1000):,}-image warehouse with synthetic annotations (1-4 boxes per "
+                "image from 4 categories, `bench/alignment_throughput.py`) scored for "
+                f"`{r['model']}` (12 layers × 12 heads), "
+                f"{n} browser clients on the Alignment tab, each on its own image, on {r['machine']}: server and "
+                f"browsers share the cores. {options.get('metrics', 8)} metrics and {options.get('features', 5)} "
+                "feature choices (all + 4)."
+            ),
+            "",
+            "```bash",
+            "python bench/make_synthetic_warehouse.py     # once",
+            "python -m bench.dashboard_latency --tab alignment --write-docs   # scores the annotations first if needed",
+            "```",
+            "",
+            "**First render**: from navigation start until the layers × heads score grid holds its cells and two",
+            "animation frames have been drawn.",
+            "",
+            "| first render | loads | p50 s | max s | goal ≤ 3 s |",
+            "|---|---:|---:|---:|---|",
+            *render_lines,
+            "",
+            _wrap(
+                "**Switches**: from setting the Metric or Feature select in the page's Bokeh document until the "
+                "score grid's data is in the page and two frames have been drawn; the ranking table, the head × "
+                "feature matrix and the exemplar maps come in the same message. Each client switches concurrently "
+                f"with the others with 0-200 ms think time, alternating metric and feature ({len(rounds)} rounds of "
+                f"{r['switches_per_client']} switches per client, pooled)."
+            ),
+            "",
+            "| switch | n | p50 ms | p95 ms | max ms | p95 goal ≤ 300 ms |",
+            "|---|---:|---:|---:|---:|---|",
+            *switch_lines,
+            "",
+            _wrap(
+                f"Worst p95 with all clients switching: {worst:.0f} ms = {worst / GOAL_SWITCH_P95_MS:.2f} of the "
+                f"goal.{spread} The tab's grid and matrix are Bokeh models updated in place "
+                "(`dashboards/heatgrid.py`), its reads are cached per partition version (`dashboards/data.py`), "
+                "and a switch's changes go out as one message (`pn.io.hold`)."
+            ),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from dashboards.pages import TITLE, EmptyWarehouse, WarehouseProblem, skipped_ma
 from dashboards.session import Session
 from dashboards.state import Selection
 from dashboards.tabs import Tab
+from dashboards.tabs.alignment import AlignmentTab
 from dashboards.tabs.compare import CompareTab
 from dashboards.tabs.glossary import GlossaryTab
 from dashboards.tabs.heads import HeadsTab
@@ -34,7 +35,7 @@ from ssl_attention.settings import resolve_warehouse, warehouse_location
 from ssl_attention.warehouse.paths import WarehouseLocationError
 
 hv.extension("bokeh", logo=False)
-pn.extension(notifications=False)
+pn.extension("tabulator", notifications=False)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ TABS: list[type[Tab]] = [
     HeadsTab,
     OverviewTab,
     StatisticsTab,
+    AlignmentTab,
     CompareTab,
     GlossaryTab,
 ]

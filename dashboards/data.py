@@ -27,7 +27,7 @@ from ssl_attention.query import (
     Warehouse,
     open_warehouse,
 )
-from ssl_attention.query.alignment import RegionsInView
+from ssl_attention.query.alignment import HeadFeatureMatrix, RegionsInView, check_feature, check_metric
 
 log = logging.getLogger(__name__)
 
@@ -226,12 +226,102 @@ def thumbnail(root: str, image: str) -> np.ndarray:
     return _thumbnail(root, _version(root, "images"), image)
 
 
+# --- alignment with annotations (cached per head_ranking / alignment partition version) --------------------
+
+# Every layer's ranking entries of one (model, method, metric, feature): the alignment tab's layers x heads grid.
+ALIGNMENT_GRID_SQL = """SELECT layer, entry, map_kind, head, n_images, mean, ci_low, ci_high, rank
+FROM head_ranking
+WHERE model = $model AND method = $method AND metric = $metric AND feature = $feature
+ORDER BY layer, rank NULLS LAST, map_kind <> 'map', head NULLS FIRST"""
+
+
+def _ranking_version(root: str, model: str, method: str) -> str:
+    return _version(root, "head_ranking", model=model, method=method) + _version(
+        root, "alignment", model=model, method=method
+    )
+
+
+@pn.cache(max_items=64, policy="LRU")
+def _alignment_features(root: str, version: str, model: str, method: str) -> tuple[str, ...]:
+    return warehouse(root).alignment_features(model, method)
+
+
+def alignment_features(root: str, model: str, method: str) -> tuple[str, ...]:
+    """``all`` and every annotated feature of (model, method); raises ``MissingDataError`` without alignment."""
+    return _alignment_features(root, _ranking_version(root, model, method), model, method)
+
+
+@pn.cache(max_items=CACHE_ITEMS, policy="LRU")
+def _alignment_grid(root: str, version: str, model: str, method: str, metric: str, feature: str) -> pa.Table:
+    return warehouse(root).sql(
+        ALIGNMENT_GRID_SQL, {"model": model, "method": method, "metric": metric, "feature": feature}
+    )
+
+
+def alignment_grid(root: str, model: str, method: str, metric: str, feature: str) -> pa.Table:
+    """Every layer's ranking entries (heads, fused, baselines) for one metric and feature, by layer then rank.
+    The names are checked first (the same errors as ``head_ranking``)."""
+    check_feature(feature, alignment_features(root, model, method), f"{model}/{method}")
+    return _alignment_grid(root, _ranking_version(root, model, method), model, method, check_metric(metric), feature)
+
+
+@pn.cache(max_items=CACHE_ITEMS, policy="LRU")
+def _head_ranking(root: str, version: str, model: str, method: str, layer: int, metric: str, feature: str) -> pa.Table:
+    return warehouse(root).head_ranking(model, method, layer, metric, feature)
+
+
+def head_ranking(root: str, model: str, method: str, layer: int, metric: str, feature: str) -> pa.Table:
+    """Heads, fused map and baselines of one layer ranked on ``metric`` for ``feature`` (best first)."""
+    version = _ranking_version(root, model, method)
+    return _head_ranking(root, version, model, method, int(layer), metric, feature)
+
+
+@pn.cache(max_items=CACHE_ITEMS, policy="LRU")
+def _head_feature_matrix(
+    root: str, version: str, model: str, method: str, layer: int, metric: str
+) -> HeadFeatureMatrix:
+    return warehouse(root).head_feature_matrix(model, method, layer, metric)
+
+
+def head_feature_matrix(root: str, model: str, method: str, layer: int, metric: str) -> HeadFeatureMatrix:
+    version = _ranking_version(root, model, method)
+    return _head_feature_matrix(root, version, model, method, int(layer), metric)
+
+
+@pn.cache(max_items=CACHE_ITEMS, policy="LRU")
+def _exemplars(
+    root: str,
+    version: str,
+    model: str,
+    method: str,
+    layer: int,
+    head: int | None,
+    feature: str,
+    metric: str,
+    limit: int,
+) -> pa.Table:
+    return warehouse(root).exemplars(model, method, layer, head, feature, metric, limit)
+
+
+def exemplars(
+    root: str, model: str, method: str, layer: int, head: int | None, feature: str, metric: str, limit: int
+) -> pa.Table:
+    """The images where one map (``head=None``: fused) scores best on ``metric`` for ``feature``, best first."""
+    version = _ranking_version(root, model, method)
+    return _exemplars(root, version, model, method, int(layer), head, feature, metric, int(limit))
+
+
 __all__ = [
     "Loaded",
     "QueryError",
+    "alignment_features",
+    "alignment_grid",
     "annotated_images",
     "compare_models",
+    "exemplars",
+    "head_feature_matrix",
     "head_grid",
+    "head_ranking",
     "head_statistics",
     "image_scores",
     "input_rgb",

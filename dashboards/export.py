@@ -69,18 +69,28 @@ def cells_table(view: ViewMaps) -> pa.Table:
     )
 
 
-def csv_bytes(view: ViewMaps) -> io.BytesIO:
+TABLE_FORMATS = ("csv", "parquet")
+
+
+def table_bytes(table: pa.Table, fmt: str) -> io.BytesIO:
+    """``table`` as a CSV or Parquet file."""
+    if fmt not in TABLE_FORMATS:
+        raise ValueError(f"unknown table format {fmt!r}; valid: {', '.join(TABLE_FORMATS)}")
     buffer = io.BytesIO()
-    pacsv.write_csv(cells_table(view), buffer)
+    if fmt == "csv":
+        pacsv.write_csv(table, buffer)
+    else:
+        pq.write_table(table, buffer)
     buffer.seek(0)
     return buffer
+
+
+def csv_bytes(view: ViewMaps) -> io.BytesIO:
+    return table_bytes(cells_table(view), "csv")
 
 
 def parquet_bytes(view: ViewMaps) -> io.BytesIO:
-    buffer = io.BytesIO()
-    pq.write_table(cells_table(view), buffer)
-    buffer.seek(0)
-    return buffer
+    return table_bytes(cells_table(view), "parquet")
 
 
 def _panel(

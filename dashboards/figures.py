@@ -122,7 +122,12 @@ class OverlayFigure:
     """A map (image glyph, colour bar, hover value) over the model's input image."""
 
     def __init__(
-        self, x_range: Range1d, y_range: Range1d, base: ColumnDataSource, name: str, regions: ColumnDataSource
+        self,
+        x_range: Range1d,
+        y_range: Range1d,
+        base: ColumnDataSource,
+        name: str,
+        regions: ColumnDataSource | None = None,
     ) -> None:
         self.figure = _plot(
             x_range,
@@ -148,7 +153,8 @@ class OverlayFigure:
             self.figure.add_glyph(
                 self.outline, Segment(x0="x0", y0="y0", x1="x1", y1="y1", line_color=color, line_width=width)
             )
-        _add_halo_quads(self.figure, regions)  # the annotated regions, shared by both overlays
+        if regions is not None:
+            _add_halo_quads(self.figure, regions)  # the annotated regions, shared by both overlays
         wheel = WheelZoomTool()
         self.hover = HoverTool(renderers=[self.heat_renderer], tooltips=_tooltips("attention"))
         self.figure.add_tools(PanTool(), wheel, BoxZoomTool(), ResetTool(), SaveTool(), self.hover)

@@ -175,3 +175,21 @@ def open_explorer(warehouse: Path) -> Any:
     app = create_app(warehouse)
     assert isinstance(app, AttentionExplorer)
     return app
+
+
+SAMPLE_ANNOTATIONS = Path(__file__).resolve().parents[1] / "data" / "samples" / "annotations.json"
+
+
+def aligned_dashboard_warehouse(tiny_warehouse: Path, destination: Path, models: tuple[str, ...] = ()) -> Path:
+    """``dashboard_warehouse`` plus the sample annotations and alignment (scores and head rankings) for
+    ``models`` (all when empty)."""
+    from ssl_attention.alignment.compute import write_alignment
+    from ssl_attention.alignment.store import write_annotations
+
+    warehouse = dashboard_warehouse(tiny_warehouse, destination)
+    write_annotations(warehouse, SAMPLE_ANNOTATIONS)
+    for model_dir in sorted((warehouse / "attention_maps").glob("model=*")):
+        slug = model_dir.name.split("=", 1)[1]
+        if not models or slug in models:
+            write_alignment(warehouse, slug)
+    return warehouse

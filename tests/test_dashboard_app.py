@@ -604,7 +604,7 @@ def test_a_tab_added_to_TABS_appears_with_its_url_keys(warehouse: Path, monkeypa
     app = app_module.create_app(warehouse)
     assert isinstance(app, app_module.AttentionExplorer)
     session = app.session
-    assert list(app.tabs) == ["heads", "overview", "statistics", "compare", "glossary", "notes"]
+    assert list(app.tabs) == ["heads", "overview", "statistics", "alignment", "compare", "glossary", "notes"]
     assert isinstance(app.tabs["notes"], notes_tab) and app.tabs["notes"].session is session
     tabs = next(iter(app.__panel__().select(pn.Tabs)))
     assert tabs._names[-1] == "Notes" and tabs.active == 0
@@ -612,7 +612,7 @@ def test_a_tab_added_to_TABS_appears_with_its_url_keys(warehouse: Path, monkeypa
     query = session.query()
     assert query["note"] == "hello" and query["tab"] == "heads"
     session.apply_query({"tab": "notes", "note": "seen", "model": "clip", "method": "mean"})
-    assert tabs.active == 5 and app.tabs["notes"].text == "seen"
+    assert tabs.active == 6 and app.tabs["notes"].text == "seen"
     assert session.query()["note"] == "seen" and session.query()["tab"] == "notes"
     shown = tabs.objects[-1].object
     assert shown.startswith("seen: clip/mean")  # the tab's own layout, on the session's selection

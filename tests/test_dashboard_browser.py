@@ -517,7 +517,7 @@ def expect_canvases(page: Any, count: int) -> None:
     assert page.locator(".bk-Canvas >> visible=true").count() == count
 
 
-@pytest.mark.parametrize("tab", ["heads", "overview", "statistics", "compare", "glossary"])
+@pytest.mark.parametrize("tab", ["heads", "overview", "statistics", "alignment", "compare", "glossary"])
 def test_nothing_is_cut_off_at_1024_by_768(browser: Any, server: int, tab: str) -> None:
     context = browser.new_context(viewport={"width": 1024, "height": 768})
     page = context.new_page()
@@ -534,7 +534,7 @@ def test_nothing_is_cut_off_at_1024_by_768(browser: Any, server: int, tab: str) 
         context.close()
 
 
-@pytest.mark.parametrize("tab", ["heads", "overview", "statistics", "compare", "glossary"])
+@pytest.mark.parametrize("tab", ["heads", "overview", "statistics", "alignment", "compare", "glossary"])
 def test_the_head_selector_rules_hold_on_every_tab(page: Any, server: int, tab: str) -> None:
     open_tab(page, server, f"?model=clip&method=cls&head=2&tab={tab}")
     wait_for_widget(page, "Head", value="2", visible=True)
