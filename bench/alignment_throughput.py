@@ -134,12 +134,12 @@ def child(source: Path, count: int, models: list[str]) -> None:
 
 
 def rank_child(warehouse: Path, models: list[str]) -> None:
-    """``write_head_ranking`` of every alignment partition of ``models``: seconds, and the peak (VmHWM) over
+    """``write_rankings`` of every model of ``models``: seconds, and the peak (VmHWM) over
     the resident size after the imports and one row group read (the Parquet reader's own buffers and pools)."""
     import pyarrow.parquet as pq
 
-    from ssl_attention.alignment.ranking import write_head_ranking
-    from ssl_attention.warehouse.paths import iter_partitions, partition_dir
+    from ssl_attention.alignment.compute import write_rankings
+    from ssl_attention.warehouse.paths import iter_partitions
 
     for part in iter_partitions(warehouse, "alignment", model=models[0]):
         pq.ParquetFile(part.path).read_row_group(0)  # warm the reader: its buffers are not the ranking's
@@ -148,8 +148,7 @@ def rank_child(warehouse: Path, models: list[str]) -> None:
     times = {}
     for model in models:
         start = time.perf_counter()
-        for part in iter_partitions(warehouse, "alignment", model=model):
-            write_head_ranking(part.path, partition_dir(warehouse, "head_ranking", **part.keys))
+        write_rankings(warehouse, model)  # each method's ranking from the alignment files of all its shards
         times[model] = time.perf_counter() - start
     print(json.dumps({"models": times, "seconds": sum(times.values()), "baseline_kib": baseline,
                       "peak_kib": _status_kib("VmHWM")}))  # fmt: skip

@@ -34,6 +34,7 @@ from ssl_attention.stats import write_head_stats
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter, write_table_atomic
 from ssl_attention.warehouse.paths import partition_dir
+from ssl_attention.warehouse.shards import ensure_shards
 
 INPUT = 224
 LAYERS = 12
@@ -213,11 +214,14 @@ def write_model(out: Path, model: str, count: int, seed: int) -> tuple[str, floa
     methods = MODELS[model].methods
     writers = {
         m: PartitionWriter(
-            partition_dir(out, "attention_maps", model=model, method=m), schema.ATTENTION_MAPS, cluster_by="image_id"
+            partition_dir(out, "attention_maps", model=model, method=m, shard="0"),
+            schema.ATTENTION_MAPS,
+            cluster_by="image_id",
         )
         for m in methods
     }
-    inputs = PartitionWriter(partition_dir(out, "inputs", model=model), schema.INPUTS, cluster_by="image_id")
+    ensure_shards(out, 1)  # one image shard: the layout of a one-machine warehouse
+    inputs = PartitionWriter(partition_dir(out, "inputs", model=model, shard="0"), schema.INPUTS, cluster_by="image_id")
     pictures = [jpeg(INPUT, k) for k in range(8)]
     concentration = head_concentrations(rng)
     rows = 0

@@ -28,7 +28,6 @@ from ssl_attention.query import (
     open_warehouse,
 )
 from ssl_attention.query.alignment import HeadFeatureMatrix, RegionsInView, check_feature, check_metric
-from ssl_attention.query.reads import file_key
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +104,8 @@ def _load_index(root: str) -> Loaded:
 
 
 def _version(root: str, table: str, **keys: str) -> str:
-    """The partition file's identity (inode, mtime, size) as a cache-key scalar."""
-    return repr(file_key(warehouse(root).path(table, **keys)))
+    """The identity (inode, mtime, size) of the partition's files, every image shard's, as a cache-key scalar."""
+    return warehouse(root).version(table, **keys)
 
 
 # --- cached queries (scalars in, numpy/dataclasses out) ----------------------------------------------------

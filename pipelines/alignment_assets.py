@@ -1,10 +1,12 @@
-"""Alignment with annotations as Dagster assets: annotations (the file, unpartitioned) -> alignment (per model).
+"""Alignment with annotations as Dagster assets: annotations (the file, unpartitioned) -> alignment (per model
+and image shard) -> head_ranking (per model, over every shard).
 
 The computation lives in ``ssl_attention.alignment``; these assets run it, attach the data checks
 (``ssl_attention.alignment.checks``) and describe the result in the UI.
 """
 
 import base64
+import functools
 import io
 import warnings
 from pathlib import Path
@@ -15,13 +17,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.assets import HEAD_STATS_AUTOMATION, attention_maps, images
-from pipelines.metadata import check_result
-from pipelines.partitions import MODEL_PARTITIONS
+from pipelines.assets import CATALOG_AUTOMATION, HEAD_STATS_AUTOMATION, images
+from pipelines.metadata import check_result, table_metadata
+from pipelines.partitions import ALL_SHARDS_OF_MODEL, MODEL_PARTITIONS, SHARDS, model_and_shard, model_shard_partitions
 from pipelines.resources import ExtractionSettings
 from ssl_attention.alignment.annotations import AnnotationFormatError
 from ssl_attention.alignment.checks import ALIGNMENT_CHECKS, ANNOTATION_CHECKS, check_alignment, check_annotations
-from ssl_attention.alignment.compute import FEATURE_ALL, AlignmentReport, write_alignment
+from ssl_attention.alignment.compute import FEATURE_ALL, AlignmentReport, write_alignment, write_rankings
 from ssl_attention.alignment.store import NoCatalogError, write_annotations
 from ssl_attention.registry import METHODS
 from ssl_attention.render import head_grid_png
@@ -104,46 +106,75 @@ def annotations(context: dg.AssetExecutionContext, extraction: ExtractionSetting
     )
 
 
-with warnings.catch_warnings():  # partitioned checks are a preview feature of Dagster 1.13 (as in assets.py)
-    warnings.simplefilter("ignore", dg.PreviewWarning)
-    ALIGNMENT_CHECK_SPECS = [
-        dg.AssetCheckSpec(name, asset="alignment", description=text, partitions_def=MODEL_PARTITIONS)
-        for name, text in ALIGNMENT_CHECKS.items()
-    ]
+@functools.cache
+def build_alignment(shards: int) -> dg.AssetsDefinition:
+    """The alignment asset (and its checks), partitioned by (model, shard) for ``shards`` image shards."""
+    partitions = model_shard_partitions(shards)
+    with warnings.catch_warnings():  # partitioned checks are a preview feature of Dagster 1.13 (as in assets.py)
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        specs = [
+            dg.AssetCheckSpec(name, asset="alignment", description=text, partitions_def=partitions)
+            for name, text in ALIGNMENT_CHECKS.items()
+        ]
+
+    @dg.asset(
+        name="alignment",
+        deps=["attention_maps", annotations],
+        partitions_def=partitions,
+        automation_condition=HEAD_STATS_AUTOMATION,  # follows new maps once their blocking checks pass
+        kinds={"numpy", "parquet"},
+        group_name="alignment",
+        check_specs=specs,
+        description="Every stored map of one model's image shard (each head, fused, rollout, Grad-CAM stages, the "
+        "probe) scored against every annotated feature (IoU@50/75/90/95, coverage, pointing game, KL, MSE) with "
+        "uniform and centre-Gaussian baselines. Incremental: only changed maps or annotations are rescored.",
+    )
+    def alignment(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
+        model, shard = model_and_shard(context.partition_key, shards)
+        warehouse = _warehouse(extraction)
+        if not partition_file(warehouse, "annotations").is_file():  # no annotation file was ever read
+            context.log.info(f"{model}: no annotations table (set `annotations`): nothing to score")
+            return dg.MaterializeResult(
+                metadata={"skipped": dg.MetadataValue.text("no annotations table; nothing scored")},
+                check_results=_vacuous(ALIGNMENT_CHECKS, "no annotations table: no alignment row to check"),
+            )
+        report = write_alignment(warehouse, model, rank=False, shard=shard)
+        if report.images_without_transform:
+            context.log.warning(
+                f"{model}: {len(report.images_without_transform)} annotated images were extracted before input "
+                "transforms were stored; re-extract them (--recompute) to score them"
+            )
+        merged = {o.name: o for o in merge_outcomes(check_alignment(warehouse, model, shard))}
+        outcomes = [merged.get(name, CheckOutcome(name, True, text)) for name, text in ALIGNMENT_CHECKS.items()]
+        return dg.MaterializeResult(
+            metadata=alignment_metadata(report), check_results=[check_result(o, model, shard) for o in outcomes]
+        )
+
+    return alignment
+
+
+alignment = build_alignment(SHARDS)
 
 
 @dg.asset(
-    deps=[attention_maps, annotations],
+    deps=[dg.AssetDep("alignment", partition_mapping=ALL_SHARDS_OF_MODEL)],
     partitions_def=MODEL_PARTITIONS,
-    automation_condition=HEAD_STATS_AUTOMATION,  # follows new maps once their blocking checks pass
+    automation_condition=CATALOG_AUTOMATION,  # follows any shard's new alignment
     kinds={"numpy", "parquet"},
     group_name="alignment",
-    check_specs=ALIGNMENT_CHECK_SPECS,
-    description="Every stored map of one model (each head, fused, rollout, Grad-CAM stages, the probe) scored "
-    "against every annotated feature (IoU@50/75/90/95, coverage, pointing game, KL, MSE) with uniform and "
-    "centre-Gaussian baselines; and the head ranking with bootstrap CIs. Incremental: only changed maps or "
-    "annotations are rescored.",
+    description="Per (model, method): every head, the fused map and the baselines ranked per layer, metric and "
+    "feature by their mean score over all annotated images of every shard, with seeded bootstrap CIs.",
 )
-def alignment(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
+def head_ranking(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
     model = context.partition_key
     warehouse = _warehouse(extraction)
-    if not partition_file(warehouse, "annotations").is_file():  # no annotation file was ever read
-        context.log.info(f"{model}: no annotations table (set `annotations`): nothing to score")
-        return dg.MaterializeResult(
-            metadata={"skipped": dg.MetadataValue.text("no annotations table; nothing scored")},
-            check_results=_vacuous(ALIGNMENT_CHECKS, "no annotations table: no alignment row to check"),
-        )
-    report = write_alignment(warehouse, model)
-    if report.images_without_transform:
-        context.log.warning(
-            f"{model}: {len(report.images_without_transform)} annotated images were extracted before input "
-            "transforms were stored; re-extract them (--recompute) to score them"
-        )
-    merged = {o.name: o for o in merge_outcomes(check_alignment(warehouse, model))}
-    outcomes = [merged.get(name, CheckOutcome(name, True, text)) for name, text in ALIGNMENT_CHECKS.items()]
+    written = write_rankings(warehouse, model)
     return dg.MaterializeResult(
-        metadata={**alignment_metadata(report), **best_head_metadata(warehouse, model)},
-        check_results=[check_result(o, model) for o in outcomes],
+        metadata={
+            **table_metadata(warehouse, "head_ranking", model=model),
+            "methods": dg.MetadataValue.json({m: s.rows for m, s in written.items()}),
+            **best_head_metadata(warehouse, model),
+        }
     )
 
 

@@ -1,16 +1,19 @@
-"""The extraction as Dagster assets: images -> attention_maps (per model) -> head_stats -> warehouse_catalog."""
+"""The extraction as Dagster assets: images -> attention_maps (per model and image shard) -> head_stats ->
+warehouse_catalog."""
 
+import functools
 import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import dagster as dg
 import torch
 from tqdm import tqdm
 
 from pipelines.metadata import check_result, extraction_metadata, issues_markdown, table_metadata
-from pipelines.partitions import MODEL_PARTITIONS
+from pipelines.partitions import SHARDS, model_and_shard, model_shard_partitions
 from pipelines.resources import ExtractionSettings
 from ssl_attention.extraction import WeightsDowngradeError, catalog_images, extract_model, read_catalog_records
 from ssl_attention.models.loading import load_model
@@ -18,6 +21,7 @@ from ssl_attention.models.weights import CheckpointError, WeightsUnavailableErro
 from ssl_attention.settings import pool_override
 from ssl_attention.validation import CHECK_NAMES, check_model, merge_outcomes
 from ssl_attention.warehouse.paths import WarehouseLocationError
+from ssl_attention.warehouse.shards import LayoutError, ensure_shards, shard_of
 
 GPU_POOL = "gpu"  # one step at a time may hold the accelerator (dagster_home/dagster.yaml sets the limit)
 
@@ -81,110 +85,147 @@ def images(context: dg.AssetExecutionContext, extraction: ExtractionSettings) ->
     )
 
 
-@dg.asset(
-    deps=[images],
-    partitions_def=MODEL_PARTITIONS,
-    pool=extraction_pool(),
-    kinds={"pytorch", "parquet"},
-    group_name="extraction",
-    description="Per-head and fused attention maps (Grad-CAM for ResNet-50) of one model: "
-    "`attention_maps/model=<slug>/method=<name>/data.parquet`, from one forward pass per image batch.",
-)
-def attention_maps(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
-    model = context.partition_key
-    folder, warehouse = _images_folder(extraction)
-    records = read_catalog_records(warehouse, folder)
-    if not records:
+def shard_count_of(extraction: ExtractionSettings, shards: int) -> int:
+    """The shard count of a run of assets built for ``shards``: a resource asking for another count is refused
+    (the partitions are fixed when the definitions load)."""
+    if extraction.shards not in (0, shards):
         raise dg.Failure(
-            description=f"{model}: no catalogued images from {folder}; add images there and materialize `images`"
+            description=f"the resource asks for {extraction.shards} image shards but these definitions have {shards} "
+            f"(set $SSL_ATTENTION_SHARDS={extraction.shards} where the definitions load, or leave `shards` at 0)"
         )
-    try:
-        adapter = load_model(model, extraction.load_request(model))
-    except (WeightsUnavailableError, CheckpointError, ValueError) as exc:
-        raise dg.Failure(description=_with_model(model, exc)) from exc
-    context.log.info(f"{model}: {adapter.provenance.describe()} on {adapter.device}")
-    if adapter.provenance.is_random:
-        context.log.warning(f"{model}: RANDOM weights - maps show the machinery, not a model's behaviour")
-
-    bar = tqdm(total=len(records), desc=model, unit="img", disable=not sys.stderr.isatty(), leave=False)
-    try:
-        report = extract_model(
-            adapter,
-            records,
-            warehouse,
-            batch_size=extraction.batch_size,
-            recompute=extraction.recompute,
-            max_pixels=extraction.max_pixels,
-            progress=bar.update,
-        )
-    except WeightsDowngradeError as exc:
-        raise dg.Failure(description=str(exc)) from exc
-    finally:
-        bar.close()
-    for issue in report.issues:
-        context.log.warning(f"{model}: skipped {issue.file_name}: {issue.reason}")
-    return dg.MaterializeResult(metadata=extraction_metadata(report, str(warehouse)))
-
-
-with warnings.catch_warnings():  # partitioned checks are a preview feature of Dagster 1.13; they work as used here
-    warnings.simplefilter("ignore", dg.PreviewWarning)
-    # partitioned like the asset: each model keeps its own result (one model's pass never hides another's failure);
-    # blocking: a failed check keeps head_stats (and what follows) from being built on bad maps in the same run
-    CHECK_SPECS = [
-        dg.AssetCheckSpec(
-            name, asset="attention_maps", description=text, partitions_def=MODEL_PARTITIONS, blocking=True
-        )
-        for name, text in CHECK_NAMES.items()
-    ]
-
-
-@dg.multi_asset_check(
-    specs=CHECK_SPECS,
-    description="Re-reads one model's attention_maps partition and checks it (the Checks tab re-runs these "
-    "without re-extracting).",
-)
-def attention_maps_checks(
-    context: dg.AssetCheckExecutionContext, extraction: ExtractionSettings
-) -> Iterator[dg.AssetCheckResult]:
-    model = context.partition_key
-    for outcome in merge_outcomes(check_model(_locations(extraction)[1], model)):
-        yield check_result(outcome, model)
+    return shards
 
 
 # Downstream follows a new attention_maps materialization (the automation sensor `dagster dev` runs evaluates
 # these): eager, once the partition's blocking checks passed.
 HEAD_STATS_AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
-# The catalog depends on every model's partition: it follows any of them, without waiting for models that
+# The catalog depends on every model's partitions: it follows any of them, without waiting for those that
 # were never extracted (eager alone waits until no upstream partition is missing).
 CATALOG_AUTOMATION = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
 
 
-@dg.asset(
-    deps=[attention_maps],
-    partitions_def=MODEL_PARTITIONS,
-    kinds={"numpy", "parquet"},
-    group_name="analysis",
-    automation_condition=HEAD_STATS_AUTOMATION,
-    description="Per-head statistics (entropy, distance, concentration, agreement with the fused map) of "
-    "every map of one model; formulas in docs/sql.md.",
-)
-def head_stats(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
-    from ssl_attention.stats import write_head_stats
+class ShardAssets(NamedTuple):
+    """The per-(model, shard) extraction assets of one shard count."""
 
-    model = context.partition_key
-    warehouse = _locations(extraction)[1]
-    written = write_head_stats(warehouse, model)
-    return dg.MaterializeResult(
-        metadata={
-            **table_metadata(warehouse, "head_stats", model=model),
-            "bytes_written": dg.MetadataValue.int(sum(s.bytes for s in written.values())),
-            "methods": dg.MetadataValue.json({m: s.rows for m, s in written.items()}),
-        }
+    attention_maps: dg.AssetsDefinition
+    attention_maps_checks: dg.AssetChecksDefinition
+    head_stats: dg.AssetsDefinition
+
+
+@functools.cache
+def build_shard_assets(shards: int) -> ShardAssets:
+    """attention_maps, its checks and head_stats, partitioned by (model, shard) for ``shards`` image shards."""
+    partitions = model_shard_partitions(shards)
+
+    @dg.asset(
+        name="attention_maps",
+        deps=[images],
+        partitions_def=partitions,
+        pool=extraction_pool(),
+        kinds={"pytorch", "parquet"},
+        group_name="extraction",
+        description="Per-head and fused attention maps (Grad-CAM for ResNet-50) of one model's image shard: "
+        "`attention_maps/model=<slug>/method=<name>/shard=<s>/data.parquet`, from one forward pass per image batch.",
     )
+    def attention_maps(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
+        model, shard = model_and_shard(context.partition_key, shards)
+        count = shard_count_of(extraction, shards)
+        folder, warehouse = _images_folder(extraction)
+        records = read_catalog_records(warehouse, folder)
+        if not records:
+            raise dg.Failure(
+                description=f"{model}: no catalogued images from {folder}; add images there and materialize `images`"
+            )
+        try:
+            ensure_shards(warehouse, count)
+        except LayoutError as exc:
+            raise dg.Failure(description=str(exc)) from None
+        mine = [r for r in records if shard_of(r.image_id, count) == shard]
+        try:
+            adapter = load_model(model, extraction.load_request(model))
+        except (WeightsUnavailableError, CheckpointError, ValueError) as exc:
+            raise dg.Failure(description=_with_model(model, exc)) from exc
+        context.log.info(f"{model} shard {shard}/{count}: {adapter.provenance.describe()} on {adapter.device}")
+        if adapter.provenance.is_random:
+            context.log.warning(f"{model}: RANDOM weights - maps show the machinery, not a model's behaviour")
+
+        bar = tqdm(total=len(mine), desc=model, unit="img", disable=not sys.stderr.isatty(), leave=False)
+        try:
+            report = extract_model(
+                adapter,
+                mine,
+                warehouse,
+                batch_size=extraction.batch_size,
+                recompute=extraction.recompute,
+                max_pixels=extraction.max_pixels,
+                progress=bar.update,
+                shards=count,
+                shard=shard,
+            )
+        except WeightsDowngradeError as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        finally:
+            bar.close()
+        for issue in report.issues:
+            context.log.warning(f"{model}: skipped {issue.file_name}: {issue.reason}")
+        return dg.MaterializeResult(metadata=extraction_metadata(report, str(warehouse), shard))
+
+    with warnings.catch_warnings():  # partitioned checks are a preview feature of Dagster 1.13; they work as used
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        # partitioned like the asset: each (model, shard) keeps its own result (one partition's pass never hides
+        # another's failure); blocking: a failed check keeps head_stats (and what follows) from being built on bad
+        # maps in the same run
+        specs = [
+            dg.AssetCheckSpec(name, asset="attention_maps", description=text, partitions_def=partitions, blocking=True)
+            for name, text in CHECK_NAMES.items()
+        ]
+
+    @dg.multi_asset_check(
+        name="attention_maps_checks",
+        specs=specs,
+        description="Re-reads one (model, shard) attention_maps partition and checks it (the Checks tab re-runs "
+        "these without re-extracting).",
+    )
+    def attention_maps_checks(
+        context: dg.AssetCheckExecutionContext, extraction: ExtractionSettings
+    ) -> Iterator[dg.AssetCheckResult]:
+        model, shard = model_and_shard(context.partition_key, shards)
+        for outcome in merge_outcomes(check_model(_locations(extraction)[1], model, shard)):
+            yield check_result(outcome, model, shard)
+
+    @dg.asset(
+        name="head_stats",
+        deps=[attention_maps],
+        partitions_def=partitions,
+        kinds={"numpy", "parquet"},
+        group_name="analysis",
+        automation_condition=HEAD_STATS_AUTOMATION,
+        description="Per-head statistics (entropy, distance, concentration, agreement with the fused map) of "
+        "every map of one model's image shard; formulas in docs/sql.md.",
+    )
+    def head_stats(context: dg.AssetExecutionContext, extraction: ExtractionSettings) -> dg.MaterializeResult:
+        from ssl_attention.stats import write_head_stats
+
+        model, shard = model_and_shard(context.partition_key, shards)
+        warehouse = _locations(extraction)[1]
+        written = write_head_stats(warehouse, model, shard)
+        return dg.MaterializeResult(
+            metadata={
+                **table_metadata(warehouse, "head_stats", shard=shard, model=model),
+                "bytes_written": dg.MetadataValue.int(sum(s.bytes for s in written.values())),
+                "methods": dg.MetadataValue.json({m: s.rows for m, s in written.items()}),
+            }
+        )
+
+    return ShardAssets(attention_maps, attention_maps_checks, head_stats)
+
+
+# the assets of the shard count the definitions load with (``$SSL_ATTENTION_SHARDS``, else 1)
+attention_maps, attention_maps_checks, head_stats = build_shard_assets(SHARDS)
 
 
 @dg.asset(
-    deps=[images, head_stats, dg.AssetKey("alignment")],
+    deps=[images, "head_stats", "alignment", "head_ranking"],
     kinds={"duckdb"},
     group_name="analysis",
     automation_condition=CATALOG_AUTOMATION,

@@ -2,9 +2,9 @@
 
 import dagster as dg
 
-from pipelines.alignment_assets import alignment, annotations
+from pipelines.alignment_assets import alignment, annotations, head_ranking
 from pipelines.assets import attention_maps, attention_maps_checks, head_stats, images, warehouse_catalog
-from pipelines.jobs import check_maps_job, demo_job, extraction_job
+from pipelines.jobs import check_maps_job, demo_job, extraction_job, rank_heads_job
 from pipelines.resources import ExtractionSettings
 from pipelines.sensors import new_images_sensor
 from ssl_attention.settings import environment_fields
@@ -13,18 +13,18 @@ from ssl_attention.settings import environment_fields
 # falls back to the environment, then to data/samples and data/warehouse, when a run resolves it.
 extraction_settings = ExtractionSettings(**{field: dg.EnvVar(var) for field, var in environment_fields().items()})
 
-# Evaluates the automation conditions of head_stats, alignment and warehouse_catalog (they follow new attention_maps) in
-# the daemon `dagster dev` runs; on by default, so downstream never goes silently stale.
+# Evaluates the automation conditions of head_stats, alignment, head_ranking and warehouse_catalog (they follow
+# new attention_maps) in the daemon `dagster dev` runs; on by default, so downstream never goes silently stale.
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "downstream_follows_new_maps",
-    target=dg.AssetSelection.assets(head_stats, alignment, warehouse_catalog),
+    target=dg.AssetSelection.assets(head_stats, alignment, head_ranking, warehouse_catalog),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 
 defs = dg.Definitions(
-    assets=[images, attention_maps, head_stats, warehouse_catalog, annotations, alignment],
+    assets=[images, attention_maps, head_stats, warehouse_catalog, annotations, alignment, head_ranking],
     asset_checks=[attention_maps_checks],
-    jobs=[extraction_job, demo_job, check_maps_job],
+    jobs=[extraction_job, demo_job, check_maps_job, rank_heads_job],
     sensors=[new_images_sensor, automation_sensor],
     resources={"extraction": extraction_settings},
 )

@@ -16,17 +16,20 @@ from ssl_attention.validation import CheckOutcome
 from ssl_attention.warehouse.paths import iter_partitions, partition_dir
 
 
-def table_metadata(warehouse: Path, table: str, **keys: str) -> dict[str, dg.RawMetadataValue]:
+def table_metadata(
+    warehouse: Path, table: str, shard: str | None = None, **keys: str
+) -> dict[str, dg.RawMetadataValue]:
     """What the partition holds now (not what this run wrote): its total rows over every data file under
-    ``table/k=v/...``, the column schema of its files, its location and the DuckDB view that reads it."""
-    files = [p.path for p in iter_partitions(warehouse, table, **keys)]
+    ``table/k=v/...`` (of one image ``shard`` when given), the column schema of its files, its location and the
+    DuckDB view that reads it."""
+    files = [p.path for p in iter_partitions(warehouse, table, **keys) if shard in (None, p.keys.get("shard"))]
     rows = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
     location = partition_dir(warehouse, table, **keys)
     metadata: dict[str, dg.RawMetadataValue] = {
         "dagster/row_count": dg.MetadataValue.int(rows),
         "dagster/table_name": dg.MetadataValue.text(table),
         "dagster/uri": dg.MetadataValue.url(location.as_uri()),
-        "location": dg.MetadataValue.path(str(location)),
+        "location": dg.MetadataValue.path(str(location) + (f" (shard={shard} of each method)" if shard else "")),
         "files": dg.MetadataValue.int(len(files)),
     }
     if files:
@@ -71,10 +74,12 @@ def preview_markdown(report: ModelRunReport) -> str:
     )
 
 
-def extraction_metadata(report: ModelRunReport, warehouse: str) -> dict[str, dg.RawMetadataValue]:
+def extraction_metadata(
+    report: ModelRunReport, warehouse: str, shard: str | None = None
+) -> dict[str, dg.RawMetadataValue]:
     rows = int(sum(v for k, v in report.rows_written.items() if k != "inputs"))
     return {
-        **table_metadata(Path(warehouse), "attention_maps", model=report.model),
+        **table_metadata(Path(warehouse), "attention_maps", shard=shard, model=report.model),
         "rows_written": dg.MetadataValue.int(rows),
         "rows_extracted_this_run": dg.MetadataValue.int(report.rows_extracted),
         "bytes_written": dg.MetadataValue.int(int(sum(report.bytes_written.values()))),
@@ -96,8 +101,8 @@ def extraction_metadata(report: ModelRunReport, warehouse: str) -> dict[str, dg.
     }
 
 
-def check_result(outcome: CheckOutcome, model: str) -> dg.AssetCheckResult:
-    """One check's result for one model partition (the model is repeated in the metadata for readers of the
+def check_result(outcome: CheckOutcome, model: str, shard: str | None = None) -> dg.AssetCheckResult:
+    """One check's result for one (model, shard) partition (both repeated in the metadata for readers of the
     run's event log)."""
     return dg.AssetCheckResult(
         check_name=outcome.name,
@@ -106,6 +111,7 @@ def check_result(outcome: CheckOutcome, model: str) -> dg.AssetCheckResult:
         description=outcome.description,
         metadata={
             "model": dg.MetadataValue.text(model),
+            **({"shard": dg.MetadataValue.text(shard)} if shard is not None else {}),
             "failures": dg.MetadataValue.int(outcome.failures),
             "examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in outcome.examples) or "none"),
         },

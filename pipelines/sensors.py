@@ -6,11 +6,13 @@ import json
 import dagster as dg
 
 from pipelines.jobs import extraction_job
+from pipelines.partitions import SHARDS, partition_key
 from pipelines.resources import ExtractionSettings
 from ssl_attention.images import SUPPORTED_EXTENSIONS, iter_candidate_files
 from ssl_attention.registry import MODELS
 from ssl_attention.settings import sensor_interval_s
 from ssl_attention.warehouse.paths import WarehouseLocationError, partition_file
+from ssl_attention.warehouse.shards import shard_names
 
 
 def folder_fingerprint(settings: ExtractionSettings) -> tuple[str, int]:
@@ -51,9 +53,9 @@ def sensor_models(settings: ExtractionSettings) -> list[str]:
     minimum_interval_seconds=sensor_interval_s(),
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="When image files in the images folder (or the annotation file, if set) change, run the "
-    "extraction for each model the warehouse already holds (all six for an empty warehouse); only images not "
-    "yet extracted with the same weights are computed, and only changed maps or annotations are rescored. A "
-    "failed run is not retried until the folder or the file changes again.",
+    "extraction for each model the warehouse already holds (all six for an empty warehouse), one run per image "
+    "shard; only images not yet extracted with the same weights are computed, and only changed maps or "
+    "annotations are rescored. A failed run is not retried until the folder or the file changes again.",
 )
 def new_images_sensor(context: dg.SensorEvaluationContext, extraction: ExtractionSettings) -> dg.SensorResult:
     try:
@@ -66,9 +68,14 @@ def new_images_sensor(context: dg.SensorEvaluationContext, extraction: Extractio
     if previous.get("fingerprint") == fingerprint and previous.get("annotations", "") == labels:
         return dg.SensorResult(skip_reason=f"no change in {count} image files or the annotation file")
     key = f"{fingerprint}:{labels}" if labels else fingerprint
-    runs = [
-        dg.RunRequest(run_key=f"{key}:{model}", partition_key=model, tags={"trigger": "new_images_sensor"})
+    runs = [  # one run per (model, shard); each computes only its shard's new images
+        dg.RunRequest(
+            run_key=f"{key}:{model}:{shard}",
+            partition_key=partition_key(model, shard),
+            tags={"trigger": "new_images_sensor"},
+        )
         for model in models
+        for shard in shard_names(SHARDS)
     ]
     cursor = {"fingerprint": fingerprint, "files": count, "annotations": labels}
     return dg.SensorResult(run_requests=runs, cursor=json.dumps(cursor))

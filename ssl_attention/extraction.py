@@ -10,7 +10,9 @@ data whole. Images already extracted with the same weights are carried over, not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import time
 from collections import Counter
@@ -42,6 +44,7 @@ from ssl_attention.models.preprocessing import Size
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter, write_table_atomic
 from ssl_attention.warehouse.paths import DATA_FILE, iter_partitions, partition_dir, partition_file
+from ssl_attention.warehouse.shards import DEFAULT_SHARDS, ensure_shards, shard_names, shard_of
 from ssl_attention.warehouse.tables import (
     catalog_table,
     copy_rows_except,
@@ -180,11 +183,13 @@ class ModelRunReport:
         return self.images_extracted / self.seconds if self.seconds > 0 else 0.0
 
 
-def model_partitions(warehouse: Path, adapter: ModelAdapter) -> dict[str, Path]:
-    """Partition directories written for one model: one per method, and its inputs."""
+def model_partitions(warehouse: Path, adapter: ModelAdapter, shard: str = "0") -> dict[str, Path]:
+    """Partition directories written for one model's shard: one per method, and its inputs."""
     slug = adapter.spec.slug
-    dirs = {m: partition_dir(warehouse, "attention_maps", model=slug, method=m) for m in adapter.spec.methods}
-    dirs["inputs"] = partition_dir(warehouse, "inputs", model=slug)
+    dirs = {
+        m: partition_dir(warehouse, "attention_maps", model=slug, method=m, shard=shard) for m in adapter.spec.methods
+    }
+    dirs["inputs"] = partition_dir(warehouse, "inputs", model=slug, shard=shard)
     return dirs
 
 
@@ -277,13 +282,69 @@ def extract_model(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable[[int], None] | None = None,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
+    shards: int = DEFAULT_SHARDS,
+    shard: str | None = None,
 ) -> ModelRunReport:
     """Extract every method's maps of ``adapter`` for ``records`` into the warehouse, at the adapter's resolution
-    (images stored at another input size are recomputed), in batches planned by ``plan_batches``."""
+    (images stored at another input size are recomputed), in batches planned by ``plan_batches``.
+
+    The warehouse is laid out in ``shards`` image shards (recorded on first write, refused if it records another
+    count); ``shard`` extracts that shard's images only (one (model, shard) step of a backfill), None every
+    shard in turn. Each shard's partition files are written and swapped in on their own."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if token_budget < 1:
         raise ValueError(f"token budget must be >= 1, got {token_budget}")
+    ensure_shards(warehouse, shards)
+    names = shard_names(shards)
+    if shard is not None and shard not in names:
+        raise ValueError(f"shard {shard!r} is not one of the warehouse's {shards} shards ({', '.join(names[:8])} ...)")
+    unique = list({r.image_id: r for r in records}.values())  # one entry per content id
+    by_shard: dict[str, list[ImageRecord]] = {name: [] for name in names}
+    for record in unique:
+        by_shard[shard_of(record.image_id, shards)].append(record)
+    reports = [
+        _extract_shard(
+            adapter, by_shard[name], warehouse, name, shards, batch_size, recompute, max_pixels, progress, token_budget
+        )
+        for name in ([shard] if shard is not None else names)
+    ]
+    report = reports[0] if len(reports) == 1 else _merge_reports(reports)
+    report.images_requested = len(records) if shard is None else len(by_shard[shard])
+    return report
+
+
+def _merge_reports(reports: list[ModelRunReport]) -> ModelRunReport:
+    """One model's report over its shards: counts summed, per-partition rows and bytes summed by name."""
+    first = reports[0]
+    merged = dataclasses.replace(first, issues=[], rows_written={}, bytes_written={})
+    for field_name in ("images_extracted", "images_up_to_date", "rows_extracted", "seconds", "forward_seconds"):
+        setattr(merged, field_name, sum(getattr(r, field_name) for r in reports))
+    for report in reports:
+        merged.issues.extend(report.issues)
+        for name, rows in report.rows_written.items():
+            merged.rows_written[name] = merged.rows_written.get(name, 0) + rows
+            merged.bytes_written[name] = merged.bytes_written.get(name, 0) + report.bytes_written.get(name, 0)
+        merged.weights_changed = merged.weights_changed or report.weights_changed
+        if merged.preview is None and report.preview is not None:
+            merged.preview, merged.preview_image_id = report.preview, report.preview_image_id
+            merged.preview_input = report.preview_input
+    return merged
+
+
+def _extract_shard(
+    adapter: ModelAdapter,
+    records: list[ImageRecord],
+    warehouse: Path,
+    shard: str,
+    shards: int,
+    batch_size: int,
+    recompute: bool,
+    max_pixels: int,
+    progress: Callable[[int], None] | None,
+    token_budget: int,
+) -> ModelRunReport:
+    """``extract_model`` for the images of one shard (``records``, unique ids, all of that shard)."""
     spec, provenance = adapter.spec, adapter.provenance
     start = time.perf_counter()
     report = ModelRunReport(
@@ -293,8 +354,7 @@ def extract_model(
         is_random=provenance.is_random,
         images_requested=len(records),
     )
-    records = list({r.image_id: r for r in records}.values())  # one entry per content id
-    partitions = model_partitions(warehouse, adapter)
+    partitions = model_partitions(warehouse, adapter, shard)
     if not records and not any((d / DATA_FILE).is_file() for d in partitions.values()):
         log.info("%s: no images to extract", spec.slug)
         report.seconds = time.perf_counter() - start
@@ -379,13 +439,33 @@ def extract_model(
         raise
     if input_sizes:  # the models table keeps the most common size; each image's own is in `inputs`
         _write_model_row(adapter, warehouse, input_sizes.most_common(1)[0][0])
-    write_table_atomic(
-        partition_dir(warehouse, "errors", source=spec.slug),
-        errors_table(report.issues, now_utc()),
-        schema.ERRORS,
-    )
+    write_model_errors(warehouse, spec.slug, shard, shards, report.issues)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def write_model_errors(warehouse: Path, model: str, shard: str, shards: int, issues: Sequence[ImageIssue]) -> None:
+    """Replace one shard's rows of ``errors/source=<model>`` with ``issues``, keeping the other shards' rows.
+
+    The shards of a model may finish at the same time (a backfill): the read-merge-replace holds an exclusive
+    lock on a file beside the partition, so no shard's rows are lost. Rows without an image id (written before
+    ids were recorded) belong to no shard and are dropped.
+    """
+    directory = partition_dir(warehouse, "errors", source=model)
+    directory.mkdir(parents=True, exist_ok=True)
+    # one shard: the partition is this shard's alone (no lock file); more: the lock is a hidden file beside it
+    with open(directory / ".lock", "a") if shards > 1 else contextlib.nullcontext() as lock:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        keep = schema.ERRORS.empty_table()
+        old = directory / DATA_FILE
+        if shards > 1 and old.is_file():
+            table = pq.read_table(old)
+            ids = table["image_id"].to_pylist()
+            others = [i is not None and shard_of(i, shards) != shard for i in ids]
+            keep = table.filter(pa.array(others, pa.bool_())).select(schema.ERRORS.names).cast(schema.ERRORS)
+        new = errors_table(issues, now_utc(), [issue.image_id for issue in issues])
+        write_table_atomic(directory, pa.concat_tables([keep, new]), schema.ERRORS)
 
 
 def _schema_for(name: str) -> pa.Schema:
@@ -401,12 +481,12 @@ def _load_batch(
         try:
             image, image_id = load_image(record.path, max_pixels)
         except ImageLoadError as exc:
-            report.issues.append(ImageIssue(record.file_name, str(exc)))
+            report.issues.append(ImageIssue(record.file_name, str(exc), record.image_id))
             log.warning("%s: skipping %s: %s", slug, record.file_name, exc)
             continue
         if image_id != record.image_id:  # the catalog is the run's source of truth
             reason = "file changed since it was catalogued; materialize `images` again to include it"
-            report.issues.append(ImageIssue(record.file_name, reason))
+            report.issues.append(ImageIssue(record.file_name, reason, record.image_id))
             log.warning("%s: skipping %s: %s", slug, record.file_name, reason)
             continue
         images.append(image)
@@ -430,7 +510,7 @@ def _preprocess(
             try:
                 pixels = adapter.pixel_values([image])
             except Exception as exc:
-                report.issues.append(ImageIssue(record.file_name, f"preprocessing failed: {exc}"))
+                report.issues.append(ImageIssue(record.file_name, f"preprocessing failed: {exc}", record.image_id))
                 continue
             tensors, records = groups.setdefault(tuple(pixels.shape[1:]), ([], []))
             tensors.append(pixels)

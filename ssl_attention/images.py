@@ -54,6 +54,7 @@ class ImageRecord:
 class ImageIssue:
     file_name: str
     reason: str
+    image_id: str | None = None  # when known (a catalogued file that failed during a model's extraction)
 
 
 class ImageLoadError(ValueError):

@@ -15,6 +15,7 @@ variable                            what                                        
 ``SSL_ATTENTION_IMAGES``            images folder (path or ``file://`` URL)     ``data/samples``
 ``SSL_ATTENTION_POOL``              concurrency pool of extraction steps        ``gpu`` with CUDA, else none
 ``SSL_ATTENTION_SENSOR_INTERVAL``   seconds between ticks of the images sensor  60
+``SSL_ATTENTION_SHARDS``            image shards (``shards`` when it is 0)       1
 ==================================  ==========================================  ====================
 
 An empty ``images_dir`` / ``warehouse`` falls back to its variable when the location is resolved (at run
@@ -36,11 +37,13 @@ from ssl_attention.models.resolution import DEFAULT_MAX_TOKENS, Resolution, pars
 from ssl_attention.models.weights import DEFAULT_SEED, parse_checkpoints
 from ssl_attention.registry import MODELS, UnknownNameError, parse_model_list
 from ssl_attention.warehouse.paths import DEFAULT_WAREHOUSE, local_path
+from ssl_attention.warehouse.shards import DEFAULT_SHARDS, MAX_SHARDS, check_shards, recorded_shards
 
 WAREHOUSE_ENV = "SSL_ATTENTION_WAREHOUSE"
 IMAGES_ENV = "SSL_ATTENTION_IMAGES"
 POOL_ENV = "SSL_ATTENTION_POOL"
 SENSOR_INTERVAL_ENV = "SSL_ATTENTION_SENSOR_INTERVAL"
+SHARDS_ENV = "SSL_ATTENTION_SHARDS"
 DEFAULT_IMAGES = Path("data") / "samples"
 DEFAULT_SENSOR_INTERVAL_S = 60
 ENV_FALLBACKS = {"images_dir": IMAGES_ENV, "warehouse": WAREHOUSE_ENV}  # field -> variable it falls back to
@@ -135,6 +138,15 @@ class ExtractionFields(BaseModel):
     max_tokens: int = Field(
         default=DEFAULT_MAX_TOKENS, ge=1, description="Patches per image at most: larger N requests are scaled down."
     )
+    shards: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_SHARDS,
+        description=f"Image shards per (model, method) partition: each image's rows live in shard "
+        f"int(image_id[:8], 16) mod N, and a backfill runs one step per (model, shard); recorded in the warehouse "
+        f"(layout.json), a run with another count is refused. 0: ${SHARDS_ENV}, else the recorded count, else "
+        f"{DEFAULT_SHARDS}.",
+    )
     annotations: Annotations = Field(
         default="",
         description="Annotation file (COCO instances JSON or WikiChurches building_parts.json): every map is "
@@ -150,6 +162,17 @@ class ExtractionFields(BaseModel):
     def annotations_path(self) -> Path | None:
         """The annotation file as an absolute path, or None when none is set."""
         return local_path(self.annotations, "annotation file") if self.annotations.strip() else None
+
+    def shard_count(self) -> int:
+        """``shards``; when 0, ``$SSL_ATTENTION_SHARDS``, else the count the warehouse records, else 1."""
+        if self.shards:
+            return self.shards
+        if os.environ.get(SHARDS_ENV, "").strip():
+            return default_shards()
+        try:
+            return recorded_shards(self.warehouse_path()) or DEFAULT_SHARDS
+        except ValueError:  # an unreadable layout file: the run's own layout check reports it
+            return DEFAULT_SHARDS
 
     def checkpoint_dirs(self) -> dict[str, Path]:
         return parse_checkpoints(self.checkpoints, list(MODELS))
@@ -224,6 +247,20 @@ def pool_override() -> str | None:
     if value is None:
         return None
     return "" if value.strip().lower() in ("", "none") else value.strip()
+
+
+def default_shards() -> int:
+    """``$SSL_ATTENTION_SHARDS`` (1..4096), else 1: the shard count of a run that sets none, and of the Dagster
+    partitions when the definitions load."""
+    raw = os.environ.get(SHARDS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SHARDS
+    if not raw.isdigit():
+        raise ValueError(f"${SHARDS_ENV}={raw!r}: expected a whole number of shards, 1..{MAX_SHARDS}")
+    try:
+        return check_shards(int(raw))
+    except ValueError as exc:
+        raise ValueError(f"${SHARDS_ENV}={raw!r}: {exc}") from None
 
 
 def sensor_interval_s() -> int:

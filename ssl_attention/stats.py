@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.atomic import PartitionWriter, WriteStats
-from ssl_attention.warehouse.paths import iter_partitions, partition_dir, partition_file
+from ssl_attention.warehouse.paths import iter_partitions, partition_dir
 from ssl_attention.warehouse.tables import flat_map_values
 
 AREA_MASS = 0.6  # DINO keeps the patches holding 60% of the attention mass
@@ -256,37 +256,45 @@ def _row_groups_by_image(path: Path) -> Iterator[pa.Table]:
         yield parquet.read_row_group(index, columns=_MAP_COLUMNS)
 
 
-def read_input_sizes(warehouse: Path, model: str) -> dict[str, tuple[int, int]]:
-    """{image_id: (input_h, input_w)} of ``model`` from the inputs table (each image's own size)."""
-    path = partition_file(warehouse, "inputs", model=model)
-    if not path.is_file():
-        raise FileNotFoundError(f"no inputs rows for {model!r} at {path}; extract the model first")
-    table = pq.read_table(path, columns=["image_id", "input_h", "input_w"])
-    return {
-        image_id: (int(h), int(w))
-        for image_id, h, w in zip(
-            table["image_id"].to_pylist(), table["input_h"].to_pylist(), table["input_w"].to_pylist(), strict=True
-        )
-    }
+def read_input_sizes(warehouse: Path, model: str, shard: str | None = None) -> dict[str, tuple[int, int]]:
+    """{image_id: (input_h, input_w)} of ``model`` from the inputs table (each image's own size), of one shard
+    or (None) of all."""
+    files = [p.path for p in iter_partitions(warehouse, "inputs", model=model) if shard in (None, p.keys["shard"])]
+    if not files:
+        where = partition_dir(warehouse, "inputs", model=model)
+        raise FileNotFoundError(f"no inputs rows for {model!r} under {where}; extract the model first")
+    sizes = {}
+    for path in files:
+        table = pq.read_table(path, columns=["image_id", "input_h", "input_w"])
+        ids, heights, widths = (table[name].to_pylist() for name in ("image_id", "input_h", "input_w"))
+        sizes.update({image_id: (int(h), int(w)) for image_id, h, w in zip(ids, heights, widths, strict=True)})
+    return sizes
 
 
-def write_head_stats(warehouse: Path, model: str) -> dict[str, WriteStats]:
-    """Compute ``head_stats`` for every method partition of ``model`` and replace each partition atomically.
+def write_head_stats(warehouse: Path, model: str, shard: str | None = None) -> dict[str, WriteStats]:
+    """Compute ``head_stats`` for every method partition of ``model`` (of one image shard, or None: every shard)
+    and replace each partition atomically; returns the write of each method (summed over its shards).
 
     Streams the maps row group by row group (a few images at a time); memory does not grow with images.
     """
     warehouse = Path(warehouse)
-    sources = list(iter_partitions(warehouse, "attention_maps", model=model))
+    sources = [p for p in iter_partitions(warehouse, "attention_maps", model=model) if shard in (None, p.keys["shard"])]
     if not sources:
-        return {}  # nothing extracted for this model yet
-    input_sizes = read_input_sizes(warehouse, model)
+        return {}  # nothing extracted for this model (shard) yet
     results: dict[str, WriteStats] = {}
     computed_at = dt.datetime.now(dt.UTC)
     for source in sources:
         method = source.keys["method"]
+        input_sizes = read_input_sizes(warehouse, model, source.keys["shard"])
         target = partition_dir(warehouse, "head_stats", **source.keys)
         with PartitionWriter(target, schema.HEAD_STATS, cluster_by="image_id") as writer:
             for group in _row_groups_by_image(source.path):
                 writer.write(head_stats_table(group, input_sizes, computed_at))
-            results[method] = writer.commit()
+            written = writer.commit()
+        before = results.get(method)
+        results[method] = (
+            written
+            if before is None
+            else WriteStats(written.path.parent.parent, before.rows + written.rows, before.bytes + written.bytes)
+        )
     return results

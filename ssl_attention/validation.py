@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from ssl_attention.registry import METHODS, MODELS, get_method
 from ssl_attention.warehouse.paths import partition_file
+from ssl_attention.warehouse.shards import readable_shards, shard_names, shard_of
 
 MASS_TOLERANCE = 1e-4
 FUSED_TOLERANCE = 1e-5
@@ -83,11 +84,14 @@ def _row_groups(path: Path) -> Iterator[pa.Table]:
         )
 
 
-def check_method_partition(warehouse: Path, model: str, method: str) -> list[CheckOutcome]:
-    """All checks for ``attention_maps/model=<model>/method=<method>``."""
+def check_method_partition(warehouse: Path, model: str, method: str, shard: str = "0") -> list[CheckOutcome]:
+    """All checks for ``attention_maps/model=<model>/method=<method>/shard=<shard>``."""
     outcomes = {name: CheckOutcome(name, True, text) for name, text in CHECK_NAMES.items()}
-    path = partition_file(warehouse, "attention_maps", model=model, method=method)
+    path = partition_file(warehouse, "attention_maps", model=model, method=method, shard=shard)
     facts = ModelFacts.read(warehouse, model)
+    inputs = partition_file(warehouse, "inputs", model=model, shard=shard)
+    if not path.is_file() and not inputs.is_file() and not _catalogued_in(warehouse, shard):
+        return list(outcomes.values())  # no catalogued image falls in this shard: nothing to check
     if not path.is_file() or facts is None:
         for outcome in outcomes.values():
             outcome.fail(f"partition {path} or its models row is missing")
@@ -96,7 +100,7 @@ def check_method_partition(warehouse: Path, model: str, method: str) -> list[Che
     heads = [None, *range(facts.num_heads)] if per_head else [None]
     layers = expected_layers(method, facts)
     expected_keys = {(layer, head) for layer in layers for head in heads}
-    input_sizes = _input_sizes(partition_file(warehouse, "inputs", model=model))
+    input_sizes = _input_sizes(inputs)
     weights_ids: set[str] = set()
     seen_images: set[str] = set()
 
@@ -118,6 +122,15 @@ def check_method_partition(warehouse: Path, model: str, method: str) -> list[Che
     if len(weights_ids) > 1:
         outcomes["single_weights"].fail(f"{len(weights_ids)} weights in one partition: {sorted(weights_ids)}")
     return list(outcomes.values())
+
+
+def _catalogued_in(warehouse: Path, shard: str) -> bool:
+    """Whether any catalogued image falls in ``shard`` (without a catalog: none does)."""
+    path = partition_file(warehouse, "images")
+    if not path.is_file():
+        return False
+    shards = readable_shards(warehouse)
+    return any(shard_of(i, shards) == shard for i in pq.read_table(path, columns=["image_id"])["image_id"].to_pylist())
 
 
 def _input_sizes(path: Path) -> dict[str, tuple[int, int]]:
@@ -190,9 +203,17 @@ def _check_image(
                 outcomes["fused_is_head_mean"].fail(f"image {image_id}, layer {layer}: |fused - mean| = {error:.2e}")
 
 
-def check_model(warehouse: Path, model: str) -> dict[str, list[CheckOutcome]]:
-    """Per method of ``model``: the check outcomes of its partition."""
-    return {method: check_method_partition(warehouse, model, method) for method in MODELS[model].methods}
+def check_model(warehouse: Path, model: str, shard: str | None = None) -> dict[str, list[CheckOutcome]]:
+    """Per method of ``model``: the check outcomes of its partition in one image shard, or (None) in every shard
+    of the warehouse (failures prefixed with the shard)."""
+    if shard is not None:
+        return {method: check_method_partition(warehouse, model, method, shard) for method in MODELS[model].methods}
+    shards = shard_names(readable_shards(warehouse))
+    per_method = {}
+    for method in MODELS[model].methods:
+        by_shard = {f"shard {s}": check_method_partition(warehouse, model, method, s) for s in shards}
+        per_method[method] = by_shard[f"shard {shards[0]}"] if len(shards) == 1 else merge_outcomes(by_shard)
+    return per_method
 
 
 def merge_outcomes(per_method: dict[str, list[CheckOutcome]]) -> list[CheckOutcome]:

@@ -3,6 +3,7 @@ in temporary folders; each is stopped and removed when its context exits."""
 
 import contextlib
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -137,3 +138,34 @@ def celery_workers(
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait(5)
+
+
+# One run of pipelines.distributed's Celery job, executed in its own process (as a run launcher would): that
+# process orchestrates, the Celery workers execute the steps. Prints "<run id> SUCCESS|FAILURE" last.
+LAUNCH = """
+import json, sys
+import dagster as dg
+from pipelines.distributed import celery_job_def
+home, run_config, partition, assets = json.loads(sys.argv[1])
+with dg.DagsterInstance.from_config(home) as instance:
+    result = dg.execute_job(
+        dg.reconstructable(celery_job_def), instance, run_config=run_config,
+        tags={"dagster/partition": partition} if partition else {}, asset_selection=[dg.AssetKey(a) for a in assets],
+    )
+    print(result.run_id, "SUCCESS" if result.success else "FAILURE")
+"""
+
+
+def launch_run(
+    home: Path, run_config: dict, partition: str | None, assets: list[str], env: dict[str, str]
+) -> subprocess.Popen:
+    """Start one Celery run of ``assets`` (for ``partition``, e.g. ``clip|0``) against the instance in ``home``."""
+    args = json.dumps([str(home), run_config, partition, assets])
+    return subprocess.Popen([sys.executable, "-c", LAUNCH, args], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def run_finished(process: subprocess.Popen, timeout: float = 240) -> tuple[str, bool]:
+    """(run id, success) of a ``launch_run`` once its process exits."""
+    out, _ = process.communicate(timeout=timeout)
+    run_id, status = out.strip().splitlines()[-1].split()
+    return run_id, status == "SUCCESS"

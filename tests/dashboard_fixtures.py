@@ -79,7 +79,9 @@ def expected_map(warehouse: Path, model: str, method: str, image_id: str, layer:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    table = pq.read_table(warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "data.parquet")
+    table = pq.read_table(
+        warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "shard=0" / "data.parquet"
+    )
     mask = pc.and_(pc.equal(table["image_id"], image_id), pc.equal(table["layer"], layer))
     mask = pc.and_(mask, pc.is_null(table["head"]) if head is None else pc.equal(table["head"], head))
     rows = table.filter(mask)
@@ -93,7 +95,7 @@ def stored_layers(warehouse: Path, model: str, method: str) -> list[int]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    path = warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "data.parquet"
+    path = warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "shard=0" / "data.parquet"
     return sorted(pc.unique(pq.read_table(path, columns=["layer"])["layer"]).to_pylist())
 
 

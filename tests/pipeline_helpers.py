@@ -26,5 +26,5 @@ def tiny_settings(images: Path, warehouse: Path | str, checkpoints: dict[str, Pa
 
 
 def read_partition(warehouse: Path, model: str, method: str) -> list[dict]:
-    path = warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "data.parquet"
+    path = warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "shard=0" / "data.parquet"
     return pq.read_table(path).to_pylist()

@@ -33,7 +33,7 @@ def build_sql_warehouse(tiny_warehouse: Path, target: Path) -> Path:
 
 
 def read_partition(warehouse: Path, table: str, model: str, method: str) -> pa.Table:
-    return pq.read_table(Path(warehouse) / table / f"model={model}" / f"method={method}" / "data.parquet")
+    return pq.read_table(Path(warehouse) / table / f"model={model}" / f"method={method}" / "shard=0" / "data.parquet")
 
 
 def grid_of(rows: pa.Table) -> np.ndarray:

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.alignment_assets import alignment, annotations
+from pipelines.alignment_assets import alignment, annotations, head_ranking
 from pipelines.assets import attention_maps, head_stats, images, warehouse_catalog
 from pipelines.definitions import defs
 from pipelines.sensors import new_images_sensor
@@ -23,7 +23,7 @@ from ssl_attention.warehouse.paths import partition_file
 from tests.pipeline_helpers import checkpoint_args, tiny_settings
 from tests.sql_helpers import SAMPLE_ANNOTATIONS
 
-ASSETS = [images, attention_maps, head_stats, warehouse_catalog, annotations, alignment]
+ASSETS = [images, attention_maps, head_stats, warehouse_catalog, annotations, alignment, head_ranking]
 MODEL = "clip"
 
 
@@ -37,7 +37,11 @@ def test_both_assets_and_their_checks_are_defined():
         "attention_maps",
         "annotations",
     }
-    assert alignment.partitions_def == attention_maps.partitions_def
+    assert alignment.partitions_def == attention_maps.partitions_def  # (model, shard)
+    (dep,) = head_ranking.specs_by_key[head_ranking.key].deps  # per model, over every shard of its alignment
+    assert dep.asset_key == alignment.key and isinstance(
+        dep.partition_mapping, dg.MultiToSingleDimensionPartitionMapping
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,12 @@ def materialized(tmp_path_factory, tiny_checkpoints, sample_dir):
     settings = tiny_settings(sample_dir, warehouse, tiny_checkpoints, annotations=str(SAMPLE_ANNOTATIONS))
     resources = {"extraction": settings}
     first = dg.materialize(ASSETS, selection=[images, annotations], resources=resources)
-    second = dg.materialize(ASSETS, selection=[attention_maps, alignment], partition_key=MODEL, resources=resources)
+    second = dg.materialize(
+        ASSETS, selection=[attention_maps, alignment], partition_key=f"{MODEL}|0", resources=resources
+    )
+    ranked = dg.materialize(ASSETS, selection=[head_ranking], partition_key=MODEL, resources=resources)
+    assert ranked.success
+    second.ranked = ranked  # the ranking's metadata, read by the first test
     return warehouse, settings, first, second
 
 
@@ -71,25 +80,33 @@ def test_the_assets_materialize_and_their_checks_pass(materialized):
     (event,) = [e for e in second.get_asset_materialization_events() if e.asset_key == dg.AssetKey("alignment")]
     metadata = event.materialization.metadata
     stored_maps = sum(
-        pq.read_table(partition_file(warehouse, "attention_maps", model=MODEL, method=m)).num_rows
+        pq.read_table(partition_file(warehouse, "attention_maps", model=MODEL, method=m, shard="0")).num_rows
         for m in ("cls", "mean", "rollout")
     )
     assert metadata["maps_scored_this_run"].value == stored_maps  # every map of every image is annotated
-    best = metadata["best_heads"].value
+    (event,) = [e for e in second.ranked.get_asset_materialization_events() if e.asset_key == head_ranking.key]
+    ranking = event.materialization.metadata
+    best = ranking["best_heads"].value
     assert "| all | head " in best and "fused" in best and "centre_gaussian" in best
-    assert "data:image/png;base64," in metadata["best_head_preview"].value
+    assert "data:image/png;base64," in ranking["best_head_preview"].value
+    assert ranking["dagster/row_count"].value == pq.read_table(
+        partition_file(warehouse, "head_ranking", model=MODEL, method="cls")
+    ).num_rows + sum(
+        pq.read_table(partition_file(warehouse, "head_ranking", model=MODEL, method=m)).num_rows
+        for m in ("mean", "rollout")
+    )
 
 
 def test_a_failing_alignment_check_fails(materialized, tmp_path):
     warehouse, settings, _, _ = materialized
     copy = tmp_path / "wh"
     shutil.copytree(warehouse, copy)
-    path = partition_file(copy, "alignment", model=MODEL, method="cls")
+    path = partition_file(copy, "alignment", model=MODEL, method="cls", shard="0")
     table = pq.read_table(path)
     broken = pc.if_else(pc.equal(pa.array(range(table.num_rows)), 0), 2.0, table["iou_50"])
     pq.write_table(table.set_column(table.schema.get_field_index("iou_50"), "iou_50", broken), path)
     resources = {"extraction": _settings(settings, warehouse=str(copy))}
-    result = dg.materialize(ASSETS, selection=[alignment], partition_key=MODEL, resources=resources)
+    result = dg.materialize(ASSETS, selection=[alignment], partition_key=f"{MODEL}|0", resources=resources)
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not checks["metric_ranges"].passed  # the partition was up to date, so the bad value stayed
     assert "iou_50 = 2.0" in checks["metric_ranges"].metadata["examples"].value
@@ -181,7 +198,7 @@ def test_run_with_annotations_computes_alignment(tmp_path, tiny_checkpoints, ima
     assert "annotations: " in out and "unusable entries" in out
     assert out.count("alignment: ") == 2
     for method in ("cls", "mean", "rollout"):
-        assert partition_file(warehouse, "alignment", model="clip", method=method).is_file()
+        assert partition_file(warehouse, "alignment", model="clip", method=method, shard="0").is_file()
     assert partition_file(warehouse, "head_ranking", model="resnet50", method="gradcam").is_file()
     from ssl_attention.query.catalog import open_catalog
 

@@ -25,7 +25,7 @@ from ssl_attention.alignment.store import write_annotations
 from ssl_attention.query import open_warehouse
 from ssl_attention.query.errors import QueryError, UnknownNameError
 from ssl_attention.query.sandbox import open_sandbox, parse_statements, run_statement
-from ssl_attention.warehouse.paths import iter_partitions, partition_file
+from ssl_attention.warehouse.paths import TABLES, iter_partitions, partition_file
 from tests.sql_helpers import SAMPLE_ANNOTATIONS, SLUGS, build_sql_warehouse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,9 @@ def aligned(tiny_warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def _table(warehouse: Path, table: str, **keys: str) -> pa.Table:
-    return pq.read_table(partition_file(warehouse, table, **keys))
+    return pq.read_table(
+        partition_file(warehouse, table, **{**({"shard": "0"} if "shard" in TABLES[table] else {}), **keys})
+    )
 
 
 def _features_by_image(warehouse: Path) -> dict[str, set[str]]:
@@ -321,7 +323,7 @@ def test_the_readme_head_ranking_query_runs_and_shows_heads_fused_and_baselines(
 def test_a_second_run_recomputes_nothing_and_a_changed_annotation_only_its_image(aligned, tmp_path):
     warehouse = tmp_path / "wh"
     shutil.copytree(aligned, warehouse)
-    path = partition_file(warehouse, "alignment", model="clip", method="cls")
+    path = partition_file(warehouse, "alignment", model="clip", method="cls", shard="0")
     before = path.stat().st_mtime_ns
     again = write_alignment(warehouse, "clip")
     assert again.maps_scored == 0 and path.stat().st_mtime_ns == before

@@ -36,7 +36,7 @@ MASS_ONE = [
 
 
 def read_maps(warehouse: Path, slug: str, method: str) -> list[dict]:
-    return pq.read_table(partition_file(warehouse, "attention_maps", model=slug, method=method)).to_pylist()
+    return pq.read_table(partition_file(warehouse, "attention_maps", model=slug, method=method, shard="0")).to_pylist()
 
 
 def image_ids(warehouse: Path) -> dict[str, str]:

@@ -65,7 +65,9 @@ def test_run_with_tiny_checkpoints_prints_a_summary(tmp_path, tiny_checkpoints, 
     assert "images: 2 usable, 0 skipped" in out
     for slug, spec in MODELS.items():
         for method in spec.methods:
-            assert (warehouse / "attention_maps" / f"model={slug}" / f"method={method}" / "data.parquet").is_file()
+            assert (
+                warehouse / "attention_maps" / f"model={slug}" / f"method={method}" / "shard=0" / "data.parquet"
+            ).is_file()
     assert (warehouse / "attention.duckdb").is_file()
     # a second run extracts nothing new
     assert main(argv) == 0
@@ -112,7 +114,7 @@ def test_readme_main_command_fills_every_partition(tmp_path):
     for slug, spec in MODELS.items():
         for method in spec.methods:
             table = pq.read_table(
-                warehouse / "attention_maps" / f"model={slug}" / f"method={method}" / "data.parquet",
+                warehouse / "attention_maps" / f"model={slug}" / f"method={method}" / "shard=0" / "data.parquet",
                 columns=["image_id", "layer", "head", "grid_h", "grid_w", "weights_mode", "num_heads"],
             ).to_pylist()
             assert {r["weights_mode"] for r in table} == {"random"}

@@ -56,7 +56,7 @@ def test_a_missing_images_folder_is_a_readable_failure(tmp_path, tiny_checkpoint
     result = dg.materialize(
         ALL_ASSETS,
         selection=selection,
-        partition_key="clip" if selection == [attention_maps] else None,
+        partition_key="clip|0" if selection == [attention_maps] else None,
         resources={"extraction": settings},
         raise_on_error=False,
     )
@@ -72,7 +72,7 @@ def _extract(settings, model: str, instance: dg.DagsterInstance | None = None) -
     return dg.materialize(
         ALL_ASSETS,
         selection=[attention_maps],
-        partition_key=model,
+        partition_key=f"{model}|0",
         resources={"extraction": settings},
         instance=instance,
     )
@@ -86,13 +86,13 @@ def test_a_check_re_runs_on_its_own_without_re_extracting(tmp_path, tiny_checkpo
     first = _extract(settings, "clip")
     assert {e.check_name for e in first.get_asset_check_evaluations() if e.passed} == set(CHECK_NAMES)
 
-    path = warehouse / "attention_maps" / "model=clip" / "method=cls" / "data.parquet"
+    path = warehouse / "attention_maps" / "model=clip" / "method=cls" / "shard=0" / "data.parquet"
     pq.write_table(drop_one_head(pq.read_table(path)), path)
     job = dg.Definitions(assets=ALL_ASSETS, jobs=[check_maps_job], resources={"extraction": settings})
     # the partition as a run tag, as the Checks tab launches it (in-process execution finds no partitioned asset
     # in a checks-only selection to validate a partition_key against)
     checks_only = job.resolve_job_def("check_attention_maps").execute_in_process(
-        tags={"dagster/partition": "clip"}, raise_on_error=False
+        tags={"dagster/partition": "clip|0"}, raise_on_error=False
     )
     assert not checks_only.asset_materializations_for_node("attention_maps")  # nothing re-extracted
     outcomes = {e.check_name: e.passed for e in checks_only.get_asset_check_evaluations()}
@@ -119,7 +119,7 @@ def test_a_failed_extraction_does_not_mark_intact_datas_checks_failed(
         assert not outcome.success and "attention_maps" in (outcome.models[0].error or "")
         for key in keys:
             (latest,) = instance.event_log_storage.get_asset_check_execution_history(key, limit=1)
-            assert (latest.partition, latest.status.value) == ("clip", "SUCCEEDED"), key.name
+            assert (latest.partition, latest.status.value) == ("clip|0", "SUCCEEDED"), key.name
 
 
 def _requested(result: dg.EvaluateAutomationConditionsResult) -> dict[str, set[str | None]]:
@@ -140,12 +140,12 @@ def test_downstream_assets_follow_new_maps(tmp_path, tiny_checkpoints, images_co
         assert "head_stats" not in _requested(before)  # no maps yet: nothing to compute statistics of
         assert _extract(settings, "clip", instance).success
         after = dg.evaluate_automation_conditions(defs=automated, instance=instance, cursor=before.cursor)
-        assert _requested(after) == {"head_stats": {"clip"}, "warehouse_catalog": {None}}
+        assert _requested(after) == {"head_stats": {"clip|0"}, "warehouse_catalog": {None}}
         # once they are built, nothing more is requested
         dg.materialize(
             ALL_ASSETS,
             selection=[head_stats],
-            partition_key="clip",
+            partition_key="clip|0",
             resources={"extraction": settings},
             instance=instance,
         )
@@ -164,9 +164,9 @@ def test_row_count_is_the_partitions_total_on_an_up_to_date_run(tmp_path, tiny_c
     settings = tiny_settings(images_copy(2), warehouse, tiny_checkpoints)
     first = _extract(settings, "clip")
     again = dg.materialize(
-        ALL_ASSETS, selection=[attention_maps], partition_key="clip", resources={"extraction": settings}
+        ALL_ASSETS, selection=[attention_maps], partition_key="clip|0", resources={"extraction": settings}
     )
-    files = sorted((warehouse / "attention_maps" / "model=clip").glob("method=*/data.parquet"))
+    files = sorted((warehouse / "attention_maps" / "model=clip").glob("method=*/shard=*/data.parquet"))
     total = sum(pq.read_metadata(path).num_rows for path in files)
     assert total > 0
     for result in (first, again):
@@ -178,8 +178,10 @@ def test_row_count_is_the_partitions_total_on_an_up_to_date_run(tmp_path, tiny_c
         assert columns == pq.read_schema(files[0]).names
     assert _metadata(again, "attention_maps")["images_extracted"].value == 0  # the second run was up to date
 
-    stats = dg.materialize(ALL_ASSETS, selection=[head_stats], partition_key="clip", resources={"extraction": settings})
-    stats_files = (warehouse / "head_stats" / "model=clip").glob("method=*/data.parquet")
+    stats = dg.materialize(
+        ALL_ASSETS, selection=[head_stats], partition_key="clip|0", resources={"extraction": settings}
+    )
+    stats_files = (warehouse / "head_stats" / "model=clip").glob("method=*/shard=*/data.parquet")
     assert _metadata(stats, "head_stats")["dagster/row_count"].value == sum(
         pq.read_metadata(path).num_rows for path in stats_files
     )
@@ -195,7 +197,7 @@ def _descriptions(field: dg.Field) -> list[str]:
 def test_descriptions_render_in_the_ui():
     """Markdown in the UI: a partition path is a code span (so <slug> is not taken for HTML), no RST literals."""
     assert (
-        "`attention_maps/model=<slug>/method=<name>/data.parquet`"
+        "`attention_maps/model=<slug>/method=<name>/shard=<s>/data.parquet`"
         in attention_maps.descriptions_by_key[attention_maps.key]
     )
     schema = defs.resolve_job_def("extract_model").resource_defs["extraction"].config_schema.as_field()
@@ -212,6 +214,7 @@ def test_the_automation_sensor_runs_by_default_and_targets_downstream():
     sensor = defs.resolve_sensor_def("downstream_follows_new_maps")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     graph = defs.resolve_asset_graph()
-    assert sensor.asset_selection.resolve(graph) == {head_stats.key, alignment.key, warehouse_catalog.key}
+    downstream = {head_stats.key, alignment.key, dg.AssetKey("head_ranking"), warehouse_catalog.key}
+    assert sensor.asset_selection.resolve(graph) == downstream
     assert alignment.automation_conditions_by_key[alignment.key] is not None
     assert head_stats.automation_conditions_by_key[head_stats.key] is not None

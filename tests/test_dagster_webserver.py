@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.partitions import SHARDS
 from ssl_attention.registry import MODELS
 from ssl_attention.validation import CHECK_NAMES
 from tests.webserver_helpers import free_port, graphql
@@ -85,11 +86,14 @@ def test_asset_graph_partitions_and_checks_are_served(webserver):
         ("annotations",),
         ("alignment",),
         ("warehouse_catalog",),
+        ("head_ranking",),
     }
-    for key in (("attention_maps",), ("head_stats",)):
+    for key in (("attention_maps",), ("head_stats",), ("alignment",)):  # model x image shard
         assert nodes[key]["isPartitioned"]
-        (dimension,) = nodes[key]["partitionKeysByDimension"]
-        assert dimension["partitionKeys"] == list(MODELS)
+        dimensions = {d["name"]: d["partitionKeys"] for d in nodes[key]["partitionKeysByDimension"]}
+        assert dimensions == {"model": list(MODELS), "shard": [str(s) for s in range(SHARDS)]}
+    (ranking,) = nodes[("head_ranking",)]["partitionKeysByDimension"]  # per model, over every shard
+    assert ranking["partitionKeys"] == list(MODELS)
     assert nodes[("attention_maps",)]["pools"] == ["gpu"]
     checks = {c["name"] for c in nodes[("attention_maps",)]["assetChecksOrError"]["checks"]}
     assert checks == set(CHECK_NAMES)

@@ -158,7 +158,8 @@ def test_the_exemplars_are_the_best_images_with_their_head_and_fused_maps(
 ) -> None:
     tab, session = tab_of(explorer), explorer.session
     session.apply_query({"model": "dinov2", "method": "cls", "layer": 1, "head": 2, "metric": "coverage"})
-    scores = pq.read_table(aligned / "alignment" / "model=dinov2" / "method=cls" / "data.parquet").to_pylist()
+    scores = pq.read_table(aligned / "alignment" / "model=dinov2" / "method=cls" / "shard=0" / "data.parquet")
+    scores = scores.to_pylist()
     mine = [
         r for r in scores if r["layer"] == 1 and r["head"] == 2 and r["feature"] == "all" and r["map_kind"] == "map"
     ]

@@ -429,7 +429,9 @@ def test_a_damaged_models_file_shows_what_failed(warehouse: Path, tmp_path: Path
 def test_a_damaged_partition_is_left_out_with_a_note(warehouse: Path, tmp_path: Path) -> None:
     from dashboards.app import AttentionExplorer, create_app
 
-    damaged = _damaged_copy(warehouse, tmp_path / "warehouse", "attention_maps/model=clip/method=mean/data.parquet")
+    damaged = _damaged_copy(
+        warehouse, tmp_path / "warehouse", "attention_maps/model=clip/method=mean/shard=0/data.parquet"
+    )
     app = create_app(damaged)
     assert isinstance(app, AttentionExplorer)  # the other maps are still there
     methods = app.session.index.models["clip"].methods
@@ -447,7 +449,7 @@ def test_a_partition_damaged_while_shown_gives_a_message_on_switch(warehouse: Pa
     assert isinstance(app, AttentionExplorer)
     session = app.session
     assert session.problem == ""
-    (damaged / "attention_maps/model=dinov2/method=rollout/data.parquet").write_bytes(b"garbage" * 100)
+    (damaged / "attention_maps/model=dinov2/method=rollout/shard=0/data.parquet").write_bytes(b"garbage" * 100)
     session.method = "rollout"  # the view switch reads the damaged file
     assert session.selection.method == "rollout"
     assert "dinov2/rollout" in session.problem and str(damaged) in session.problem and "\n" not in session.problem

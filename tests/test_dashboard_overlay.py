@@ -174,7 +174,7 @@ def stored_regions_in_view(warehouse: Path, image_id: str, model: str) -> tuple[
     """The annotations rows of the image through the model's inputs row, by hand: x * scale_x - crop_left, then
     clipped to the input; regions left wholly outside are dropped, the cut ones labelled "(cut)". Also the input
     size and how many of the image's regions the crop (cut, left wholly outside)."""
-    (transform,) = rows_of(partition_file(warehouse, "inputs", model=model), image_id)
+    (transform,) = rows_of(partition_file(warehouse, "inputs", model=model, shard="0"), image_id)
     rows = rows_of(partition_file(warehouse, "annotations"), image_id)
     width, height = transform["input_w"], transform["input_h"]
     expected, cut, outside = [], 0, 0
@@ -202,7 +202,7 @@ def rows_of(path: Path, image_id: str) -> list[dict[str, Any]]:
 def alignment_rows(
     warehouse: Path, model: str, method: str, image_id: str, layer: int, feature: str
 ) -> list[dict[str, Any]]:
-    rows = rows_of(partition_file(warehouse, "alignment", model=model, method=method), image_id)
+    rows = rows_of(partition_file(warehouse, "alignment", model=model, method=method, shard="0"), image_id)
     return [r for r in rows if (r["layer"], r["feature"]) == (layer, feature)]
 
 

@@ -1,12 +1,10 @@
 """The extraction on a cluster, end to end: a Dagster instance on PostgreSQL, a Redis broker and two Celery
-worker processes (all started here on 127.0.0.1 and stopped afterwards), two model partitions launched at
-once; the warehouse they write equals a single-process run's."""
+worker processes (all started here on 127.0.0.1 and stopped afterwards), a backfill of 2 image shards x 2 models
+(four (model, shard) runs launched at once); the warehouse they write equals a single-process run's."""
 
-import json
 import os
 import shutil
 import subprocess
-import sys
 
 import dagster as dg
 import numpy as np
@@ -14,23 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.runner import run_extraction
-from tests.cluster_services import REPO, celery_workers, postgres, postgres_bin, redis
+from tests.cluster_services import REPO, celery_workers, launch_run, postgres, postgres_bin, redis
+from tests.cluster_services import run_finished as finished
 from tests.pipeline_helpers import checkpoint_args, tiny_settings
 
 REQUIRED = os.environ.get("SSL_ATTENTION_REQUIRE_DISTRIBUTED") == "1"  # CI: run, never skip
 MODELS = ("clip", "dinov2")
-LAUNCH = """
-import json, sys
-import dagster as dg
-from pipelines.distributed import celery_job_def
-home, run_config, model, assets = json.loads(sys.argv[1])
-with dg.DagsterInstance.from_config(home) as instance:
-    result = dg.execute_job(
-        dg.reconstructable(celery_job_def), instance, run_config=run_config,
-        tags={"dagster/partition": model} if model else {}, asset_selection=[dg.AssetKey(a) for a in assets],
-    )
-    print(result.run_id, "SUCCESS" if result.success else "FAILURE")
-"""
+SHARDS = 2  # the first three samples fall in both shards (ids 5d23…: 1, fc89…: 0, 52da…: 0)
 
 
 def _missing() -> str | None:
@@ -62,8 +50,8 @@ def _step_pids(instance: dg.DagsterInstance, run_id: str) -> dict[str, int]:
     }
 
 
-def _table(warehouse, model: str, method: str):
-    path = warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "data.parquet"
+def _table(warehouse, model: str, method: str, shard: str):
+    path = warehouse / "attention_maps" / f"model={model}" / f"method={method}" / f"shard={shard}" / "data.parquet"
     table = pq.read_table(path).drop_columns(["extracted_at"])
     return table.sort_by([("image_id", "ascending"), ("layer", "ascending"), ("head", "ascending")])
 
@@ -88,33 +76,28 @@ def test_celery_workers_on_a_postgres_instance_write_the_single_process_warehous
         "checkpoints": checkpoint_args(tiny_checkpoints),
         "batch_size": 2,
         "device": "cpu",
+        "shards": SHARDS,
     }
     run_config = celery_run_config(broker, backend, extraction)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env["SSL_ATTENTION_POOL"] = "none"
+    env["SSL_ATTENTION_SHARDS"] = str(SHARDS)  # the definitions of the launchers and the workers: 2 shards
 
-    def launch(model: str | None, assets: list[str]) -> subprocess.Popen:
-        """One run, launched from its own process (as a run launcher would): it orchestrates, the workers execute."""
-        args = json.dumps([str(home), run_config, model, assets])
-        return subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, args], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
-        )
-
-    def finished(process: subprocess.Popen) -> tuple[str, bool]:
-        out, _ = process.communicate(timeout=240)
-        run_id, status = out.strip().splitlines()[-1].split()
-        return run_id, status == "SUCCESS"
+    def launch(partition: str | None, assets: list[str]) -> subprocess.Popen:
+        return launch_run(home, run_config, partition, assets, env)
 
     with celery_workers(broker, backend, 2, env) as workers:
         assert finished(launch(None, ["images"]))[1]
-        runs = [finished(p) for p in [launch(m, ["attention_maps", "head_stats"]) for m in MODELS]]  # both at once
+        keys = [f"{model}|{shard}" for model in MODELS for shard in map(str, range(SHARDS))]
+        runs = [finished(p) for p in [launch(k, ["attention_maps", "head_stats"]) for k in keys]]  # all at once
         assert all(success for _, success in runs)
         assert finished(launch(None, ["warehouse_catalog"]))[1]
         with dg.DagsterInstance.from_config(str(home)) as instance:
             pids = [_step_pids(instance, run_id) for run_id, _ in runs]
             assert {type(instance.run_storage).__name__} == {"PostgresRunStorage"}
-            records = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": "clip"}))
-            assert [r.status for r in records] == [dg.DagsterRunStatus.SUCCESS]
+            for key in keys:
+                records = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": key}))
+                assert [r.status for r in records] == [dg.DagsterRunStatus.SUCCESS], key
         assert all(worker.poll() is None for worker in workers)
 
     step_pids = {pid for p in pids for pid in p.values()}
@@ -123,13 +106,16 @@ def test_celery_workers_on_a_postgres_instance_write_the_single_process_warehous
     assert all({"attention_maps", "attention_maps_checks", "head_stats"} <= set(p) for p in pids)
 
     reference = tmp_path / "single_wh"
-    outcome = run_extraction(tiny_settings(folder, reference, tiny_checkpoints), list(MODELS))
+    outcome = run_extraction(tiny_settings(folder, reference, tiny_checkpoints, shards=SHARDS), list(MODELS))
     assert outcome.success
-    for model in MODELS:
-        methods = sorted(p.name for p in (reference / "attention_maps" / f"model={model}").iterdir())
-        assert methods == sorted(p.name for p in (warehouse / "attention_maps" / f"model={model}").iterdir())
-        for method in (m.removeprefix("method=") for m in methods):
-            ours, theirs = _table(warehouse, model, method), _table(reference, model, method)
-            assert ours.drop_columns(["map_values"]).equals(theirs.drop_columns(["map_values"])), (model, method)
-            for a, b in zip(ours["map_values"].to_pylist(), theirs["map_values"].to_pylist(), strict=True):
-                np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    ours_files = sorted(str(p.relative_to(warehouse)) for p in warehouse.glob("attention_maps/*/*/*/data.parquet"))
+    theirs_files = sorted(str(p.relative_to(reference)) for p in reference.glob("attention_maps/*/*/*/data.parquet"))
+    assert ours_files == theirs_files
+    assert {f.split("/")[3] for f in ours_files} == {"shard=0", "shard=1"}  # both shards hold images
+    for name in ours_files:
+        _, model, method, shard, _ = (part.split("=")[-1] for part in name.split("/"))
+        ours, theirs = _table(warehouse, model, method, shard), _table(reference, model, method, shard)
+        assert ours.num_rows > 0
+        assert ours.drop_columns(["map_values"]).equals(theirs.drop_columns(["map_values"])), name
+        for a, b in zip(ours["map_values"].to_pylist(), theirs["map_values"].to_pylist(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

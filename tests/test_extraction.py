@@ -15,13 +15,16 @@ from ssl_attention.extraction import catalog_images, extract_model, read_catalog
 from ssl_attention.images import load_image
 from ssl_attention.models.loading import LoadRequest, load_model
 from ssl_attention.registry import METHODS, MODELS
-from ssl_attention.warehouse.paths import DATA_FILE, partition_file
+from ssl_attention.warehouse.paths import DATA_FILE, TABLES, partition_file
+from ssl_attention.warehouse.shards import LAYOUT_FILE
 
 MAP_KEY = ("image_id", "layer", "head")
 
 
 def read(warehouse: Path, table: str, **keys: str) -> list[dict]:
-    return pq.read_table(partition_file(warehouse, table, **keys)).to_pylist()
+    return pq.read_table(
+        partition_file(warehouse, table, **{**({"shard": "0"} if "shard" in TABLES[table] else {}), **keys})
+    ).to_pylist()
 
 
 def maps(warehouse: Path, slug: str, method: str) -> list[dict]:
@@ -118,7 +121,7 @@ def test_every_partition_is_complete(tiny_warehouse, tiny_adapters, sample_dir):
 def test_no_stray_files_in_partitions(tiny_warehouse):
     for path in tiny_warehouse.rglob("*"):
         if path.is_file():
-            assert path.name == DATA_FILE, path
+            assert path.name == DATA_FILE or path == tiny_warehouse / LAYOUT_FILE, path
 
 
 # --- heads and layers come from the checkpoint's config -------------------------------------------------
@@ -197,7 +200,9 @@ def test_incremental_runs(tmp_path, sample_dir, tiny_checkpoints, make_tiny_chec
         shutil.copy(sample_dir / name, folder / name)
     warehouse = tmp_path / "wh"
     adapter = load_tiny("mae", tiny_checkpoints["mae"])
-    partitions = [partition_file(warehouse, "attention_maps", model="mae", method=m) for m in MODELS["mae"].methods]
+    partitions = [
+        partition_file(warehouse, "attention_maps", model="mae", method=m, shard="0") for m in MODELS["mae"].methods
+    ]
 
     first = extract_model(adapter, catalog_images(folder, warehouse).catalog.records, warehouse)
     assert (first.images_extracted, first.images_up_to_date) == (2, 0)

@@ -87,7 +87,9 @@ def test_grad_cam_equals_manual_hook_and_gradient(tiny_adapters, tiny_warehouse,
     blocks = adapter.run(pixel_values)["gradcam"]  # one batch, one backward
     assert [b.layer_names for b in blocks] == [[s] for s in STAGES]
 
-    rows = pq.read_table(partition_file(tiny_warehouse, "attention_maps", model="resnet50", method="gradcam"))
+    rows = pq.read_table(
+        partition_file(tiny_warehouse, "attention_maps", model="resnet50", method="gradcam", shard="0")
+    )
     rows = rows.to_pylist()
     ids = {r["file_name"]: r["image_id"] for r in pq.read_table(partition_file(tiny_warehouse, "images")).to_pylist()}
     nonzero_cells = 0
@@ -115,7 +117,9 @@ def test_grad_cam_equals_manual_hook_and_gradient(tiny_adapters, tiny_warehouse,
 
 
 def test_grad_cam_stage_grids_shrink_with_depth(tiny_warehouse):
-    rows = pq.read_table(partition_file(tiny_warehouse, "attention_maps", model="resnet50", method="gradcam"))
+    rows = pq.read_table(
+        partition_file(tiny_warehouse, "attention_maps", model="resnet50", method="gradcam", shard="0")
+    )
     grids = {r["layer"]: (r["grid_h"], r["grid_w"]) for r in rows.to_pylist()}
     assert sorted(grids) == [0, 1, 2, 3]
     # 64x64 input: stem /4, then stages /1, /2, /4, /8 of that

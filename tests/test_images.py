@@ -245,7 +245,7 @@ def test_bad_files_do_not_stop_extraction(messy_folder, tmp_path, tiny_checkpoin
     adapter = load_model("mae", LoadRequest(checkpoint=tiny_checkpoints["mae"], device="cpu"))
     run = extract_model(adapter, report.catalog.records, warehouse, max_pixels=MAX_PIXELS)
     assert run.images_extracted == 2 and run.issues == []
-    maps = pq.read_table(partition_file(warehouse, "attention_maps", model="mae", method="cls"))
+    maps = pq.read_table(partition_file(warehouse, "attention_maps", model="mae", method="cls", shard="0"))
     assert set(maps["image_id"].to_pylist()) == {r.image_id for r in report.catalog.records}
 
 
@@ -261,7 +261,7 @@ def test_file_broken_after_cataloguing_is_recorded_and_the_rest_extracted(tmp_pa
     assert [i.file_name for i in run.issues] == [victim.file_name]
     errors = pq.read_table(partition_file(warehouse, "errors", source="mae")).to_pylist()
     assert [e["file_name"] for e in errors] == [victim.file_name]
-    maps = pq.read_table(partition_file(warehouse, "attention_maps", model="mae", method="rollout"))
+    maps = pq.read_table(partition_file(warehouse, "attention_maps", model="mae", method="rollout", shard="0"))
     assert set(maps["image_id"].to_pylist()) == {r.image_id for r in records} - {victim.image_id}
 
 

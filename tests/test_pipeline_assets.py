@@ -26,6 +26,7 @@ from pipelines.assets import (
     warehouse_catalog,
 )
 from pipelines.definitions import defs
+from pipelines.partitions import SHARDS
 from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.settings import POOL_ENV
 from ssl_attention.validation import CHECK_NAMES
@@ -41,9 +42,22 @@ def test_definitions_are_loadable_and_complete():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {"images", "attention_maps", "head_stats", "warehouse_catalog", "annotations", "alignment"}
-    assert attention_maps.partitions_def.get_partition_keys() == list(MODELS)
-    assert head_stats.partitions_def.get_partition_keys() == list(MODELS)
+    assert keys == {
+        "images",
+        "attention_maps",
+        "head_stats",
+        "warehouse_catalog",
+        "annotations",
+        "alignment",
+        "head_ranking",
+    }
+    # (model, shard): one shard unless $SSL_ATTENTION_SHARDS says otherwise when the definitions load
+    shards = [str(s) for s in range(SHARDS)]
+    expected = {f"{model}|{shard}" for model in MODELS for shard in shards}
+    assert set(attention_maps.partitions_def.get_partition_keys()) == expected
+    assert set(head_stats.partitions_def.get_partition_keys()) == expected
+    ranking = graph.get(dg.AssetKey("head_ranking"))
+    assert ranking.partitions_def.get_partition_keys() == list(MODELS)  # over every shard of its model
     specs = list(attention_maps_checks.check_specs)
     assert {spec.name for spec in specs} == set(CHECK_NAMES)
     assert {spec.asset_key for spec in specs} == {attention_maps.key}
@@ -85,7 +99,7 @@ def materialized(tmp_path_factory, tiny_checkpoints, sample_dir):
     results = {"images": dg.materialize(ALL_ASSETS, selection=[images], resources=resources)}
     for model in ("dinov2", "siglip", "resnet50"):
         results[model] = dg.materialize(
-            ALL_ASSETS, selection=[attention_maps, head_stats], partition_key=model, resources=resources
+            ALL_ASSETS, selection=[attention_maps, head_stats], partition_key=f"{model}|0", resources=resources
         )
     results["catalog"] = dg.materialize(ALL_ASSETS, selection=[warehouse_catalog], resources=resources)
     return warehouse, results
@@ -137,8 +151,8 @@ def test_attention_maps_partitions_and_metadata(materialized, model, sample_dir,
     assert metadata["random_weights"] is False
     assert str(tiny_checkpoints[model]) in metadata["weights"]
     written = [
-        *warehouse.glob(f"attention_maps/model={model}/*/data.parquet"),
-        *warehouse.glob(f"inputs/model={model}/data.parquet"),
+        *warehouse.glob(f"attention_maps/model={model}/*/shard=*/data.parquet"),
+        *warehouse.glob(f"inputs/model={model}/shard=0/data.parquet"),
     ]
     assert metadata["bytes_written"] == sum(p.stat().st_size for p in written)
     # the preview is a PNG embedded in markdown: fused first, then one tile per head
@@ -166,7 +180,7 @@ def test_head_stats_and_catalog(materialized):
         maps_rows = sum(len(read_partition(warehouse, model, m)) for m in MODELS[model].methods)
         assert stats_rows == maps_rows
     catalog = Path(_metadata(results["catalog"], "warehouse_catalog")["catalog"])
-    with duckdb.connect(str(catalog), read_only=True) as con:
+    with duckdb.connect(str(catalog), read_only=True, config={"file_search_path": str(catalog.parent)}) as con:
         count = con.execute("SELECT count(*) FROM attention_maps WHERE model = 'dinov2'").fetchone()[0]
         assert count == sum(len(read_partition(warehouse, "dinov2", m)) for m in MODELS["dinov2"].methods)
 
@@ -180,7 +194,7 @@ def _corrupt_after_extraction(monkeypatch, model: str, method: str, corrupt) -> 
     def corrupting(adapter, records, warehouse, **kwargs):
         report = real(adapter, records, warehouse, **kwargs)
         if adapter.spec.slug == model:
-            path = warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "data.parquet"
+            path = warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "shard=0" / "data.parquet"
             pq.write_table(corrupt(pq.read_table(path)), path)
         return report
 
@@ -199,7 +213,7 @@ def test_failing_data_fails_its_check_in_the_ui(tmp_path, tiny_checkpoints, samp
     result = dg.materialize(
         ALL_ASSETS,
         selection=[images, attention_maps, head_stats],
-        partition_key="clip",
+        partition_key="clip|0",
         resources={"extraction": settings},
         raise_on_error=False,
     )
@@ -229,7 +243,7 @@ def test_one_models_failed_check_is_not_hidden_by_another_models_pass(
             result = dg.materialize(
                 ALL_ASSETS,
                 selection=selection,
-                partition_key=model,
+                partition_key=f"{model}|0",
                 resources={"extraction": settings},
                 instance=instance,
                 raise_on_error=False,
@@ -239,7 +253,7 @@ def test_one_models_failed_check_is_not_hidden_by_another_models_pass(
         latest: dict[str, str] = {}
         for record in history:  # newest first
             latest.setdefault(record.partition, record.status.value)
-        assert latest == {"clip": "FAILED", "resnet50": "SUCCEEDED"}
+        assert latest == {"clip|0": "FAILED", "resnet50|0": "SUCCEEDED"}
 
 
 def test_the_shipped_dagster_instance_config_loads(tmp_path):

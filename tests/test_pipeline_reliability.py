@@ -50,11 +50,11 @@ def test_rematerializing_replaces_the_partition(tmp_path, tiny_checkpoints, imag
     warehouse = tmp_path / "wh"
     settings = tiny_settings(folder, warehouse, tiny_checkpoints)
     dg.materialize(ALL_ASSETS, selection=[images], resources={"extraction": settings})
-    dg.materialize(ALL_ASSETS, selection=[attention_maps], partition_key="clip", resources={"extraction": settings})
-    path = warehouse / "attention_maps" / "model=clip" / "method=cls" / "data.parquet"
+    dg.materialize(ALL_ASSETS, selection=[attention_maps], partition_key="clip|0", resources={"extraction": settings})
+    path = warehouse / "attention_maps" / "model=clip" / "method=cls" / "shard=0" / "data.parquet"
     before_inode, before_rows = path.stat().st_ino, read_partition(warehouse, "clip", "cls")
     again = tiny_settings(folder, warehouse, tiny_checkpoints, recompute=True)
-    dg.materialize(ALL_ASSETS, selection=[attention_maps], partition_key="clip", resources={"extraction": again})
+    dg.materialize(ALL_ASSETS, selection=[attention_maps], partition_key="clip|0", resources={"extraction": again})
     after_rows = read_partition(warehouse, "clip", "cls")
     assert path.stat().st_ino != before_inode  # a new file was swapped in
     assert sorted(_keys(after_rows), key=str) == sorted(_keys(before_rows), key=str)  # same keys, no duplicates
@@ -70,7 +70,7 @@ KILL_SCRIPT = textwrap.dedent(
     from pipelines.resources import ExtractionSettings
     settings = ExtractionSettings(images_dir=sys.argv[1], warehouse=sys.argv[2], weights="pretrained",
                                   checkpoints=sys.argv[3:], batch_size=1, device="cpu", recompute=True)
-    dg.materialize([images, attention_maps], partition_key="mae", resources={"extraction": settings})
+    dg.materialize([images, attention_maps], partition_key="mae|0", resources={"extraction": settings})
     """
 )
 
@@ -80,8 +80,13 @@ def test_sigkill_mid_partition_keeps_previous_data_and_next_run_completes(tmp_pa
     warehouse = tmp_path / "wh"
     settings = tiny_settings(folder, warehouse, tiny_checkpoints)
     for selection, key in (([images], None), ([attention_maps], "mae")):
-        dg.materialize(ALL_ASSETS, selection=selection, partition_key=key, resources={"extraction": settings})
-    partition = warehouse / "attention_maps" / "model=mae" / "method=cls"
+        dg.materialize(
+            ALL_ASSETS,
+            selection=selection,
+            partition_key=f"{key}|0" if key else None,
+            resources={"extraction": settings},
+        )
+    partition = warehouse / "attention_maps" / "model=mae" / "method=cls" / "shard=0"
     before = _digest(partition / "data.parquet")
     rows_before = read_partition(warehouse, "mae", "cls")
 
@@ -111,7 +116,7 @@ def test_sigkill_mid_partition_keeps_previous_data_and_next_run_completes(tmp_pa
     # the next run completes: all images, no duplicates, the orphan temp file cleaned up
     dg.materialize(ALL_ASSETS, selection=[images], resources={"extraction": settings})
     result = dg.materialize(
-        ALL_ASSETS, selection=[attention_maps], partition_key="mae", resources={"extraction": settings}
+        ALL_ASSETS, selection=[attention_maps], partition_key="mae|0", resources={"extraction": settings}
     )
     assert result.success
     rows = read_partition(warehouse, "mae", "cls")
@@ -136,7 +141,7 @@ def test_a_failing_model_does_not_stop_the_others(tmp_path, tiny_checkpoints, im
         assert by_model[model].success, by_model[model].error
         assert len({r["image_id"] for r in read_partition(warehouse, model, "cls")}) == 2
     assert not (warehouse / "attention_maps" / "model=mae").exists() or not list(
-        (warehouse / "attention_maps" / "model=mae").glob("*/data.parquet")
+        (warehouse / "attention_maps" / "model=mae").glob("*/shard=*/data.parquet")
     )
     assert not outcome.success
 
@@ -180,9 +185,10 @@ def test_two_partitions_in_parallel_with_the_multiprocess_executor(tmp_path, tin
     run_config = {"resources": {"extraction": {"config": config}}}
     with dg.instance_for_test() as instance:
         with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-            results = list(pool.map(_run_partition, [instance.get_ref()] * 2, ["dinov2", "clip"], [run_config] * 2))
+            keys = ["dinov2|0", "clip|0"]  # (model, shard) partitions
+            results = list(pool.map(_run_partition, [instance.get_ref()] * 2, keys, [run_config] * 2))
         assert all(ok for ok, _ in results)
-        for run_id, partition in zip((r for _, r in results), ("dinov2", "clip"), strict=True):
+        for run_id, partition in zip((r for _, r in results), keys, strict=True):
             run = instance.get_run_by_id(run_id)
             assert run.tags["dagster/partition"] == partition
             # the multiprocess executor runs each step in a child process of the run's process
@@ -192,7 +198,7 @@ def test_two_partitions_in_parallel_with_the_multiprocess_executor(tmp_path, tin
             assert step_pids and run_pid not in step_pids
         windows = sorted(_step_window(instance, run_id, "attention_maps") for _, run_id in results)
         assert windows[1][0] < windows[0][1], f"steps did not overlap: {windows}"
-        assert instance.get_materialized_partitions(dg.AssetKey("attention_maps")) == {"dinov2", "clip"}
+        assert instance.get_materialized_partitions(dg.AssetKey("attention_maps")) == set(keys)
     for model in ("dinov2", "clip"):
         for method in MODELS[model].methods:
             assert len({r["image_id"] for r in read_partition(warehouse, model, method)}) == 3
@@ -214,7 +220,7 @@ def test_a_killed_cli_run_does_not_block_the_next_one(tmp_path, tiny_checkpoints
     command += ["--warehouse", str(warehouse), "--batch-size", "1", "--device", "cpu"]
 
     child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partition = warehouse / "attention_maps" / "model=mae" / "method=cls"
+    partition = warehouse / "attention_maps" / "model=mae" / "method=cls" / "shard=0"
     deadline = time.time() + 120
     while time.time() < deadline and child.poll() is None and not list(partition.glob(".*.parquet.tmp")):
         time.sleep(0.01)

@@ -7,6 +7,7 @@ import shutil
 import dagster as dg
 
 from pipelines.definitions import defs
+from pipelines.partitions import SHARDS
 from pipelines.resources import ExtractionSettings
 from pipelines.sensors import new_images_sensor
 from ssl_attention.registry import MODELS
@@ -28,15 +29,17 @@ def test_new_images_trigger_one_run_per_model(tmp_path, images_copy, sample_dir)
     folder = images_copy(2)
     settings = ExtractionSettings(images_dir=str(folder), warehouse=str(tmp_path / "wh"))
     first = _tick(settings, None)
-    assert sorted(r.partition_key for r in first.run_requests) == sorted(MODELS)
-    assert len({r.run_key for r in first.run_requests}) == len(MODELS)
+    # one run per (model, shard): one shard unless $SSL_ATTENTION_SHARDS said otherwise when the definitions loaded
+    keys = sorted(f"{model}|{shard}" for model in MODELS for shard in range(SHARDS))
+    assert sorted(r.partition_key for r in first.run_requests) == keys
+    assert len({r.run_key for r in first.run_requests}) == len(keys)
 
     unchanged = _tick(settings, first.cursor)
     assert not unchanged.run_requests and unchanged.skip_reason
 
     shutil.copy(sample_dir / "rocket.jpg", folder / "new.jpg")
     added = _tick(settings, first.cursor)
-    assert sorted(r.partition_key for r in added.run_requests) == sorted(MODELS)
+    assert sorted(r.partition_key for r in added.run_requests) == keys
     assert not {r.run_key for r in added.run_requests} & {r.run_key for r in first.run_requests}
     assert added.cursor != first.cursor
 
@@ -61,9 +64,10 @@ def test_sensor_keeps_the_warehouses_models_up_to_date(tmp_path, images_copy, sa
         path.write_bytes(b"")
     settings = ExtractionSettings(images_dir=str(folder), warehouse=str(warehouse))
     first = _tick(settings, None)
-    assert sorted(r.partition_key for r in first.run_requests) == ["clip", "resnet50"]
+    held = sorted(f"{model}|{shard}" for model in ("clip", "resnet50") for shard in range(SHARDS))
+    assert sorted(r.partition_key for r in first.run_requests) == held
     shutil.copy(sample_dir / "rocket.jpg", folder / "new.jpg")
-    assert sorted(r.partition_key for r in _tick(settings, first.cursor).run_requests) == ["clip", "resnet50"]
+    assert sorted(r.partition_key for r in _tick(settings, first.cursor).run_requests) == held
 
 
 def test_sensor_skips_with_the_reason_when_a_location_is_unsupported(tmp_path):

@@ -244,7 +244,9 @@ def test_missing_head_stats_and_unextracted_images(tmp_path, warehouse, image_id
         partial.stat_grid("clip", "cls", "entropy")
     table = read_partition(copy, "attention_maps", "mae", "cls")
     keep = pc.invert(pc.equal(table["image_id"], image_ids[0]))
-    pq.write_table(table.filter(keep), copy / "attention_maps" / "model=mae" / "method=cls" / "data.parquet")
+    pq.write_table(
+        table.filter(keep), copy / "attention_maps" / "model=mae" / "method=cls" / "shard=0" / "data.parquet"
+    )
     with pytest.raises(MissingDataError, match="has no mae/cls data yet"):
         partial.map(image_ids[0], "mae", "cls", 0)
     comparison = partial.compare_models(image_ids[0], 0.5)
@@ -283,7 +285,7 @@ def test_a_warehouse_filled_after_opening_is_seen(tmp_path, warehouse):
 def test_a_damaged_file_gives_a_one_line_query_error_naming_it(tmp_path, warehouse, image_ids, damage):
     root = tmp_path / "damaged"
     shutil.copytree(warehouse, root)
-    maps = root / "attention_maps" / "model=dinov2" / "method=cls" / "data.parquet"
+    maps = root / "attention_maps" / "model=dinov2" / "method=cls" / "shard=0" / "data.parquet"
     model_row = root / "models" / "model=clip" / "data.parquet"
     for path in (maps, model_row):
         if damage == "garbage":
@@ -426,7 +428,7 @@ def _scaled(table: pa.Table, factor: float) -> pa.Table:
 def test_metadata_cache_sees_a_replaced_file_even_with_the_same_mtime(tmp_path, warehouse, image_ids):
     root = tmp_path / "replace"
     shutil.copytree(warehouse, root)
-    path = root / "attention_maps" / "model=dinov2" / "method=cls" / "data.parquet"
+    path = root / "attention_maps" / "model=dinov2" / "method=cls" / "shard=0" / "data.parquet"
     old = pq.read_table(path)
     stamp = time.time() - 120  # older than DuckDB's 10 s "recently modified" window
     os.utime(path, (stamp, stamp))
@@ -445,7 +447,7 @@ def test_metadata_cache_sees_a_replaced_file_even_with_the_same_mtime(tmp_path, 
 def test_sixteen_threads_read_whole_versions_while_a_partition_is_rewritten(tmp_path, warehouse, image_ids):
     root = tmp_path / "concurrent"
     shutil.copytree(warehouse, root)
-    directory = root / "attention_maps" / "model=dinov2" / "method=cls"
+    directory = root / "attention_maps" / "model=dinov2" / "method=cls" / "shard=0"
     versions = [pq.read_table(directory / "data.parquet")]
     versions.append(_scaled(versions[0], 0.5))
     handle = open_warehouse(root)

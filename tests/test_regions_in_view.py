@@ -38,7 +38,7 @@ def _image_ids(warehouse: Path) -> dict[str, str]:
 
 
 def _rewrite_inputs(warehouse: Path, transform: dict[str, object]) -> None:
-    path = partition_file(warehouse, "inputs", model=MODEL)
+    path = partition_file(warehouse, "inputs", model=MODEL, shard="0")
     table = pq.read_table(path)
     for name, value in transform.items():
         index = table.schema.get_field_index(name)
@@ -145,7 +145,7 @@ def test_bad_requests_say_what_is_missing(hand: Path, tiny_warehouse: Path, tmp_
 def test_image_scores_are_the_alignment_rows_fused_heads_then_baselines(aligned: Path) -> None:
     wh = open_warehouse(aligned)
     image = _image_ids(aligned)["astronaut.jpg"]
-    rows = pq.read_table(partition_file(aligned, "alignment", model=MODEL, method="cls"))
+    rows = pq.read_table(partition_file(aligned, "alignment", model=MODEL, method="cls", shard="0"))
     for feature in ("all", "face"):
         scores = wh.image_scores(image, MODEL, "cls", 1, feature)
         expected = select(rows, image_id=image, layer=1, feature=feature)

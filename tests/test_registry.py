@@ -59,7 +59,7 @@ def test_a_registered_method_flows_to_parquet_checks_sql_and_the_dashboard(
         assert report.images_extracted == 2
 
         # Parquet: the stored rows equal the model's own attention rows, recomputed by a plain forward pass
-        path = partition_file(warehouse, "attention_maps", model="dinov2", method=TOY)
+        path = partition_file(warehouse, "attention_maps", model="dinov2", method=TOY, shard="0")
         table = pq.read_table(path).to_pylist()
         heads, layers = adapter.num_heads, adapter.num_layers
         assert len(table) == 2 * layers * (heads + 1)

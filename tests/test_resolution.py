@@ -30,14 +30,16 @@ from ssl_attention.models.resolution import (
 )
 from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.validation import check_model
-from ssl_attention.warehouse.paths import partition_file
+from ssl_attention.warehouse.paths import TABLES, partition_file
 from tests.conftest import ALL_SLUGS
 
 VALID = list(MODELS)
 
 
 def read(warehouse: Path, table: str, **keys: str) -> list[dict]:
-    return pq.read_table(partition_file(warehouse, table, **keys)).to_pylist()
+    return pq.read_table(
+        partition_file(warehouse, table, **{**({"shard": "0"} if "shard" in TABLES[table] else {}), **keys})
+    ).to_pylist()
 
 
 def ids_by_name(warehouse: Path) -> dict[str, str]:

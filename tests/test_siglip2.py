@@ -20,13 +20,15 @@ from ssl_attention.models.adapters import PatchSequence
 from ssl_attention.models.loading import LoadRequest, load_model
 from ssl_attention.models.preprocessing import InputSizeError, naflex_images, patchify
 from ssl_attention.registry import MODELS
-from ssl_attention.warehouse.paths import partition_file
+from ssl_attention.warehouse.paths import TABLES, partition_file
 
 NAFLEX = "siglip2_naflex"
 
 
 def read(warehouse: Path, table: str, **keys: str) -> list[dict]:
-    return pq.read_table(partition_file(warehouse, table, **keys)).to_pylist()
+    return pq.read_table(
+        partition_file(warehouse, table, **{**({"shard": "0"} if "shard" in TABLES[table] else {}), **keys})
+    ).to_pylist()
 
 
 def image_id(warehouse: Path, name: str) -> str:

@@ -249,7 +249,7 @@ def test_bad_sql_and_bad_arguments_are_one_line_errors(capsys, warehouse):
 def test_a_damaged_file_is_a_one_line_error_naming_it(capsys, warehouse, tmp_path):
     root = tmp_path / "damaged"
     shutil.copytree(warehouse, root)
-    path = root / "attention_maps" / "model=mae" / "method=cls" / "data.parquet"  # not a table's first file
+    path = root / "attention_maps" / "model=mae" / "method=cls" / "shard=0" / "data.parquet"  # not a table's first file
     path.write_bytes(b"this is not parquet " * 64)
     code, _, err = run(capsys, "SELECT count(*) FROM attention_maps WHERE model = 'mae'", "--warehouse", str(root))
     assert_one_line_error(code, err, str(path))
@@ -350,6 +350,6 @@ def test_duckdbs_own_client_reads_the_catalog_read_only(warehouse):
     assert shown.returncode == 0, shown.stderr
     expected = duckdb.execute(
         "SELECT model, count(*) AS n FROM read_parquet($files, hive_partitioning = true) GROUP BY model ORDER BY model",
-        {"files": f"{warehouse}/attention_maps/*/*/data.parquet"},
+        {"files": f"{warehouse}/attention_maps/*/*/*/data.parquet"},
     ).fetchall()
     assert list(csv.reader(io.StringIO(shown.stdout)))[1:] == [[model, str(n)] for model, n in expected]

@@ -157,7 +157,9 @@ def test_write_head_stats_covers_every_map_and_matches_numpy(tiny_warehouse: Pat
     written = write_head_stats(warehouse, "dinov2")
     assert set(written) == {"cls", "mean", "rollout"}
     for method, stats in written.items():
-        maps = pq.read_table(warehouse / "attention_maps" / "model=dinov2" / f"method={method}" / "data.parquet")
+        maps = pq.read_table(
+            warehouse / "attention_maps" / "model=dinov2" / f"method={method}" / "shard=0" / "data.parquet"
+        )
         table = pq.read_table(stats.path)
         assert table.num_rows == maps.num_rows == stats.rows
         assert table.schema == schema.HEAD_STATS
@@ -189,7 +191,7 @@ def test_write_head_stats_needs_the_inputs_rows(tmp_path: Path, tiny_warehouse: 
 
     warehouse = tmp_path / "wh"
     shutil.copytree(tiny_warehouse, warehouse)
-    (warehouse / "inputs" / "model=dinov2" / "data.parquet").unlink()  # maps without their input sizes
+    (warehouse / "inputs" / "model=dinov2" / "shard=0" / "data.parquet").unlink()  # maps without their input sizes
     with pytest.raises(FileNotFoundError, match="no inputs rows"):
         write_head_stats(warehouse, "dinov2")
 

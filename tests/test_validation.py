@@ -17,7 +17,7 @@ from ssl_attention.validation import CHECK_NAMES, check_method_partition, check_
 
 
 def _path(warehouse: Path, model: str, method: str) -> Path:
-    return warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "data.parquet"
+    return warehouse / "attention_maps" / f"model={model}" / f"method={method}" / "shard=0" / "data.parquet"
 
 
 def _replace(table: pa.Table, name: str, values: list | pa.Array) -> pa.Table:

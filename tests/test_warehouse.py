@@ -75,16 +75,16 @@ def test_resolve_warehouse_rejects_remote_locations(location, monkeypatch):
 
 
 def test_partition_layout(tmp_path):
-    path = partition_file(tmp_path, "attention_maps", model="clip", method="cls")
-    assert path == tmp_path / "attention_maps" / "model=clip" / "method=cls" / DATA_FILE
+    path = partition_file(tmp_path, "attention_maps", model="clip", method="cls", shard="0")
+    assert path == tmp_path / "attention_maps" / "model=clip" / "method=cls" / "shard=0" / DATA_FILE
     assert partition_file(tmp_path, "images") == tmp_path / "images" / DATA_FILE
     for bad in ("", "a/b", ".hidden"):
         with pytest.raises(ValueError, match="invalid partition value"):
             partition_dir(tmp_path, "attention_maps", model=bad)
-    with pytest.raises(ValueError, match=r"partitioned by \(model, method\)"):
+    with pytest.raises(ValueError, match=r"partitioned by \(model, method, shard\)"):
         partition_dir(tmp_path, "attention_maps", method="cls")  # not a leading run of the keys
     with pytest.raises(ValueError, match="missing: method"):
-        partition_file(tmp_path, "attention_maps", model="clip")
+        partition_file(tmp_path, "attention_maps", model="clip", shard="0")
     with pytest.raises(ValueError, match="unknown warehouse table 'maps'; tables: images, attention_maps"):
         partition_file(tmp_path, "maps")
 
@@ -102,7 +102,7 @@ def _touch(path: Path) -> Path:
 
 
 def test_iter_partitions_yields_exactly_the_partitions_with_their_key_values(tmp_path):
-    maps = tmp_path / "attention_maps"
+    maps = tmp_path / "head_ranking"  # partitioned by (model, method)
     expected = {
         ("b", "x"): _touch(maps / "model=b" / "method=x" / DATA_FILE),
         ("a", "y"): _touch(maps / "model=a" / "method=y" / DATA_FILE),
@@ -120,18 +120,18 @@ def test_iter_partitions_yields_exactly_the_partitions_with_their_key_values(tmp
     (maps / "model=a" / "method=z").mkdir()  # a partition folder without its data file
     _touch(maps / "model=a" / "method=w" / "data.parquet" / "oops")  # data.parquet that is a folder
 
-    found = list(iter_partitions(tmp_path, "attention_maps"))
+    found = list(iter_partitions(tmp_path, "head_ranking"))
     assert [(p.keys["model"], p.keys["method"]) for p in found] == [("a", "x"), ("a", "y"), ("b", "x")]
     assert {(p.keys["model"], p.keys["method"]): p.path for p in found} == expected
-    assert all(p.table == "attention_maps" and list(p.keys) == ["model", "method"] for p in found)
-    assert all(p.path == partition_file(tmp_path, "attention_maps", **p.keys) for p in found)
+    assert all(p.table == "head_ranking" and list(p.keys) == ["model", "method"] for p in found)
+    assert all(p.path == partition_file(tmp_path, "head_ranking", **p.keys) for p in found)
 
-    pinned = list(iter_partitions(tmp_path, "attention_maps", model="a"))
+    pinned = list(iter_partitions(tmp_path, "head_ranking", model="a"))
     assert [dict(p.keys) for p in pinned] == [{"model": "a", "method": "x"}, {"model": "a", "method": "y"}]
-    assert list(iter_partitions(tmp_path, "attention_maps", model="zzz")) == []
+    assert list(iter_partitions(tmp_path, "head_ranking", model="zzz")) == []
     with pytest.raises(ValueError, match="leading run"):
-        list(iter_partitions(tmp_path, "attention_maps", method="x"))
-    assert has_partitions(tmp_path, "attention_maps") and not has_partitions(tmp_path, "head_stats")
+        list(iter_partitions(tmp_path, "head_ranking", method="x"))
+    assert has_partitions(tmp_path, "head_ranking") and not has_partitions(tmp_path, "alignment")
 
 
 def test_iter_partitions_of_unpartitioned_and_one_key_tables(tmp_path):

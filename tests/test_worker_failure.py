@@ -124,7 +124,7 @@ def test_a_killed_worker_leaves_the_previous_file_and_the_redelivered_step_compl
         "batch_size": 2,
         "device": "cpu",
     }
-    args = json.dumps([str(home), celery_run_config(broker, backend, extraction), MODEL])
+    args = json.dumps([str(home), celery_run_config(broker, backend, extraction), f"{MODEL}|0"])  # (model, shard)
     with celery_workers(broker, backend, 2, env, ("-I", "tests.worker_pause")) as workers:
         run = subprocess.Popen(
             [sys.executable, "-c", LAUNCH, args], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True

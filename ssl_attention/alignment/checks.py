@@ -58,12 +58,16 @@ def check_annotations(warehouse: Path, parsed: AnnotationSet | None = None) -> l
     return [matched, valid]
 
 
-def check_alignment(warehouse: Path, model: str) -> dict[str, list[CheckOutcome]]:
-    """Per method of ``model``: the two alignment checks (merge them with ``validation.merge_outcomes``)."""
+def check_alignment(warehouse: Path, model: str, shard: str | None = None) -> dict[str, list[CheckOutcome]]:
+    """Per method (and image shard) of ``model``: the two alignment checks of one shard, or (None) of every
+    shard (merge them with ``validation.merge_outcomes``)."""
     results = {}
     for source in iter_partitions(warehouse, "alignment", model=model):
-        method = source.keys["method"]
-        results[method] = [_metric_ranges(source.path), _one_row_per_map_feature(warehouse, model, method)]
+        method, where = source.keys["method"], source.keys["shard"]
+        if shard not in (None, where):
+            continue
+        label = method if shard is not None else f"{method} shard {where}"
+        results[label] = [_metric_ranges(source.path), _one_row_per_map_feature(warehouse, model, method, where)]
     return results
 
 
@@ -84,13 +88,13 @@ def _metric_ranges(path: Path) -> CheckOutcome:
     return outcome
 
 
-def _one_row_per_map_feature(warehouse: Path, model: str, method: str) -> CheckOutcome:
+def _one_row_per_map_feature(warehouse: Path, model: str, method: str, shard: str) -> CheckOutcome:
     outcome = CheckOutcome("one_row_per_map_feature", True, ALIGNMENT_CHECKS["one_row_per_map_feature"])
     rows = pq.read_table(
-        partition_file(warehouse, "alignment", model=model, method=method),
+        partition_file(warehouse, "alignment", model=model, method=method, shard=shard),
         columns=["image_id", "layer", "head", "map_kind", "feature"],
     )
-    maps_path = partition_file(warehouse, "attention_maps", model=model, method=method)
+    maps_path = partition_file(warehouse, "attention_maps", model=model, method=method, shard=shard)
     stored: dict[str, int] = {}  # image id -> its stored maps
     if maps_path.is_file():
         counts = pq.read_table(maps_path, columns=["image_id"]).group_by("image_id").aggregate([("image_id", "count")])
@@ -104,7 +108,7 @@ def _one_row_per_map_feature(warehouse: Path, model: str, method: str) -> CheckO
     annotated = features_by_image(warehouse)
     per_image = map_rows.group_by("image_id").aggregate([("feature", "count")]).to_pylist()
     scored = {row["image_id"] for row in per_image}
-    transforms = read_transforms(warehouse, model)
+    transforms = read_transforms(warehouse, model, shard)
     for image_id in sorted(set(annotated) & set(stored) - scored):
         if transforms.get(image_id) is not None:  # extracted with a stored transform: it should be scored
             outcome.fail(f"image {image_id}: annotated and extracted, but has no alignment rows")

@@ -92,20 +92,21 @@ class AlignmentReport:
 # --- inputs ------------------------------------------------------------------------------------------------
 
 
-def read_transforms(warehouse: Path, model: str) -> dict[str, InputTransform | None]:
-    """image id -> the stored ``InputTransform`` of ``model`` (None for rows written before it was stored)."""
-    path = partition_file(warehouse, "inputs", model=model)
-    if not path.is_file():
-        return {}
-    names = pq.ParquetFile(path).schema_arrow.names
-    if not set(TRANSFORM_COLUMNS) <= set(names):
-        ids = pq.read_table(path, columns=["image_id"])["image_id"].to_pylist()
-        return dict.fromkeys(ids)
-    rows = pq.read_table(path, columns=["image_id", *TRANSFORM_COLUMNS]).to_pylist()
+def read_transforms(warehouse: Path, model: str, shard: str | None = None) -> dict[str, InputTransform | None]:
+    """image id -> the stored ``InputTransform`` of ``model`` (None for rows written before it was stored), of
+    one image shard or (None) of every shard."""
     result: dict[str, InputTransform | None] = {}
-    for row in rows:
-        values = [row[c] for c in TRANSFORM_COLUMNS]
-        result[row["image_id"]] = None if any(v is None for v in values) else InputTransform(*values)
+    for partition in iter_partitions(warehouse, "inputs", model=model):
+        if shard not in (None, partition.keys["shard"]):
+            continue
+        path = partition.path
+        names = pq.ParquetFile(path).schema_arrow.names
+        if not set(TRANSFORM_COLUMNS) <= set(names):
+            result.update(dict.fromkeys(pq.read_table(path, columns=["image_id"])["image_id"].to_pylist()))
+            continue
+        for row in pq.read_table(path, columns=["image_id", *TRANSFORM_COLUMNS]).to_pylist():
+            values = [row[c] for c in TRANSFORM_COLUMNS]
+            result[row["image_id"]] = None if any(v is None for v in values) else InputTransform(*values)
     return result
 
 
@@ -390,14 +391,15 @@ def _score(plans: list[_Plan], targets: dict[str, ImageTargets], annotations_has
                 plan.result.maps_scored += rows.num_rows
 
 
-def write_alignment(warehouse: Path, model: str, rank: bool = True) -> AlignmentReport:
-    """Score every maps partition of ``model`` against the ``annotations`` table (see the module docstring);
-    with ``rank``, rebuild each rewritten partition's ``head_ranking`` (or a missing one)."""
+def write_alignment(warehouse: Path, model: str, rank: bool = True, shard: str | None = None) -> AlignmentReport:
+    """Score every maps partition of ``model`` (of one image shard, or None: every shard) against the
+    ``annotations`` table (see the module docstring); with ``rank``, rebuild the ``head_ranking`` of each
+    method whose alignment was rewritten (or is missing) from all its shards (``write_rankings``)."""
     start = time.perf_counter()
     warehouse = Path(warehouse)
     report = AlignmentReport(model)
     regions, annotations_hash = read_regions(warehouse)
-    transforms = read_transforms(warehouse, model)
+    transforms = read_transforms(warehouse, model, shard)
     targets: dict[str, ImageTargets] = {}
     for image_id, image_regions in regions.items():
         if image_id not in transforms:
@@ -410,7 +412,9 @@ def write_alignment(warehouse: Path, model: str, rank: bool = True) -> Alignment
     plans = []
     try:
         for source in iter_partitions(warehouse, "attention_maps", model=model):
-            target_dir = partition_dir(warehouse, "alignment", model=model, method=source.keys["method"])
+            if shard not in (None, source.keys["shard"]):
+                continue
+            target_dir = partition_dir(warehouse, "alignment", **source.keys)
             plans.append(_plan(source.path, target_dir, targets, source.keys["method"]))
         _score([p for p in plans if p.writer is not None], targets, annotations_hash or "")
         for plan in plans:
@@ -424,11 +428,43 @@ def write_alignment(warehouse: Path, model: str, rank: bool = True) -> Alignment
             if plan.writer is not None and not plan.writer.closed:
                 plan.writer.abort()
         raise
+    stale: set[str] = set()
     for plan in plans:
         method = plan.result.method
-        report.methods[method] = plan.result
+        previous = report.methods.get(method)
+        report.methods[method] = plan.result if previous is None else _add(previous, plan.result)
         ranking = partition_file(warehouse, "head_ranking", model=model, method=method)
-        if rank and (plan.result.rewritten or not ranking.is_file()):
-            write_head_ranking(plan.target_dir / DATA_FILE, ranking.parent)
+        if plan.result.rewritten or not ranking.is_file():
+            stale.add(method)
+    if rank and stale:
+        write_rankings(warehouse, model, sorted(stale))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _add(total: MethodAlignment, shard: MethodAlignment) -> MethodAlignment:
+    """One method's alignment over its shards: counts summed."""
+    return MethodAlignment(
+        total.method,
+        images_scored=total.images_scored + shard.images_scored,
+        images_up_to_date=total.images_up_to_date + shard.images_up_to_date,
+        maps_scored=total.maps_scored + shard.maps_scored,
+        rows_written=total.rows_written + shard.rows_written,
+        rewritten=total.rewritten or shard.rewritten,
+    )
+
+
+def write_rankings(warehouse: Path, model: str, methods: Sequence[str] | None = None) -> dict[str, WriteStats]:
+    """Rebuild the ``head_ranking`` of ``model``'s methods (None: every method with alignment) from the
+    alignment rows of all their image shards; a ranking aggregates over every image, so it is per (model,
+    method), never per shard."""
+    files: dict[str, list[Path]] = {}
+    for partition in iter_partitions(warehouse, "alignment", model=model):
+        files.setdefault(partition.keys["method"], []).append(partition.path)
+    wanted = list(files) if methods is None else list(methods)
+    return {
+        method: write_head_ranking(
+            files.get(method, []), partition_dir(warehouse, "head_ranking", model=model, method=method)
+        )
+        for method in wanted
+    }

@@ -24,6 +24,7 @@ METAVARS = {
     "checkpoints": "MODEL=DIR",
     "models": "LIST",
     "annotations": "FILE",
+    "shards": "N",
 }
 
 

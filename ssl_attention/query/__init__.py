@@ -6,8 +6,9 @@
 
     wh.sql("SELECT model, avg(entropy) FROM head_stats WHERE layer = $layer GROUP BY model", {"layer": 0})
 
-``Warehouse`` (``warehouse.py``) is the one class to call. Its map and statistics methods read each partition
-file directly (the file named by the validated model and method); ``wh.sql`` and SQL users get the tables as
+``Warehouse`` (``warehouse.py``) is the one class to call. Its map and statistics methods read partition files
+directly (one image's rows: the file of its image shard; an aggregate: every shard file of the validated model
+and method); ``wh.sql`` and SQL users get the tables as
 DuckDB views: on the process connection, ``ssl-attention sql`` or the ``attention.duckdb`` catalog file
 (``write_catalog``); see docs/sql.md.
 
@@ -24,6 +25,7 @@ from ssl_attention.query.errors import (
     QueryError,
     UnknownNameError,
     UnreadableFileError,
+    WarehouseLayoutError,
 )
 from ssl_attention.query.maps import layer_at_depth
 from ssl_attention.query.results import (
@@ -57,6 +59,7 @@ __all__ = [
     "UnknownNameError",
     "UnreadableFileError",
     "Warehouse",
+    "WarehouseLayoutError",
     "client_command",
     "connection",
     "cursor",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from ssl_attention.alignment.geometry import InputTransform, map_boxes
 from ssl_attention.alignment.metrics import METRIC_COLUMNS
 from ssl_attention.alignment.ranking import LOWER_IS_BETTER
 from ssl_attention.query.errors import QueryError, UnknownNameError, format_values
-from ssl_attention.query.reads import read
+from ssl_attention.query.reads import Files, read
 from ssl_attention.query.selection import as_index
 
 METRICS = METRIC_COLUMNS
@@ -45,9 +44,9 @@ FROM read_parquet($path) WHERE image_id = $image_id AND layer = $layer AND featu
 ORDER BY list_position($kinds, map_kind), head NULLS FIRST"""
 
 
-def read_arrow(path: Path, sql: str, params: dict[str, Any]) -> pa.Table:
-    """``reads.read`` of one partition file, fetched as an Arrow table (results are small: DuckDB's warning
-    about the copy a DB-API cursor makes is silenced)."""
+def read_arrow(path: Files, sql: str, params: dict[str, Any]) -> pa.Table:
+    """``reads.read`` of one partition file (or a partition's shard files), fetched as an Arrow table (results
+    are small: DuckDB's warning about the copy a DB-API cursor makes is silenced)."""
 
     def fetch(cur: Any) -> pa.Table:
         with warnings.catch_warnings():

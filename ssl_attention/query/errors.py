@@ -23,6 +23,11 @@ class EmptyWarehouseError(MissingDataError):
     """The warehouse holds no attention maps at all."""
 
 
+class WarehouseLayoutError(QueryError):
+    """A warehouse whose layout this version cannot read as is (written before image shards); the message
+    names the command that migrates it."""
+
+
 class UnreadableFileError(QueryError):
     """A warehouse file that exists but cannot be read (corrupt, truncated, wrong schema, no permission);
     the message names the file and DuckDB's reason."""

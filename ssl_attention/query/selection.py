@@ -22,8 +22,8 @@ class Selection:
 
     info: ModelInfo
     method: str
-    facts: PartitionFacts  # of the maps partition
-    path: Path  # the maps partition's data file
+    facts: PartitionFacts  # of the maps partition (over all its image shards)
+    files: tuple[Path, ...]  # the maps partition's data files, one per image shard that has one
     layer: int | None  # None: no layer was asked for (every layer)
     head: int | None  # None: the fused map, or no head was asked for
 

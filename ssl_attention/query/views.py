@@ -28,6 +28,7 @@ from ssl_attention.alignment.ranking import LOWER_IS_BETTER
 from ssl_attention.registry import METHODS, MODELS
 from ssl_attention.warehouse import schema
 from ssl_attention.warehouse.paths import TABLES, has_partitions, table_glob
+from ssl_attention.warehouse.shards import SHARD_KEY, readable_shards
 
 DERIVED_VIEWS = ("methods", "attention_cells", "head_feature_matrix", "exemplars")
 MACROS = ("map_cells",)
@@ -64,6 +65,12 @@ def duckdb_types(table: str) -> tuple[tuple[str, str], ...]:
     return tuple((name, str(kind)) for name, kind in zip(relation.columns, relation.types, strict=True))
 
 
+def view_keys(table: str) -> tuple[str, ...]:
+    """The partition keys a view shows: all but ``shard``, a storage detail (a function of ``image_id``), so
+    queries read the same whatever the shard count."""
+    return tuple(key for key in TABLES[table] if key != SHARD_KEY)
+
+
 def _relative_glob(table: str) -> str:
     """``table``'s files relative to the warehouse root, always as a glob: DuckDB looks a glob up in
     ``file_search_path`` only, but a plain relative file name in the working directory first (a client inside
@@ -76,12 +83,13 @@ def _relative_glob(table: str) -> str:
 
 
 def _source(root: Path | None, table: str, present: bool) -> str:
-    """A FROM-able source with the partition keys first, then the file columns; ``root=None``: a glob relative to
-    the warehouse root, resolved by the client's ``file_search_path`` (and refused while that is unset)."""
+    """A FROM-able source with the partition keys first (``view_keys``), then the file columns; ``root=None``: a
+    glob relative to the warehouse root, resolved by the client's ``file_search_path`` (and refused while that
+    is unset)."""
     keys = TABLES[table]
     columns = duckdb_types(table)
     if not present:
-        casts = [f"CAST(NULL AS VARCHAR) AS {quote_ident(k)}" for k in keys]
+        casts = [f"CAST(NULL AS VARCHAR) AS {quote_ident(k)}" for k in view_keys(table)]
         casts += [f"CAST(NULL AS {kind}) AS {quote_ident(name)}" for name, kind in columns]
         return f"(SELECT {', '.join(casts)} LIMIT 0)"
     if root is None:
@@ -102,7 +110,7 @@ def _source(root: Path | None, table: str, present: bool) -> str:
         reader = f"read_parquet({glob}, hive_partitioning = true, hive_types = {{{types}}})"
     else:
         reader = f"read_parquet({glob}, hive_partitioning = false)"
-    projection = ", ".join(quote_ident(name) for name in (*keys, *(c for c, _ in columns)))
+    projection = ", ".join(quote_ident(name) for name in (*view_keys(table), *(c for c, _ in columns)))
     return f"(SELECT {projection} FROM {reader})"
 
 
@@ -162,6 +170,7 @@ def view_statements(root: Path, present: dict[str, bool], relative: bool = False
     """CREATE OR REPLACE statements for every view and macro, in dependency order; ``present`` says which
     tables have files (the others get empty typed views). ``relative``: globs relative to the warehouse root
     (the catalog file's views; the statements then name no path at all)."""
+    readable_shards(Path(root))  # a warehouse written before image shards: LegacyLayoutError names the migration
     base = None if relative else Path(root).resolve()
     statements = []
     for table in TABLES:

@@ -26,12 +26,13 @@ from ssl_attention.query.errors import (
     MissingDataError,
     QueryError,
     UnknownNameError,
+    WarehouseLayoutError,
     fill_command,
     format_values,
 )
 from ssl_attention.query.maps import Rows
 from ssl_attention.query.metadata import PartitionFacts, model_info, read_facts, read_images, read_model_row
-from ssl_attention.query.reads import VersionCache, file_key, read_dicts, read_numpy
+from ssl_attention.query.reads import VersionCache, file_key, files_key, read_dicts, read_numpy
 from ssl_attention.query.results import (
     AttentionMap,
     ComparedMap,
@@ -54,6 +55,7 @@ from ssl_attention.query.selection import (
 from ssl_attention.query.views import CatalogPathError
 from ssl_attention.registry import MODELS
 from ssl_attention.warehouse.paths import iter_partitions, partition_file, resolve_warehouse
+from ssl_attention.warehouse.shards import LayoutError, layout_path, readable_shards, shard_of
 
 _EVERY_LAYER = object()  # ``_resolve``'s default: no layer asked for
 
@@ -123,8 +125,34 @@ class Warehouse:
         return self._resolve(model, method).facts
 
     def path(self, table: str, **keys: str) -> Path:
-        """The data file of one partition of this warehouse (``warehouse.paths.partition_file``)."""
+        """The data file of one partition of this warehouse (``warehouse.paths.partition_file``); every key,
+        ``shard`` included, must be given (``files`` lists a partition's shard files)."""
         return partition_file(self.root, table, **keys)
+
+    def files(self, table: str, **keys: str) -> list[Path]:
+        """The data files under the leading ``keys`` of ``table``: e.g. every image shard's file of one
+        (model, method) of ``attention_maps``, in shard order."""
+        if table in ("attention_maps", "head_stats", "inputs", "alignment"):
+            self.shards()  # a pre-shard warehouse is refused, naming the migration
+        return [p.path for p in iter_partitions(self.root, table, **keys)]
+
+    def version(self, table: str, **keys: str) -> str:
+        """The identity of every data file under ``keys`` (inode, mtime, size each), as one string: it changes
+        whenever any of them is replaced, added or removed (a cache key for readers of a whole partition)."""
+        return repr(files_key(self.files(table, **keys)))
+
+    def shards(self) -> int:
+        """The warehouse's image shard count (``layout.json``); a warehouse written before image shards raises
+        ``WarehouseLayoutError`` naming the command that migrates it."""
+        path = layout_path(self.root)
+        try:
+            return self._cache.get(("layout",), file_key(path), lambda: readable_shards(self.root))
+        except LayoutError as exc:
+            raise WarehouseLayoutError(str(exc)) from None
+
+    def shard_file(self, table: str, image_id: str, **keys: str) -> Path:
+        """The data file of ``table`` under ``keys`` that holds ``image_id``'s rows (its image shard's)."""
+        return self.path(table, **keys, shard=shard_of(image_id, self.shards()))
 
     # --- maps ---------------------------------------------------------------------------------------------
 
@@ -191,7 +219,7 @@ class Warehouse:
         """What the model saw (after its preprocessing), as JPEG bytes."""
         info = self.model(model)
         image_id = check_name("image_id", image_id)
-        path = self.path("inputs", model=info.slug)
+        path = self._shard_file_of("inputs", image_id, model=info.slug)
         rows = read_dicts(path, maps.INPUT_SQL, {"image_id": image_id}) if path.is_file() else []
         if not rows:
             raise self._missing_image(image_id, info.slug)
@@ -203,10 +231,13 @@ class Warehouse:
         """One statistic over layers x (fused + heads), of one image or averaged over all (None)."""
         sel = self._resolve(model, method)
         stat = check_stat(stat)
-        path = self._stats_file(sel)
+        files = self._stats_files(sel)
         if image_id is None:
-            return statistics.stat_grid(sel, stat, None, read_numpy(path, statistics.stat_grid_sql(stat, False)))
+            return statistics.stat_grid(sel, stat, None, read_numpy(files, statistics.stat_grid_sql(stat, False)))
         image_id = check_name("image_id", image_id)
+        path = self._shard_file_of("head_stats", image_id, model=sel.model, method=sel.method)
+        if not path.is_file():
+            raise self._missing_image(image_id, sel.model, sel.method)
         result = read_numpy(path, statistics.stat_grid_sql(stat, True), {"image_id": image_id})
         if len(result["layer"]) == 0:
             raise self._missing_image(image_id, sel.model, sel.method)
@@ -221,7 +252,9 @@ class Warehouse:
         params: dict[str, object] = {"image_id": image_id, "layer": sel.layer}
         if sel.head is not None:
             params["head"] = sel.head
-        rows = read_dicts(self._stats_file(sel), statistics.head_statistics_sql(sel.head is None), params)
+        self._stats_files(sel)  # none at all: say what to materialize
+        path = self._shard_file_of("head_stats", image_id, model=sel.model, method=sel.method)
+        rows = read_dicts(path, statistics.head_statistics_sql(sel.head is None), params) if path.is_file() else []
         if not rows:
             raise self._missing_image(image_id, sel.model, sel.method)
         return rows[0]
@@ -266,8 +299,8 @@ class Warehouse:
         params: dict[str, object] = {"layer": sel.layer, "feature": feature, "limit": limit}
         if sel.head is not None:
             params["head"] = sel.head
-        path = self._alignment_file(sel)
-        table = read_arrow(path, alignment.exemplars_sql(metric, sel.head is None), params)
+        files = self._alignment_files(sel)
+        table = read_arrow(files, alignment.exemplars_sql(metric, sel.head is None), params)
         index = self.image_index()
         names = pa.array([index[i].file_name if i in index else None for i in table["image_id"].to_pylist()])
         return table.add_column(1, "file_name", names)
@@ -279,7 +312,12 @@ class Warehouse:
         sel, _, feature = self._resolve_alignment(model, method, layer, "iou_50", feature)
         image_id = check_name("image_id", image_id)
         params = {"image_id": image_id, "layer": sel.layer, "feature": feature, "kinds": list(alignment.MAP_KINDS)}
-        table = read_arrow(self._alignment_file(sel), alignment.IMAGE_SCORES_SQL, params)
+        self._alignment_files(sel)  # none at all: say what to run
+        path = self._shard_file_of("alignment", image_id, model=sel.model, method=sel.method)
+        if not path.is_file():  # no image of this shard was scored: an empty table of the query's columns
+            path = self._alignment_files(sel)[0]
+            params["image_id"] = ""  # no image has an empty id
+        table = read_arrow(path, alignment.IMAGE_SCORES_SQL, params)
         if table.num_rows == 0 and image_id not in self.image_index():
             raise self._missing_image(image_id, sel.model, sel.method)
         return table
@@ -313,7 +351,7 @@ class Warehouse:
                 f"the warehouse at {self.root} holds no annotations; add them with: "
                 f"{fill_command(self.root)} --annotations FILE (COCO instances JSON or WikiChurches)"
             )
-        inputs = self.path("inputs", model=info.slug)
+        inputs = self._shard_file_of("inputs", image_id, model=info.slug)
         rows = read_dicts(inputs, alignment.TRANSFORM_SQL, {"image_id": image_id}) if inputs.is_file() else []
         if not rows:
             raise self._missing_image(image_id, info.slug)
@@ -343,17 +381,18 @@ class Warehouse:
         )
         return tuple(str(r["feature"]) for r in rows)
 
-    def _alignment_file(self, sel: Selection) -> Path:
-        path = self.path("alignment", model=sel.model, method=sel.method)
-        if not path.is_file():
+    def _alignment_files(self, sel: Selection) -> list[Path]:
+        """The alignment files of every image shard of (model, method); none is a ``MissingDataError``."""
+        files = self.files("alignment", model=sel.model, method=sel.method)
+        if not files:
             raise MissingDataError(
                 f"no alignment for {sel.model}/{sel.method} yet; run with annotations: "
                 f"{fill_command(self.root)} --models {sel.model} --annotations FILE"
             )
-        return path
+        return files
 
     def _ranking_file(self, sel: Selection) -> Path:
-        self._alignment_file(sel)
+        self._alignment_files(sel)
         path = self.path("head_ranking", model=sel.model, method=sel.method)
         if not path.is_file():
             raise MissingDataError(
@@ -370,6 +409,7 @@ class Warehouse:
         and return an Arrow table. Bind values as ``$name``/``?`` parameters, never by formatting them into
         the text. Unlike ``ssl-attention sql`` this is not sandboxed: it is for code you write yourself.
         """
+        self.shards()  # a pre-shard warehouse: the error names the migration command
         try:
             cur = views_cursor(self.root)
         except CatalogPathError as exc:
@@ -394,15 +434,16 @@ class Warehouse:
         row = self._cache.get(("model_row", slug), key, lambda: read_model_row(path))
         if row is None:
             return None
-        available = tuple(m for m in row["methods"] if self.path("attention_maps", model=slug, method=m).is_file())
+        available = tuple(m for m in row["methods"] if self.files("attention_maps", model=slug, method=m))
         return model_info(slug, row, available)
 
-    def _facts(self, model: str, method: str) -> PartitionFacts:
-        path = self.path("attention_maps", model=model, method=method)
-        key = file_key(path)
+    def _facts(self, model: str, method: str) -> tuple[PartitionFacts, tuple[Path, ...]]:
+        """The facts of (model, method)'s maps over every image shard, and the shard files they were read from."""
+        files = tuple(self.files("attention_maps", model=model, method=method))
+        key = files_key(files)
         if key is None:
             raise MissingDataError(f"no {model}/{method} maps in the warehouse at {self.root}")
-        return self._cache.get(("facts", model, method), key, lambda: read_facts(path))
+        return self._cache.get(("facts", model, method), key, lambda: read_facts(list(files))), files
 
     def _resolve(self, model: object, method: object, layer: object = _EVERY_LAYER, head: object = None) -> Selection:
         """The one validation of (model, method[, layer][, head]) every query goes through, in that order of
@@ -410,26 +451,38 @@ class Warehouse:
         info = self.model(model)
         method = check_method(info, method)
         head = check_head(info, method, head)
-        facts = self._facts(info.slug, method)
+        facts, files = self._facts(info.slug, method)
         index = None if layer is _EVERY_LAYER else check_layer(info, method, facts, layer)
-        path = self.path("attention_maps", model=info.slug, method=method)
-        return Selection(info, method, facts, path, index, head)
+        return Selection(info, method, facts, files, index, head)
+
+    def _shard_file_of(self, table: str, image_id: str, **keys: str) -> Path:
+        """``shard_file``, with an id that is not a hex digest reported as an unknown image."""
+        try:
+            return self.shard_file(table, image_id, **keys)
+        except WarehouseLayoutError:
+            raise
+        except ValueError:
+            raise self._missing_image(image_id, keys.get("model", ""), keys.get("method")) from None
 
     def _read_maps(self, sel: Selection, image_id: str, where: str, order: str = "", **params: object) -> Rows:
-        """The selection's map rows of one image (``where``: one of ``maps``' filters); none is an error."""
-        rows = Rows(read_numpy(sel.path, maps.map_sql(sel.facts, where, order), {"image_id": image_id, **params}))
+        """The selection's map rows of one image (``where``: one of ``maps``' filters), read from the image's
+        shard file only; none is an error."""
+        path = self._shard_file_of("attention_maps", image_id, model=sel.model, method=sel.method)
+        if not path.is_file():
+            raise self._missing_image(image_id, sel.model, sel.method)
+        rows = Rows(read_numpy(path, maps.map_sql(sel.facts, where, order), {"image_id": image_id, **params}))
         if rows.num_rows == 0:
             raise self._missing_image(image_id, sel.model, sel.method)
         return rows
 
-    def _stats_file(self, sel: Selection) -> Path:
-        path = self.path("head_stats", model=sel.model, method=sel.method)
-        if not path.is_file():
+    def _stats_files(self, sel: Selection) -> list[Path]:
+        files = self.files("head_stats", model=sel.model, method=sel.method)
+        if not files:
             raise MissingDataError(
                 f"no head statistics for {sel.model}/{sel.method} yet; materialize the head_stats asset "
                 f"(or call ssl_attention.stats.write_head_stats) for {sel.model}"
             )
-        return path
+        return files
 
     def _missing_image(self, image_id: str, model: str, method: str | None = None) -> QueryError:
         """The error for an image that returned no rows: unknown, or known but not extracted here."""
@@ -462,4 +515,5 @@ def open_warehouse(location: str | os.PathLike[str] | None = None) -> Warehouse:
         if warehouse is None:
             refresh_catalog(root)
             warehouse = _warehouses[root] = Warehouse(root)
+    warehouse.shards()  # a warehouse written before image shards: the error names the migration command
     return warehouse

@@ -2,9 +2,10 @@
 
 The layout is ``TABLES``: each table's partition keys, outermost first, one directory level per key::
 
-    <root>/<table>/<key1>=<value1>/<key2>=<value2>/data.parquet      e.g. attention_maps/model=clip/method=cls/
+    <root>/<table>/<key1>=<value1>/<key2>=<value2>/data.parquet      e.g. attention_maps/model=clip/method=cls/shard=0/
     <root>/images/data.parquet                                      a table without keys: one file
     <root>/attention.duckdb                                         DuckDB catalog of views (rebuilt)
+    <root>/layout.json                                              the image shard count (``shards.py``)
 
 Each partition is exactly one ``data.parquet``, replaced atomically (see ``atomic.py``). The map tables
 (attention_maps, head_stats, inputs) are sorted by ``image_id`` in row groups of ~1 MiB that never split an image.
@@ -60,13 +61,13 @@ def local_path(location: str, what: str) -> Path:
 
 TABLES: dict[str, tuple[str, ...]] = {
     "images": (),  # catalog of input images
-    "attention_maps": ("model", "method"),
-    "head_stats": ("model", "method"),
+    "attention_maps": ("model", "method", "shard"),  # shard: warehouse.shards.shard_of(image_id)
+    "head_stats": ("model", "method", "shard"),
     "models": ("model",),  # one row of model facts
-    "inputs": ("model",),  # each model's input image, as it saw it
+    "inputs": ("model", "shard"),  # each model's input image, as it saw it
     "errors": ("source",),  # source: "catalog", "annotations" or a model slug
     "annotations": (),  # regions of the annotation file, in original-image pixels
-    "alignment": ("model", "method"),  # every map (and two baselines) scored against every feature
+    "alignment": ("model", "method", "shard"),  # every map (and two baselines) scored against every feature
     "head_ranking": ("model", "method"),  # aggregates of alignment, with bootstrap CIs (stored)
 }
 """Every warehouse table and its partition keys, outermost first (the views are made in this order)."""
@@ -153,5 +154,5 @@ def has_partitions(root: Path, table: str) -> bool:
 
 
 def table_glob(root: Path, table: str) -> str:
-    """Glob of every data file of ``table`` (``root/table/*/*/data.parquet``), for DuckDB's ``read_parquet``."""
+    """Glob of every data file of ``table`` (``root/table/*/*/*/data.parquet``), for DuckDB's ``read_parquet``."""
     return str(Path(root, table, *(["*"] * len(partition_keys(table))), DATA_FILE))
