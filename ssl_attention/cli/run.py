@@ -2,7 +2,7 @@
 
 One flag per field of ``ssl_attention.settings.Settings``, its help the field's description; the settings
 model validates and defaults them (the rules live there only), and the run goes through the same assets,
-in-process, that `dagster dev` materializes (pipelines/runner.py).
+in-process, that `dg dev` (the Dagster UI) materializes (pipelines/runner.py).
 """
 
 import argparse
@@ -136,6 +136,6 @@ def main(args: argparse.Namespace) -> int:
     if result.success:
         print(
             'next: `ssl-attention serve` (dashboard), `ssl-attention sql "SELECT ..."`, '
-            "`dagster dev -w workspace.yaml` (Dagster UI)"
+            "`DAGSTER_HOME=dagster_home dg dev` (Dagster UI)"
         )
     return 0 if result.success else 1
